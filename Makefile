@@ -1,0 +1,42 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Each installs what it needs: system packages when missing, then a venv with the package.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test check bench system-deps clean
+
+demo: $(STAMP)
+	$(VENV)/bin/m2mpay demo
+
+test: $(STAMP)
+	$(PY) -m mypy --strict protocol
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/protocol_bench.py
+
+# Debian / Raspberry Pi OS packages, installed only when something is missing.
+system-deps:
+	@missing=""; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v coap-client-notls >/dev/null 2>&1 || missing="$$missing libcoap3-bin"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | system-deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Mosquitto configuration, ACL and PKI generation, and a launcher for development and tests."""

@@ -1,0 +1,136 @@
+"""Coins, keysets, the bank's keys announcement, vendor certificates and the sealed authorization."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import ClassVar
+
+from .. import cbor
+from ..errors import LocalProtocolError
+from ._fields import IDENT, MAX_TOKENS, NONCE, POSITION, RSA_SIG, TIME, TOKEN
+from ._schema import Bytes, ListOf, Message, Nested, Text, UInt, field, message
+
+__all__ = [
+    "COIN_DOMAIN",
+    "Authorization",
+    "CertificateBody",
+    "Coin",
+    "KeysAnnouncement",
+    "KeysetInfo",
+    "coin_message",
+    "keyset_id",
+]
+
+COIN_DOMAIN = "m2mpay/coin/1"
+
+
+def coin_message(keyset: str, tip: bytes) -> bytes:
+    """The message the bank blind-signs for a coin: ``CBOR(["m2mpay/coin/1", keyset, tip])``."""
+    return cbor.encode([COIN_DOMAIN, keyset, tip])
+
+
+def keyset_id(
+    value: int, n: int, currency: str, withdraw_until: int, spend_until: int, public_key: bytes
+) -> str:
+    """A keyset's id: a digest of everything it fixes, so one id never names two keysets."""
+    digest = hashlib.sha256(
+        cbor.encode(["m2mpay/keyset/1", value, n, currency, withdraw_until, spend_until, public_key])
+    ).hexdigest()
+    return "ks-" + digest[:16]
+
+
+@message
+class Coin(Message):
+    """A coin on the wire: ``{keyset, tip, prefix, sig}`` (DESIGN.md §2)."""
+
+    keyset: str = field(IDENT)
+    tip: bytes = field(TOKEN)
+    prefix: bytes = field(Bytes(size=32))
+    sig: bytes = field(RSA_SIG)
+
+    @property
+    def signed_input(self) -> bytes:
+        """The RFC 9474 ``input_msg`` the signature covers: ``prefix || coin_message``."""
+        return self.prefix + coin_message(self.keyset, self.tip)
+
+
+@message
+class KeysetInfo(Message):
+    """A denomination: coin value ``M`` in minor units, ``n`` tokens, validity, RSA key (DER)."""
+
+    id: str = field(IDENT)
+    value: int = field(UInt(1 << 53, minimum=1))
+    n: int = field(UInt(MAX_TOKENS, minimum=1))
+    currency: str = field(Text(8, min_len=1))
+    withdraw_until: int = field(TIME)
+    spend_until: int = field(TIME)
+    public_key: bytes = field(Bytes(200, 800))
+
+    def validate(self) -> None:
+        if self.value % self.n:
+            raise LocalProtocolError("KeysetInfo: token value M/n must be an integer")
+        if self.spend_until < self.withdraw_until:
+            raise LocalProtocolError("KeysetInfo: spend_until precedes withdraw_until")
+        expected = keyset_id(
+            self.value, self.n, self.currency, self.withdraw_until, self.spend_until,
+            self.public_key,
+        )
+        if self.id != expected:
+            raise LocalProtocolError("KeysetInfo: id does not match its contents")
+
+    @property
+    def token_value(self) -> int:
+        """Value of one token, ``M/n`` minor units."""
+        return self.value // self.n
+
+
+@message
+class KeysAnnouncement(Message):
+    """The bank's public keys, retained on ``m2mpay/{bank}/keys`` and signed by its CA key."""
+
+    MAX_SIZE: ClassVar[int] = 64 * 1024
+
+    bank: str = field(IDENT)
+    issued: int = field(TIME)
+    ca_key: bytes = field(Bytes(size=32))
+    answer_key: bytes = field(Bytes(size=32))
+    sealing_key: bytes = field(Bytes(size=32))
+    keysets: tuple[KeysetInfo, ...] = field(ListOf(Nested(KeysetInfo), 64))
+
+    def keyset(self, keyset_id: str) -> KeysetInfo | None:
+        """The listed keyset with this id, or ``None``."""
+        for info in self.keysets:
+            if info.id == keyset_id:
+                return info
+        return None
+
+
+@message
+class CertificateBody(Message):
+    """What the bank CA certifies about a vendor: ``{bank, vendor, account, name, category, key, nbf, exp}``."""
+
+    bank: str = field(IDENT)
+    vendor: str = field(IDENT)
+    account: str = field(IDENT)
+    name: str = field(Text(64, min_len=1))
+    category: str = field(IDENT)
+    key: bytes = field(Bytes(size=32))
+    nbf: int = field(TIME)
+    exp: int = field(TIME)
+
+    def validate(self) -> None:
+        if self.exp <= self.nbf:
+            raise LocalProtocolError("CertificateBody: exp must follow nbf")
+
+
+@message
+class Authorization(Message):
+    """The plaintext the user seals to the bank: token, deadline, beneficiary and session bound."""
+
+    tip: bytes = field(TOKEN)
+    index: int = field(POSITION)
+    token: bytes = field(TOKEN)
+    deadline: int = field(TIME)
+    cert: bytes = field(Bytes(size=32))
+    nonce: bytes = field(NONCE)
+
