@@ -1,6 +1,7 @@
 """Deterministic CBOR (RFC 8949 §4.2.1) for everything m2mpay signs, hashes or receives.
 
-Encoding goes through cbor2's C encoder in canonical mode. Decoding of peer bytes does *not*:
+Encoding goes through cbor2's C encoder after map keys are put in bytewise order of their
+encodings (cbor2's own canonical mode sorts length-first, RFC 7049's older rule). Decoding of peer bytes does *not*:
 this small decoder accepts only the subset our messages use — unsigned and negative integers,
 byte and text strings, arrays, maps, ``true``, ``false`` and ``null`` — and only in deterministic
 form (shortest arguments, definite lengths, map keys unique and in bytewise order). No tags, so
@@ -32,9 +33,21 @@ _SIMPLE = {20: False, 21: True, 22: None}
 def encode(obj: Any) -> bytes:
     """Encode ``obj`` deterministically. Only for values built by this package."""
     try:
-        return cbor2.dumps(obj, canonical=True)
+        return cbor2.dumps(_ordered(obj))
     except (cbor2.CBOREncodeError, TypeError, ValueError) as exc:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}") from exc
+
+
+def _ordered(obj: Any) -> Any:
+    """``obj`` with every map's keys in bytewise order of their encodings (RFC 8949 §4.2.1)."""
+    if isinstance(obj, dict):
+        keyed = sorted((cbor2.dumps(k), k) for k in obj)
+        return {k: _ordered(obj[k]) for _, k in keyed}
+    if isinstance(obj, (list, tuple)):
+        return [_ordered(item) for item in obj]
+    if isinstance(obj, float):
+        raise TypeError("floats are not part of m2mpay messages")
+    return obj
 
 
 def decode(

@@ -1,0 +1,91 @@
+"""Signed requests to the bank and its signed answers (DESIGN.md §3-§7).
+
+A request is a COSE_Sign1 whose ``external_aad`` names the bank and the operation, so a request
+signed for ``settle`` at bank A is worthless as anything else or anywhere else; the same holds
+for answers. An answer's payload is either the operation's answer message or an
+:class:`~protocol.messages.ErrorAnswer`. The idempotency key of a request is ``(signer, req_id)``;
+its digest tells an honest retry (same bytes) from a replay under a used key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from . import cbor, cose
+from .errors import ErrorCode, RemoteProtocolError
+from .messages import OPS, ErrorAnswer, Message
+
+__all__ = [
+    "StoredAnswer",
+    "answer_aad",
+    "check_replay",
+    "open_answer",
+    "request_aad",
+    "request_digest",
+    "sign_answer",
+    "sign_request",
+]
+
+A = TypeVar("A", bound=Message)
+
+
+def request_aad(bank: str, op: str) -> bytes:
+    """What a request signature is bound to besides its payload."""
+    return f"m2mpay/req/1/{bank}/{op}".encode()
+
+
+def answer_aad(bank: str, op: str) -> bytes:
+    """What an answer signature is bound to besides its payload."""
+    return f"m2mpay/resp/1/{bank}/{op}".encode()
+
+
+def sign_request(message: Message, key: Ed25519PrivateKey, signer: str, bank: str, op: str) -> bytes:
+    """A request to ``bank`` for ``op``, signed by ``signer`` (an account or vendor id)."""
+    if op not in OPS or not isinstance(message, OPS[op][0]):
+        raise ValueError(f"{type(message).__name__} is not a {op} request")
+    return cose.sign1(message.encode(), key, kid=signer.encode(), external_aad=request_aad(bank, op))
+
+
+def sign_answer(message: Message, key: Ed25519PrivateKey, bank: str, op: str) -> bytes:
+    """The bank's signed answer (an answer message or an :class:`ErrorAnswer`)."""
+    return cose.sign1(message.encode(), key, kid=bank.encode(), external_aad=answer_aad(bank, op))
+
+
+def open_answer(data: bytes, answer_key: Ed25519PublicKey, bank: str, op: str, expected: type[A]) -> A:
+    """Verify a bank answer and return it; a signed refusal raises its code.
+
+    A forged or corrupted answer raises ``bad_signature``: a client must then treat the request
+    as unanswered and retry it with the same ``req_id``.
+    """
+    signed = cose.verify_sign1(data, answer_key, external_aad=answer_aad(bank, op))
+    obj = cbor.decode(signed.payload, max_size=expected.MAX_SIZE)
+    if isinstance(obj, dict) and "code" in obj:
+        refusal = ErrorAnswer.from_obj(obj)
+        raise RemoteProtocolError(refusal.message, refusal.error_code)
+    return expected.from_obj(obj)
+
+
+def request_digest(data: bytes) -> bytes:
+    """The digest under which a request's bytes are remembered."""
+    return hashlib.sha256(data).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    """What the bank keeps per ``(signer, req_id)``: the request digest and the answer bytes."""
+
+    digest: bytes
+    answer: bytes
+
+
+def check_replay(stored: StoredAnswer | None, digest: bytes) -> bytes | None:
+    """``None`` for a new request, the stored answer for an honest retry; ``replay`` otherwise."""
+    if stored is None:
+        return None
+    if stored.digest != digest:
+        raise RemoteProtocolError("request id already used for another request", ErrorCode.REPLAY)
+    return stored.answer
