@@ -1,0 +1,74 @@
+"""The broker launcher and generated ACL, against a real Mosquitto on loopback."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from broker.launcher import Mosquitto
+
+pytestmark = pytest.mark.network
+
+
+def _client(broker: Mosquitto, user: str) -> tuple[mqtt.Client, queue.Queue[tuple[str, bytes]]]:
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
+    client.username_pw_set(user)
+    client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
+    acks: queue.Queue[int] = queue.Queue()
+    client.on_subscribe = lambda _c, _u, mid, _codes, _props: acks.put(mid)
+    client.user_data_set(acks)
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client, inbox
+
+
+def _subscribe(client: mqtt.Client, topic: str) -> None:
+    """Subscribe and wait for the broker's SUBACK (granted or refused)."""
+    _, mid = client.subscribe(topic, qos=1)
+    acks: queue.Queue[int] = client.user_data_get()
+    assert acks.get(timeout=5) == mid
+
+
+def test_starts_on_a_free_port_and_stops(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path) as broker:
+        assert broker.port > 0 and broker.process is not None
+        conf = (tmp_path / "mosquitto.conf").read_text()
+        assert f"listener {broker.port} 127.0.0.1" in conf and "set_tcp_nodelay true" in conf
+        client, inbox = _client(broker, "probe")
+        _subscribe(client, "t/#")
+        _wait_subscribed(client, inbox)
+        client.disconnect()
+        client.loop_stop()
+    assert broker.process.poll() is not None
+
+
+def _wait_subscribed(client: mqtt.Client, inbox: queue.Queue[tuple[str, bytes]]) -> None:
+    client.publish("t/x", b"ping", qos=1).wait_for_publish(5)
+    assert inbox.get(timeout=5) == ("t/x", b"ping")
+
+
+def test_acl_keeps_answers_private(tmp_path: Path) -> None:
+    with Mosquitto(tmp_path, bank="b1") as broker:
+        bank, bank_inbox = _client(broker, "bank")
+        alice, alice_inbox = _client(broker, "alice")
+        mallory, mallory_inbox = _client(broker, "mallory")
+        _subscribe(bank, "$share/b1-workers/m2mpay/b1/req/+")
+        _subscribe(alice, "m2mpay/b1/resp/alice")
+        _subscribe(mallory, "m2mpay/b1/resp/alice")  # granted, but the ACL filters every message
+        _subscribe(mallory, "m2mpay/b1/resp/mallory")
+        alice.publish("m2mpay/b1/req/withdraw", b"req", qos=1).wait_for_publish(5)
+        assert bank_inbox.get(timeout=5) == ("m2mpay/b1/req/withdraw", b"req")
+        mallory.publish("m2mpay/b1/resp/alice", b"forged", qos=1).wait_for_publish(5)  # dropped
+        bank.publish("m2mpay/b1/resp/alice", b"answer", qos=1).wait_for_publish(5)
+        assert alice_inbox.get(timeout=5) == ("m2mpay/b1/resp/alice", b"answer")
+        bank.publish("m2mpay/b1/resp/mallory", b"yours", qos=1).wait_for_publish(5)
+        assert mallory_inbox.get(timeout=5) == ("m2mpay/b1/resp/mallory", b"yours")  # and nothing before it
+        assert alice_inbox.empty()
+        for c in (bank, alice, mallory):
+            c.disconnect()
+            c.loop_stop()
