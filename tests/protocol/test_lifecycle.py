@@ -88,7 +88,7 @@ def block(bank: MemoryBank, vendor: Vendor, request: BlockRequest, now: int = NO
 def open_session(bank: MemoryBank, vendor: Vendor, wc: wallet.WalletCoin, now: int = NOW,
                  ) -> tuple[wallet.WalletCoin, VendorSession]:
     keyring = bank.keyring()
-    session = VendorSession(make_offer(vendor, keyring), keyring, vendor.name)
+    session = VendorSession(make_offer(vendor, keyring, deadline=now + 600), keyring, vendor.name)
     wc, request = authorize(bank, wc, session.offer, now)
     session.blocked(block(bank, vendor, session.open(request, os.urandom(16), now), now))
     return wc, session
