@@ -116,8 +116,9 @@ class CoinRecord:
 
 @dataclass(frozen=True, slots=True)
 class Credit:
-    """Tokens to book from outstanding coins to a vendor account."""
+    """Tokens of one coin to book from outstanding coins to a vendor account."""
 
+    tip: bytes
     account: str
     vendor: str
     session: bytes
@@ -151,7 +152,7 @@ def _credit(record: CoinRecord, down_to: int, reason: str) -> tuple[CoinRecord, 
         raise LocalProtocolError("credit beyond the coin's value")  # an invariant, never input
     if tokens == 0 or record.session is None or record.account is None or record.vendor is None:
         return dataclasses.replace(record, start=down_to), ()
-    credit = Credit(account=record.account, vendor=record.vendor, session=record.session,
+    credit = Credit(tip=record.tip, account=record.account, vendor=record.vendor, session=record.session,
                     tokens=tokens, amount=tokens * record.token_value, reason=reason)
     updated = dataclasses.replace(record, start=down_to, credited=record.credited + tokens)
     return updated, (credit,)
