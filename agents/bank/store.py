@@ -1,0 +1,224 @@
+"""The bank's database behind one small interface: SQLite (embedded default) or PostgreSQL.
+
+Every change happens in :meth:`Store.run`, which calls a function with a :class:`Tx` inside one
+database transaction and retries it when a concurrent transaction won a race (a unique key or a
+serialization failure). A coin row is locked while it is checked and changed: ``SELECT … FOR
+UPDATE`` on PostgreSQL; on SQLite ``BEGIN IMMEDIATE`` takes the database's single write lock.
+
+Both drivers are blocking DB-API ones run in worker threads (one per connection), so the event
+loop never waits on the disk. SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on
+disk before the bank answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from protocol.envelope import StoredAnswer
+from protocol.rules.bank import BlockStatus, CoinRecord
+
+from .schema import DIALECTS, MIGRATIONS, SYSTEM_ACCOUNTS
+
+__all__ = ["Store", "StoreError", "Tx"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RETRIES = 8
+
+
+class StoreError(RuntimeError):
+    """The database could not be opened, migrated or reached."""
+
+
+class Tx:
+    """One open transaction; its methods are the only SQL the bank runs."""
+
+    def __init__(self, conn: Any, dialect: str) -> None:
+        self._conn = conn
+        self._pg = dialect == "postgresql"
+
+    # --- plumbing --------------------------------------------------------------------------
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        if self._pg:
+            sql = sql.replace("?", "%s")
+        return self._conn.execute(sql, tuple(params))
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self.execute(sql, params).fetchone()
+        return None if row is None else tuple(row)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in self.execute(sql, params).fetchall()]
+
+    def _lock(self) -> str:
+        return " FOR UPDATE" if self._pg else ""
+
+    # --- accounts and the journal ----------------------------------------------------------
+    def account(self, name: str, *, lock: bool = False) -> tuple[str, bytes | None, int] | None:
+        """``(kind, public_key, balance)`` of an account."""
+        row = self.one("SELECT kind, public_key, balance FROM accounts WHERE name = ?" + (self._lock() if lock else ""),
+                       (name,))
+        return None if row is None else (row[0], None if row[1] is None else bytes(row[1]), int(row[2]))
+
+    def create_account(self, name: str, kind: str, public_key: bytes | None, now: int) -> None:
+        self.execute("INSERT INTO accounts (name, kind, public_key, balance, created) VALUES (?, ?, ?, 0, ?)",
+                     (name, kind, public_key, now))
+
+    def transfer(self, debit: str, credit: str, amount: int, kind: str, ref: bytes | None, now: int) -> None:
+        """Move ``amount`` from ``debit`` to ``credit``: one journal row, two balances."""
+        if amount <= 0:
+            return
+        self.execute("INSERT INTO journal (ts, debit, credit, amount, kind, ref) VALUES (?, ?, ?, ?, ?, ?)",
+                     (now, debit, credit, amount, kind, ref))
+        self.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
+        self.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
+
+    # --- idempotency -----------------------------------------------------------------------
+    def answer(self, signer: str, req_id: bytes) -> StoredAnswer | None:
+        row = self.one("SELECT digest, answer FROM answers WHERE signer = ? AND req_id = ?", (signer, req_id))
+        return None if row is None else StoredAnswer(bytes(row[0]), bytes(row[1]))
+
+    def put_answer(self, signer: str, req_id: bytes, stored: StoredAnswer, now: int) -> None:
+        self.execute("INSERT INTO answers (signer, req_id, digest, answer, created) VALUES (?, ?, ?, ?, ?)",
+                     (signer, req_id, stored.digest, stored.answer, now))
+
+    # --- coins -----------------------------------------------------------------------------
+    _COIN_COLUMNS = ("tip, keyset, n, token_value, position, last, status, session, vendor, account, "
+                     "start, deadline, credited")
+
+    def coin(self, tip: bytes, *, lock: bool = True) -> CoinRecord | None:
+        row = self.one(f"SELECT {self._COIN_COLUMNS} FROM coins WHERE tip = ?" + (self._lock() if lock else ""), (tip,))
+        return None if row is None else _record(row)
+
+    def put_coin(self, record: CoinRecord, *, new: bool) -> None:
+        values = (record.keyset, record.n, record.token_value, record.position, record.last, record.status.value,
+                  record.session, record.vendor, record.account, record.start, record.deadline, record.credited)
+        if new:
+            self.execute(f"INSERT INTO coins ({self._COIN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (record.tip, *values))
+        else:
+            self.execute("UPDATE coins SET keyset = ?, n = ?, token_value = ?, position = ?, last = ?, status = ?, "
+                         "session = ?, vendor = ?, account = ?, start = ?, deadline = ?, credited = ? WHERE tip = ?",
+                         (*values, record.tip))
+
+    def coins(self) -> list[CoinRecord]:
+        return [_record(r) for r in self.all(f"SELECT {self._COIN_COLUMNS} FROM coins")]
+
+    def due_to_lapse(self, now: int, limit: int = 500) -> list[bytes]:
+        rows = self.all("SELECT tip FROM coins WHERE status = ? AND deadline <= ? LIMIT ?",
+                        (BlockStatus.OPEN.value, now, limit))
+        return [bytes(r[0]) for r in rows]
+
+
+def _record(row: tuple[Any, ...]) -> CoinRecord:
+    return CoinRecord(
+        tip=bytes(row[0]), keyset=row[1], n=int(row[2]), token_value=int(row[3]), position=int(row[4]),
+        last=bytes(row[5]), status=BlockStatus(row[6]), session=None if row[7] is None else bytes(row[7]),
+        vendor=row[8], account=row[9], start=int(row[10]), deadline=int(row[11]), credited=int(row[12]))
+
+
+class Store:
+    """A bank database. ``url`` is a SQLite file path (or ``sqlite:///path``) or ``postgresql://…``."""
+
+    def __init__(self, url: str, *, connections: int = 1) -> None:
+        self.url = url
+        self.dialect = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
+        # SQLite has one writer at a time: more threads would only queue on its lock.
+        size = connections if self.dialect == "postgresql" else 1
+        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="bank-db")
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._guard = threading.Lock()
+        self.run_sync(_migrate)
+
+    def _connect(self) -> Any:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        try:
+            if self.dialect == "postgresql":
+                import psycopg  # optional: only PostgreSQL deployments need it
+
+                conn = psycopg.connect(self.url, autocommit=True)
+            else:
+                path = self.url.removeprefix("sqlite:///")
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute("PRAGMA foreign_keys=ON")
+        except Exception as exc:
+            raise StoreError(f"cannot open the bank database ({self.dialect})") from exc
+        self._local.conn = conn
+        with self._guard:
+            self._connections.append(conn)
+        return conn
+
+    def _transaction(self, fn: Callable[[Tx], T]) -> T:
+        conn = self._connect()
+        tx = Tx(conn, self.dialect)
+        for attempt in range(_RETRIES):
+            conn.execute("BEGIN" if self.dialect == "postgresql" else "BEGIN IMMEDIATE")
+            try:
+                result = fn(tx)
+                conn.execute("COMMIT")
+                return result
+            except BaseException as exc:
+                conn.execute("ROLLBACK")
+                if not _is_race(exc) or attempt == _RETRIES - 1:
+                    raise
+                log.debug("transaction lost a race (%s), retrying", type(exc).__name__)
+                time.sleep(0.001 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def run_sync(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one transaction and wait for it (for commands, not the event loop)."""
+        return self._pool.submit(self._transaction, fn).result()
+
+    async def run(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in one transaction on a database thread."""
+        return await asyncio.wrap_future(self._pool.submit(self._transaction, fn))
+
+    def close(self) -> None:
+        """Close every connection and stop the threads."""
+        def _close_all() -> None:
+            with self._guard:
+                for conn in self._connections:
+                    conn.close()
+                self._connections.clear()
+
+        self._pool.submit(_close_all).result()
+        self._pool.shutdown(wait=True)
+
+
+def _is_race(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "UNIQUE" in str(exc)
+    name = type(exc).__name__
+    return name in {"UniqueViolation", "SerializationFailure", "DeadlockDetected"}
+
+
+def _migrate(tx: Tx) -> None:
+    """Apply the migrations this database has not seen, in order."""
+    tx.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = tx.one("SELECT MAX(version) FROM schema_version")
+    current = 0 if row is None or row[0] is None else int(row[0])
+    dialect = DIALECTS["postgresql" if tx._pg else "sqlite"]
+    for version, script in MIGRATIONS:
+        if version <= current:
+            continue
+        for statement in script.format(**dialect).split(";"):
+            if statement.strip():
+                tx.execute(statement)
+        tx.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    for name in SYSTEM_ACCOUNTS:
+        if tx.account(name) is None:
+            tx.create_account(name, "system", None, int(time.time()))

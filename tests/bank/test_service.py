@@ -1,0 +1,141 @@
+"""The bank service on SQLite and PostgreSQL: money moves once, refusals change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import stat
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agents.bank import admin
+from protocol import cbor, cose
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import BlockAnswer, BlockRequest, StatusAnswer, StatusRequest
+from protocol.rules import wallet
+
+from .conftest import BankWorld
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_withdraw_pay_settle(world: BankWorld) -> None:
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    assert admin.balance(world.store, "alice") == 10_000 - 100
+    wc, session = await world.block(vendor, wc)
+    for _ in range(10):
+        wc, pay = wallet.reveal(wc, 1)
+        session.pay(pay, world.clock.now)
+    answer = await world.settle(vendor, session)
+    assert answer.credited == 11 and admin.balance(world.store, "meter") == 11
+    report = world.audit()
+    assert (report.withdrawn, report.credited, report.outstanding) == (100, 11, 89)
+
+
+async def test_checkpoint_then_lapse_by_sweep(world: BankWorld) -> None:
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session = await world.block(vendor, wc)
+    wc, pay = wallet.reveal(wc, 4)
+    session.pay(pay, world.clock.now)
+    assert (await world.settle(vendor, session, keep_open=True)).credited == 5
+    world.clock.now += 601
+    assert await world.service.sweep() == 1
+    assert admin.balance(world.store, "meter") == 5  # nothing new seen since the checkpoint
+
+
+async def test_withdraw_retry_debits_once_and_replay_is_refused(world: BankWorld) -> None:
+    user = world.user("alice")
+    info = world.keys.keyring.keysets[world.keyset]
+    pending = wallet.prepare_withdrawal("alice", info, world.keys.keyring.rsa_keys[world.keyset], 2)
+    data = user.sign(pending.request, "withdraw")
+    first, second = await asyncio.gather(world.send("withdraw", data), world.send("withdraw", data))
+    assert first == second  # the second is the stored answer, byte for byte
+    assert admin.balance(world.store, "alice") == 10_000 - 200
+    other = dataclasses.replace(pending.request, blinded=pending.request.blinded[:1])
+    with pytest.raises(RemoteProtocolError) as info_:
+        world.open(await world.send("withdraw", user.sign(other, "withdraw")), "withdraw", BlockAnswer)
+    assert info_.value.code is ErrorCode.REPLAY and admin.balance(world.store, "alice") == 9_800
+
+
+async def test_same_coin_two_vendors_at_once(world: BankWorld) -> None:
+    user = world.user("alice", deposit=100_000)
+    first, second = world.vendor("first"), world.vendor("second")
+    for _ in range(10):
+        (wc,) = await world.withdraw(user)
+        _, _, a = world.session(first, wc)
+        _, _, b = world.session(second, wc)
+        answers = await asyncio.gather(world.send("block", a), world.send("block", b))
+        outcomes = []
+        for raw in answers:
+            try:
+                world.open(raw, "block", BlockAnswer)
+                outcomes.append("ok")
+            except RemoteProtocolError as exc:
+                outcomes.append(exc.code.wire)
+        assert sorted(outcomes) == ["coin_blocked", "ok"], outcomes
+
+
+async def test_settlement_delivered_twice_credits_once(world: BankWorld) -> None:
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session = await world.block(vendor, wc)
+    signed = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
+    answers = await asyncio.gather(*(world.send("settle", signed) for _ in range(3)))
+    assert len(set(answers)) == 1 and admin.balance(world.store, "meter") == 1
+
+
+async def test_status_for_its_vendor(world: BankWorld) -> None:
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session = await world.block(vendor, wc)
+    raw = await world.send("status", vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status"))
+    status = world.open(raw, "status", StatusAnswer)
+    assert isinstance(status, StatusAnswer)
+    assert status.known and status.position == 99 and status.session == session.session
+
+
+BAD_INPUTS = [
+    ("block", b"\xff\xff"),  # malformed CBOR
+    ("block", cbor.encode([b"", {}, b"", b""])),  # not a valid COSE_Sign1
+    ("block", b"\x00" * 100_000),  # oversize
+    ("nonsense", b"\x80"),  # unknown operation
+]
+
+
+@pytest.mark.parametrize(("op", "data"), BAD_INPUTS, ids=["malformed", "bad-cose", "oversize", "unknown-op"])
+async def test_bad_input_gets_a_signed_error_and_changes_nothing(world: BankWorld, op: str, data: bytes) -> None:
+    raw = await world.send(op, data)
+    signed = cose.decode_sign1(raw)
+    assert cbor.decode(signed.payload)["code"] in {"bad_request", "bad_signature", "too_large", "unknown_op"}
+    assert world.audit().coins == 0
+
+
+async def test_unsigned_or_wrongly_signed_requests(world: BankWorld) -> None:
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    _, session, signed = world.session(vendor, wc)
+    forged = dataclasses.replace(vendor, key=Ed25519PrivateKey.generate())
+    request = cose.decode_sign1(signed)
+    raw = await world.send("block", forged.sign(BlockRequest.decode(request.payload), "block"))
+    with pytest.raises(RemoteProtocolError) as info:
+        world.open(raw, "block", BlockAnswer)
+    assert info.value.code is ErrorCode.BAD_SIGNATURE and world.audit().coins == 0
+    balance = admin.balance(world.store, "alice")
+    other = world.user("bob")
+    pending = wallet.prepare_withdrawal("alice", world.keys.keyring.keysets[world.keyset],
+                                        world.keys.keyring.rsa_keys[world.keyset], 1)
+    raw = await world.send("withdraw", other.sign(pending.request, "withdraw"))  # bob signs for alice
+    with pytest.raises(RemoteProtocolError):
+        world.open(raw, "withdraw", BlockAnswer)
+    assert admin.balance(world.store, "alice") == balance
+
+
+async def test_key_files_are_private(world: BankWorld) -> None:
+    world.user("alice")
+    for path in (world.directory / "bank" / "keys").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE((world.directory / "alice.json").stat().st_mode) == 0o600
