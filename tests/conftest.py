@@ -37,3 +37,12 @@ def pg_database(pg_server: str) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Mosquitto for the test session on a free loopback port; its mqtt:// URL."""
+    from broker.launcher import Mosquitto
+
+    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
+        yield broker.url

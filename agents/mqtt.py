@@ -1,0 +1,184 @@
+"""MQTT v5 request/response between devices and the bank, over aiomqtt (DESIGN.md §6).
+
+The one seam where paho/aiomqtt exceptions become ours (:class:`TransportError` and its
+:class:`BankUnavailable`). Every wait is bounded. A request is published to
+``m2mpay/{bank}/req/{op}`` with a Response Topic (``m2mpay/{bank}/resp/{client}``) and
+Correlation Data; the pending future is removed in ``finally`` whatever happens. An unanswered
+request is retried with the *same bytes*: the bank answers a repeat from its store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlparse
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "BankClient",
+    "BankUnavailable",
+    "TransportError",
+    "answer_properties",
+    "broker_address",
+    "connect",
+    "request_topic",
+    "response_prefix",
+]
+
+log = logging.getLogger(__name__)
+DEFAULT_TIMEOUT = 5.0
+"""Seconds to wait for one answer before retrying."""
+_NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)  # ~90 ms → ~0.7 ms per round trip
+
+
+class TransportError(Exception):
+    """The network between us and the bank failed."""
+
+
+class BankUnavailable(TransportError):
+    """No answer from the bank after every retry."""
+
+
+def broker_address(url: str) -> tuple[str, int]:
+    """``mqtt://host:port`` → ``(host, port)``."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "") or not parsed.hostname:
+        raise ValueError(f"not an mqtt:// URL: {url}")
+    return parsed.hostname, parsed.port or 1883
+
+
+def request_topic(bank: str, op: str) -> str:
+    """Where requests for ``op`` go."""
+    return f"m2mpay/{bank}/req/{op}"
+
+
+def response_prefix(bank: str) -> str:
+    """Every answer topic starts with this; the bank answers nowhere else."""
+    return f"m2mpay/{bank}/resp/"
+
+
+def answer_properties(correlation: bytes) -> Properties:
+    """PUBLISH properties that echo a request's Correlation Data."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = correlation
+    return props
+
+
+def connect(url: str, client_id: str, **options: Any) -> aiomqtt.Client:
+    """An MQTT v5 client with TCP_NODELAY for ``mqtt://host:port``."""
+    host, port = broker_address(url)
+    return aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                          socket_options=_NODELAY, username=client_id, **options)
+
+
+@dataclass
+class BankClient:
+    """A device's connection to its bank: requests and the retained keys announcement."""
+
+    url: str
+    bank: str
+    client_id: str
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = 3
+    _client: aiomqtt.Client | None = None
+    _pending: dict[bytes, asyncio.Future[bytes]] = field(default_factory=dict)
+    _stack: contextlib.AsyncExitStack | None = None
+    _keys: asyncio.Future[bytes] | None = None
+
+    @property
+    def reply_topic(self) -> str:
+        return response_prefix(self.bank) + self.client_id
+
+    async def __aenter__(self) -> BankClient:
+        stack = contextlib.AsyncExitStack()
+        try:
+            self._client = await stack.enter_async_context(connect(self.url, self.client_id))
+            self._keys = asyncio.get_running_loop().create_future()
+            reader = asyncio.create_task(self._read(), name=f"mqtt-reader-{self.client_id}")
+            stack.push_async_callback(_cancel, reader)
+            await self._client.subscribe(self.reply_topic, qos=1)
+            await self._client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
+        except aiomqtt.MqttError as exc:
+            await stack.aclose()
+            raise TransportError(f"cannot reach the broker at {self.url}") from exc
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._stack is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._stack.aclose()
+        self._stack = self._client = None
+
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+            if message.topic.matches(f"m2mpay/{self.bank}/keys"):
+                if self._keys is not None and not self._keys.done():
+                    self._keys.set_result(payload)
+                continue
+            correlation = getattr(message.properties, "CorrelationData", None)
+            future = self._pending.get(bytes(correlation)) if correlation else None
+            if future is not None and not future.done():
+                future.set_result(payload)
+            # an answer nobody waits for (a retry's twin) is dropped
+
+    async def keys(self, timeout: float | None = None) -> bytes:
+        """The bank's retained keys announcement (signed; verify it against the CA fingerprint)."""
+        if self._keys is None:
+            raise TransportError("not connected")
+        try:
+            async with asyncio.timeout(timeout or self.timeout):
+                return await asyncio.shield(self._keys)
+        except TimeoutError as exc:
+            raise BankUnavailable("no keys announcement from the bank") from exc
+
+    async def request(self, op: str, data: bytes, *, timeout: float | None = None) -> bytes:
+        """Send a signed request and return the bank's signed answer; retries with the same bytes."""
+        if self._client is None:
+            raise TransportError("not connected")
+        wait = timeout or self.timeout
+        for attempt in range(self.retries):
+            correlation = os.urandom(16)
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._pending[correlation] = future
+            try:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = self.reply_topic
+                props.CorrelationData = correlation
+                async with asyncio.timeout(wait):
+                    await self._client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
+                    return await future
+            except TimeoutError:
+                log.warning("no answer to %s within %.1f s (attempt %d)", op, wait, attempt + 1)
+            except aiomqtt.MqttError as exc:
+                raise TransportError(f"MQTT failed during {op}") from exc
+            finally:
+                self._pending.pop(correlation, None)
+        raise BankUnavailable(f"no answer to {op} after {self.retries} attempts")
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+        await task
+
+
+@contextlib.asynccontextmanager
+async def bank_client(url: str, bank: str, client_id: str, **options: Any) -> AsyncIterator[BankClient]:
+    """``async with bank_client(...) as bank:`` convenience."""
+    async with BankClient(url, bank, client_id, **options) as client:
+        yield client

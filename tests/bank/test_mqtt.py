@@ -1,0 +1,139 @@
+"""The bank over a real Mosquitto: the client code devices use, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import paho.mqtt.client as mqtt
+import pytest
+import pytest_asyncio
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agents.bank import admin
+from agents.bank.server import serve
+from agents.mqtt import BankClient, broker_address
+from protocol.certificates import verify_announcement
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import BlockAnswer, WithdrawAnswer
+from protocol.rules import wallet
+
+from .conftest import BANK, BankWorld
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.network]
+
+
+@pytest_asyncio.fixture
+async def online(world: BankWorld, mosquitto: str) -> AsyncIterator[tuple[BankWorld, BankClient]]:
+    """The world's bank served over MQTT; ``world.send`` now goes through the broker."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, workers=4, sweep_interval=0.2,
+                                     ready=ready), name="bank-under-test")
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        async with BankClient(mosquitto, world.keys.bank, f"dev-{uuid.uuid4().hex[:8]}", timeout=5) as client:
+            world.send = client.request
+            yield world, client
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_keys_announcement_is_retained_and_signed(online: tuple[BankWorld, BankClient]) -> None:
+    world, client = online
+    announcement = verify_announcement(await client.keys(), world.keys.fingerprint)
+    assert announcement.bank == BANK and {k.id for k in announcement.keysets} == set(world.keys.keyring.keysets)
+    with pytest.raises(RemoteProtocolError):
+        verify_announcement(await client.keys(), "00" * 32)  # another CA
+
+
+async def test_withdraw_block_settle_checkpoint_lapse_status(online: tuple[BankWorld, BankClient]) -> None:
+    world, _ = online
+    user, vendor = world.user("alice"), world.vendor("meter")
+    coins = await world.withdraw(user, 2)
+    wc, session = await world.block(vendor, coins[0])
+    wc, pay = wallet.reveal(wc, 5)
+    session.pay(pay, world.clock.now)
+    assert (await world.settle(vendor, session, keep_open=True)).credited == 6
+    wc, pay = wallet.reveal(wc, 3)
+    session.pay(pay, world.clock.now)
+    assert (await world.settle(vendor, session)).credited == 3
+    _, session2 = await world.block(vendor, coins[1])
+    world.clock.now += 601  # the second session's deadline passes: the sweep credits the blocking token
+    async with asyncio.timeout(5):
+        while admin.balance(world.store, "meter") != 10:
+            await asyncio.sleep(0.05)
+    assert world.audit().ok
+
+
+async def test_same_coin_two_vendors_100_times(online: tuple[BankWorld, BankClient], mosquitto: str) -> None:
+    world, client = online
+    user = world.user("alice", deposit=1_000_000)
+    first, second = world.vendor("first"), world.vendor("second")
+    coins = await world.withdraw(user, 50) + await world.withdraw(user, 50)
+    async with BankClient(mosquitto, world.keys.bank, f"dev-{uuid.uuid4().hex[:8]}") as other:
+        for wc in coins:
+            _, _, a = world.session(first, wc)
+            _, _, b = world.session(second, wc)
+            answers = await asyncio.gather(client.request("block", a), other.request("block", b))
+            won = 0
+            for raw in answers:
+                try:
+                    world.open(raw, "block", BlockAnswer)
+                    won += 1
+                except RemoteProtocolError as exc:
+                    assert exc.code is ErrorCode.COIN_BLOCKED
+            assert won == 1
+
+
+async def test_lost_answer_retry_debits_once(online: tuple[BankWorld, BankClient]) -> None:
+    """A withdraw whose answer was lost is sent again with the same bytes: one debit."""
+    world, client = online
+    user = world.user("alice")
+    info = world.keys.keyring.keysets[world.keyset]
+    pending = wallet.prepare_withdrawal("alice", info, world.keys.keyring.rsa_keys[world.keyset], 3)
+    data = user.sign(pending.request, "withdraw")
+    host, port = broker_address(client.url)
+    lossy = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lossy", protocol=mqtt.MQTTv5)
+    lossy.connect(host, port)
+    lossy.loop_start()
+    try:  # a request whose answer goes to a topic nobody reads: the answer is lost
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = f"m2mpay/{BANK}/resp/gone"
+        props.CorrelationData = os.urandom(8)
+        lossy.publish(f"m2mpay/{BANK}/req/withdraw", data, qos=1, properties=props).wait_for_publish(5)
+    finally:
+        lossy.loop_stop()
+        lossy.disconnect()
+    async with asyncio.timeout(5):
+        while admin.balance(world.store, "alice") == 10_000:
+            await asyncio.sleep(0.02)
+    answer = world.open(await client.request("withdraw", data), "withdraw", WithdrawAnswer)
+    assert isinstance(answer, WithdrawAnswer) and answer.balance == 10_000 - 300
+    assert len(answer.blind_sigs) == 3 and admin.balance(world.store, "alice") == 10_000 - 300
+
+
+async def test_request_without_response_topic_is_dropped_and_bank_keeps_serving(
+        online: tuple[BankWorld, BankClient]) -> None:
+    world, client = online
+    host, port = broker_address(client.url)
+    raw = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw", protocol=mqtt.MQTTv5)
+    raw.connect(host, port)
+    raw.loop_start()
+    for payload in (b"garbage", b"\xff" * 10, os.urandom(100_000)):
+        raw.publish(f"m2mpay/{BANK}/req/block", payload, qos=1).wait_for_publish(5)
+    raw.loop_stop()
+    raw.disconnect()
+    # the service still answers, and garbage with a Response Topic gets a signed refusal
+    with pytest.raises(RemoteProtocolError) as info:
+        world.open(await client.request("block", b"garbage"), "block", BlockAnswer)
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    (coin,) = await world.withdraw(world.user("alice"))
+    assert coin.remaining == 100
