@@ -6,23 +6,34 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .bank.cli import add_bank_commands, add_broker_commands
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser; roles register their sub-commands here as they are built."""
-    parser = argparse.ArgumentParser(prog="m2mpay", description=__doc__)
+    """The top-level parser with every role's sub-commands."""
+    parser = argparse.ArgumentParser(prog="m2mpay", description="Anonymous hash-chain micropayments.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_broker_commands(commands)
+    add_bank_commands(commands)
     demo = commands.add_parser("demo", help="run the whole system on this machine")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of scripted traffic")
+    demo.set_defaults(handler=_demo)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    print("m2mpay demo: not built yet (the protocol core and the bank are; vendor and user agents come next)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``m2mpay`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        print("m2mpay demo: not built yet (the protocol core is; agents come next)")
-        return 0
-    return 2
+    try:
+        return int(args.handler(args))
+    except (FileExistsError, FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"m2mpay: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,212 @@
+"""``m2mpay bank …`` and ``m2mpay broker …`` commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from protocol import cose
+
+from . import admin
+from .keys import add_keyset, init_bank, load_bank
+from .server import serve
+from .service import BankService
+
+__all__ = ["add_bank_commands", "add_broker_commands"]
+
+
+def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    broker = commands.add_parser("broker", help="run a Mosquitto for m2mpay").add_subparsers(dest="action", required=True)
+    run = broker.add_parser("run", help="run Mosquitto on a port until interrupted")
+    run.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    run.add_argument("--data", type=Path, required=True, help="directory for its config and persistence")
+    run.add_argument("--bank", help="enforce the ACL for this bank id")
+    run.set_defaults(handler=_broker_run)
+
+
+def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bank = commands.add_parser("bank", help="operate a bank").add_subparsers(dest="action", required=True)
+
+    def sub(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = bank.add_parser(name, help=help_text)
+        parser.add_argument("--data", type=Path, required=True, help="the bank's data directory")
+        return parser
+
+    init = sub("init", "create a bank: keys, keysets, database")
+    init.add_argument("--bank", default="bank", help="bank id (used in topics)")
+    init.add_argument("--db", help="database URL: a SQLite path (default) or postgresql://…")
+    init.set_defaults(handler=_init)
+
+    run = sub("serve", "serve requests over MQTT")
+    run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    run.add_argument("--workers", type=int, default=4, help="concurrent request workers")
+    run.set_defaults(handler=_serve)
+
+    account = bank.add_parser("account", help="user accounts").add_subparsers(dest="account_action", required=True)
+    opened = account.add_parser("open", help="open an account and write its credentials")
+    opened.add_argument("--data", type=Path, required=True)
+    opened.add_argument("name")
+    opened.add_argument("--out", type=Path, required=True, help="credentials file to write (mode 0600)")
+    opened.set_defaults(handler=_account_open)
+    paid = account.add_parser("deposit", help="pay money into an account")
+    paid.add_argument("--data", type=Path, required=True)
+    paid.add_argument("name")
+    paid.add_argument("amount", type=int, help="minor units")
+    paid.set_defaults(handler=_deposit)
+
+    vendor = bank.add_parser("vendor", help="vendors").add_subparsers(dest="vendor_action", required=True)
+    enroll = vendor.add_parser("enroll", help="certify a vendor and write its key bundle")
+    enroll.add_argument("--data", type=Path, required=True)
+    enroll.add_argument("name")
+    enroll.add_argument("--category", required=True)
+    enroll.add_argument("--out", type=Path, required=True)
+    enroll.set_defaults(handler=_enroll)
+
+    show = sub("balance", "an account's balance")
+    show.add_argument("name")
+    show.set_defaults(handler=_balance)
+
+    keys = sub("keys", "the bank's public keys")
+    keys.add_argument("--json", action="store_true", help="as JSON")
+    keys.set_defaults(handler=_keys)
+
+    check = sub("audit", "check the books; exit 0 only when they balance")
+    check.set_defaults(handler=_audit)
+
+    keyset = bank.add_parser("keyset", help="denominations").add_subparsers(dest="keyset_action", required=True)
+    added = keyset.add_parser("add", help="add a keyset")
+    added.add_argument("--data", type=Path, required=True)
+    added.add_argument("--value", type=int, required=True, help="coin value M, minor units")
+    added.add_argument("--tokens", type=int, required=True, help="tokens per coin n")
+    added.add_argument("--valid-days", type=float, default=365)
+    added.set_defaults(handler=_keyset_add)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _broker_run(args: argparse.Namespace) -> int:
+    from broker.launcher import Mosquitto
+
+    with Mosquitto(args.data, port=args.port, bank=args.bank) as broker:
+        print(f"mosquitto listening on {broker.url}", flush=True)
+        try:
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _init(args: argparse.Namespace) -> int:
+    init_bank(args.data, args.bank, args.db, _now())
+    keys, store = load_bank(args.data, _now())
+    store.close()
+    print(f"bank {keys.bank} created in {args.data}; CA fingerprint {keys.fingerprint}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keys, store = load_bank(args.data, _now(), connections=args.workers)
+    try:
+        asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.close()
+    return 0
+
+
+def _with_bank(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    return load_bank(args.data, _now())
+
+
+def _account_open(args: argparse.Namespace) -> int:
+    keys, store = _with_bank(args)
+    try:
+        admin.open_account(keys, store, args.name, args.out, _now())
+    finally:
+        store.close()
+    print(f"account {args.name} opened; credentials in {args.out}")
+    return 0
+
+
+def _deposit(args: argparse.Namespace) -> int:
+    _, store = _with_bank(args)
+    try:
+        print(admin.deposit(store, args.name, args.amount, _now()))
+    finally:
+        store.close()
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    keys, store = _with_bank(args)
+    try:
+        admin.enroll_vendor(keys, store, args.name, args.category, args.out, _now())
+    finally:
+        store.close()
+    print(f"vendor {args.name} enrolled; certificate and key in {args.out}")
+    return 0
+
+
+def _balance(args: argparse.Namespace) -> int:
+    _, store = _with_bank(args)
+    try:
+        print(admin.balance(store, args.name))
+    finally:
+        store.close()
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    keys, store = _with_bank(args)
+    store.close()
+    ring = keys.keyring
+    data = {
+        "bank": keys.bank, "ca_fingerprint": keys.fingerprint,
+        "ca_key": cose.public_key_bytes(ring.ca_key).hex(), "answer_key": cose.public_key_bytes(ring.answer_key).hex(),
+        "sealing_key": ring.sealing_key.public_bytes_raw().hex(),
+        "keysets": [{"id": k.id, "value": k.value, "n": k.n, "currency": k.currency,
+                     "withdraw_until": k.withdraw_until, "spend_until": k.spend_until,
+                     "public_key": k.public_key.hex()} for k in ring.keysets.values()],
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"bank {keys.bank}  CA fingerprint {keys.fingerprint}")
+        for k in data["keysets"]:  # type: ignore[union-attr]
+            print(f"  {k['id']}  {k['value']} {k['currency']} in {k['n']} tokens")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    _, store = _with_bank(args)
+    try:
+        report = admin.audit(store)
+    finally:
+        store.close()
+    print(f"withdrawn {report.withdrawn}, credited {report.credited}, outstanding {report.outstanding}, "
+          f"coins seen {report.coins}")
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    print("audit passed" if report.ok else f"audit FAILED: {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def _keyset_add(args: argparse.Namespace) -> int:
+    _, store = _with_bank(args)
+    try:
+        info = add_keyset(args.data, store, value=args.value, tokens=args.tokens, withdraw_days=args.valid_days,
+                          spend_days=2 * args.valid_days, now=_now())
+    finally:
+        store.close()
+    print(info.id)
+    return 0
