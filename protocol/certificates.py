@@ -12,6 +12,7 @@ from .messages import CertificateBody, KeysAnnouncement
 
 __all__ = [
     "AAD_CERT",
+    "CertificateCache",
     "AAD_KEYS",
     "ca_fingerprint",
     "cert_hash",
@@ -54,6 +55,28 @@ def verify_certificate(
     if not body.nbf <= now < body.exp:
         raise RemoteProtocolError("certificate not valid now", ErrorCode.CERT_INVALID)
     return body
+
+
+class CertificateCache:
+    """Remembers certificates whose CA signature verified, so a vendor's every block does not
+    pay for it again. The validity window is still checked on every use. Bounded: the oldest
+    entry goes first."""
+
+    def __init__(self, ca_key: Ed25519PublicKey, bank: str, size: int = 4096) -> None:
+        self.ca_key, self.bank, self.size = ca_key, bank, size
+        self._verified: dict[bytes, CertificateBody] = {}
+
+    def verify(self, cert: bytes, now: int) -> CertificateBody:
+        """Like :func:`verify_certificate`, with the signature check done once per certificate."""
+        body = self._verified.get(cert)
+        if body is None:
+            body = verify_certificate(cert, self.ca_key, self.bank, now)
+            if len(self._verified) >= self.size:
+                del self._verified[next(iter(self._verified))]
+            self._verified[cert] = body
+        elif not body.nbf <= now < body.exp:
+            raise RemoteProtocolError("certificate not valid now", ErrorCode.CERT_INVALID)
+        return body
 
 
 def sign_announcement(announcement: KeysAnnouncement, ca_key: Ed25519PrivateKey) -> bytes:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from protocol import cose, envelope
+from protocol.certificates import CertificateCache
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import (
     OPS,
@@ -54,6 +55,10 @@ class BankService:
     clock: Callable[[], float] = time.time
     _account_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     _vendor_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    _certificates: CertificateCache | None = None
+
+    def __post_init__(self) -> None:
+        self._certificates = CertificateCache(self.keys.keyring.ca_key, self.keys.bank)
 
     async def handle(self, op: str, data: bytes) -> bytes:
         """The signed answer to one request (an :class:`ErrorAnswer` for any refusal)."""
@@ -139,7 +144,7 @@ class BankService:
             tx.transfer("outstanding", credit.account, credit.amount, f"credit:{credit.reason}", credit.tip, now)
 
     async def _block(self, signed: cose.Sign1, digest: bytes, now: int) -> bytes:
-        intent = verify_block(signed, self.keys.keyring, self.keys.sealing_key, now, self.window)
+        intent = verify_block(signed, self.keys.keyring, self.keys.sealing_key, now, self.window, self._certificates)
         vendor, request = intent.cert.vendor, intent.request
         session = os.urandom(16)
 

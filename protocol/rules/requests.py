@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .. import cose, sealing
-from ..certificates import cert_hash, verify_certificate
+from ..certificates import CertificateCache, cert_hash, verify_certificate
 from ..envelope import request_aad
 from ..errors import ErrorCode, RemoteProtocolError
 from ..messages import Authorization, BlockRequest, CertificateBody, KeysetInfo
@@ -60,6 +60,7 @@ def verify_block(
     sealing_key: X25519PrivateKey,
     now: int,
     window: BlockWindow,
+    certificates: CertificateCache | None = None,
 ) -> BlockIntent:
     """Everything DESIGN.md §4 asks of a block before the coin's record is touched.
 
@@ -68,7 +69,10 @@ def verify_block(
     beneficiary, and ``T`` inside the window.
     """
     request = BlockRequest.decode(signed.payload)
-    cert = verify_certificate(request.cert, keyring.ca_key, keyring.bank, now)
+    if certificates is not None:
+        cert = certificates.verify(request.cert, now)
+    else:
+        cert = verify_certificate(request.cert, keyring.ca_key, keyring.bank, now)
     if signed.kid != cert.vendor.encode():
         raise RemoteProtocolError("request not signed by the certified vendor", ErrorCode.BAD_SIGNATURE)
     cose.verify_sign1(

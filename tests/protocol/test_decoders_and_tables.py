@@ -114,3 +114,18 @@ def test_closed_session_refuses_payment() -> None:
     session = _session()
     with pytest.raises(RemoteProtocolError):
         session.pay(Pay(index=1, token=os.urandom(32)), 0)
+
+
+def test_certificate_cache_checks_validity_every_time() -> None:
+    from protocol.messages import CertificateBody
+
+    body = CertificateBody(bank="bank", vendor="v", account="a", name="V", category="c", key=os.urandom(32),
+                           nbf=100, exp=200)
+    cert = certificates.issue_certificate(body, CA)
+    cache = certificates.CertificateCache(CA.public_key(), "bank")
+    assert cache.verify(cert, 150) == body
+    assert cache.verify(cert, 199) == body  # from the cache
+    with pytest.raises(RemoteProtocolError):
+        cache.verify(cert, 200)  # expired, even though cached
+    with pytest.raises(RemoteProtocolError):
+        cache.verify(certificates.issue_certificate(body, Ed25519PrivateKey.generate()), 150)  # another CA

@@ -1,0 +1,205 @@
+"""Bank throughput through Mosquitto, beside a bare MQTT v5 echo measured in the same run.
+
+    python bench/bank_bench.py [--spends N] [--pg postgresql://…/postgres] [--json FILE]
+
+For each database (SQLite with durable commits; PostgreSQL when reachable) and each number of
+requests in flight (1 and 32), it prints bank requests/s — a spend is one ``block`` and one
+``settle`` — next to echo requests/s through the same broker with the same concurrency and
+payload size, and the ratio. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's
+RSA-2048 signatures/s. Device-side work (sealing, signing the block) is done before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cryptography.hazmat.primitives import hashes  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
+
+from agents.bank import admin  # noqa: E402
+from agents.bank.keys import init_bank, load_bank  # noqa: E402
+from agents.bank.server import serve  # noqa: E402
+from agents.bank.service import BankService  # noqa: E402
+from agents.mqtt import BankClient, answer_properties, connect  # noqa: E402
+from broker.launcher import Mosquitto  # noqa: E402
+from tests.bank.conftest import BANK, BankWorld, Clock  # noqa: E402
+from protocol.messages import BlockAnswer, SettleAnswer  # noqa: E402
+
+IN_FLIGHT = (1, 32)
+
+
+async def echo_server(url: str, ready: asyncio.Event) -> None:
+    async with connect(url, "echo-server") as client:
+        await client.subscribe("m2mpay/echo/req/+", qos=1)
+        ready.set()
+        async for message in client.messages:
+            reply = getattr(message.properties, "ResponseTopic", None)
+            correlation = getattr(message.properties, "CorrelationData", b"")
+            await client.publish(str(reply), message.payload, qos=1, properties=answer_properties(bytes(correlation)))
+
+
+async def run_parallel(clients: list[BankClient], jobs: list[tuple[str, bytes]], in_flight: int) -> float:
+    """Requests per second for ``jobs`` sent ``in_flight`` at a time over several clients."""
+    queue = list(reversed(jobs))
+
+    async def lane(client: BankClient) -> None:
+        while queue:
+            op, data = queue.pop()
+            await client.request(op, data)
+
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for i in range(in_flight):
+            group.create_task(lane(clients[i % len(clients)]))
+    return len(jobs) / (time.perf_counter() - start)
+
+
+async def echo_rate(url: str, in_flight: int, count: int, size: int) -> float:
+    ready = asyncio.Event()
+    server = asyncio.create_task(echo_server(url, ready))
+    await ready.wait()
+    clients = [BankClient(url, "echo", f"echo-{i}") for i in range(min(in_flight, 4))]
+    for c in clients:
+        await c.__aenter__()
+    try:
+        return await run_parallel(clients, [("x", os.urandom(size))] * count, in_flight)
+    finally:
+        for c in clients:
+            await c.__aexit__(None, None, None)
+        await stop(server)
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def bank_rate(url: str, db_url: str, spends: int, in_flight: int) -> tuple[float, float, int]:
+    """(bank requests/s, withdrawn coins/s, mean block request size) for one database."""
+    work = Path(tempfile.mkdtemp(prefix="m2mpay-bench-"))
+    clock = Clock(int(time.time()))
+    init_bank(work / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
+    keys, store = load_bank(work / "bank", clock.now, connections=8)
+    service = BankService(keys, store, clock=clock)
+    world = BankWorld(keys=keys, store=store, service=service, clock=clock, directory=work)
+    ready = asyncio.Event()
+    server = asyncio.create_task(serve(keys, service, url, workers=max(4, in_flight), ready=ready))
+    await ready.wait()
+    clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
+    for c in clients:
+        await c.__aenter__()
+    try:
+        world.send = clients[0].request
+        user = world.user("payer", deposit=10**9)
+        vendors = [world.vendor(f"v{i}") for i in range(4)]
+        start = time.perf_counter()
+        coins = []
+        for _ in range(0, spends, 32):
+            coins += await world.withdraw(user, 32)
+        withdraw_rate = len(coins) / (time.perf_counter() - start)
+        coins = coins[:spends]
+        prepared = []
+        for i, wc in enumerate(coins):
+            vendor = vendors[i % len(vendors)]
+            _, session, signed = world.session(vendor, wc)
+            prepared.append((vendor, session, signed))
+        queue = list(reversed(prepared))
+
+        async def lane(client: BankClient) -> None:
+            while queue:
+                vendor, session, signed = queue.pop()
+                session.blocked(world.open(await client.request("block", signed), "block", BlockAnswer))  # type: ignore[arg-type]
+                request = session.settle_request(os.urandom(16), keep_open=False)
+                raw = await client.request("settle", vendor.sign(request, "settle"))
+                session.settled(world.open(raw, "settle", SettleAnswer))  # type: ignore[arg-type]
+
+        start = time.perf_counter()
+        async with asyncio.TaskGroup() as group:
+            for i in range(in_flight):
+                group.create_task(lane(clients[i % len(clients)]))
+        rate = 2 * len(prepared) / (time.perf_counter() - start)
+        report = admin.audit(store)
+        if not report.ok:
+            raise SystemExit(f"audit failed after the benchmark: {report.problems}")
+        return rate, withdraw_rate, sum(len(p[2]) for p in prepared) // len(prepared)
+    finally:
+        for c in clients:
+            await c.__aexit__(None, None, None)
+        await stop(server)
+        store.close()
+
+
+def openssl_rate(seconds: float = 1.0) -> float:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        key.sign(b"coin", pss, hashes.SHA384())
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def pg_database(admin_url: str) -> str | None:
+    try:
+        import psycopg
+
+        name = f"m2mpay_bench_{secrets.token_hex(4)}"
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return admin_url.rsplit("/", 1)[0] + "/" + name
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
+        print(f"  (PostgreSQL not reachable: {exc})")
+        return None
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    results: dict[str, object] = {}
+    with Mosquitto(Path(tempfile.mkdtemp(prefix="m2mpay-broker-"))) as broker:
+        print(f"broker {broker.url}; {args.spends} spends per run")
+        print(f"{'db':10} {'in flight':>9} {'bank req/s':>11} {'echo req/s':>11} {'ratio':>6} {'spends/s':>9}")
+        for db in ("sqlite", "postgresql"):
+            for in_flight in IN_FLIGHT:
+                db_url = (str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite"
+                          else pg_database(args.pg))
+                if db_url is None:
+                    continue
+                rate, withdraw_rate, size = await bank_rate(broker.url, db_url, args.spends, in_flight)
+                echo = await echo_rate(broker.url, in_flight, 2 * args.spends, size)
+                print(f"{db:10} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} {rate / 2:9,.0f}")
+                results[f"{db}/{in_flight}"] = {"bank_req_per_s": rate, "echo_req_per_s": echo,
+                                                "ratio": rate / echo, "spends_per_s": rate / 2,
+                                                "withdraw_coins_per_s": withdraw_rate}
+        openssl = openssl_rate()
+        best = max(r["withdraw_coins_per_s"] for r in results.values())  # type: ignore[index]
+        print(f"withdrawals through the bank: {best:,.0f} coins/s beside OpenSSL RSA-2048 {openssl:,.0f} sig/s "
+              f"(ratio {best / openssl:.2f})")
+        results["withdraw"] = {"coins_per_s": best, "openssl_sign_per_s": openssl, "ratio": best / openssl}
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spends", type=int, default=400)
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
