@@ -127,7 +127,7 @@ class BankClient:
         async for message in self._client.messages:
             payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
             if message.topic.matches(f"m2mpay/{self.bank}/keys"):
-                if self._keys is not None and not self._keys.done():
+                if payload and self._keys is not None and not self._keys.done():  # empty: deleted
                     self._keys.set_result(payload)
                 continue
             correlation = getattr(message.properties, "CorrelationData", None)

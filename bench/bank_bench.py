@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +30,6 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 
 from agents.bank import admin  # noqa: E402
 from agents.bank.keys import init_bank, load_bank  # noqa: E402
-from agents.bank.server import serve  # noqa: E402
 from agents.bank.service import BankService  # noqa: E402
 from agents.mqtt import BankClient, answer_properties, connect  # noqa: E402
 from broker.launcher import Mosquitto  # noqa: E402
@@ -91,19 +91,24 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int) -> tuple
     work = Path(tempfile.mkdtemp(prefix="m2mpay-bench-"))
     clock = Clock(int(time.time()))
     init_bank(work / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
-    keys, store = load_bank(work / "bank", clock.now, connections=8)
-    service = BankService(keys, store, clock=clock)
-    world = BankWorld(keys=keys, store=store, service=service, clock=clock, directory=work)
-    ready = asyncio.Event()
-    server = asyncio.create_task(serve(keys, service, url, workers=max(4, in_flight), ready=ready))
-    await ready.wait()
+    keys, store = load_bank(work / "bank", clock.now, connections=2)
+    world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
+                      directory=work)
+    user = world.user("payer", deposit=10**9)
+    vendors = [world.vendor(f"v{i}") for i in range(4)]
+    async with connect(url, f"bench-clear-{secrets.token_hex(3)}") as clear:  # forget an earlier run's keys
+        await clear.publish(f"m2mpay/{BANK}/keys", b"", qos=1, retain=True)
+    # The bank runs as it is deployed: its own process, so it does not share a GIL with the load.
+    server = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(work / "bank"),
+                               "--broker", url, "--workers", str(max(4, in_flight))],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=Path(__file__).resolve().parent.parent)
     clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     for c in clients:
         await c.__aenter__()
     try:
+        await clients[0].keys(timeout=30)  # retained by the bank once it serves
         world.send = clients[0].request
-        user = world.user("payer", deposit=10**9)
-        vendors = [world.vendor(f"v{i}") for i in range(4)]
         start = time.perf_counter()
         coins = []
         for _ in range(0, spends, 32):
@@ -137,7 +142,8 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int) -> tuple
     finally:
         for c in clients:
             await c.__aexit__(None, None, None)
-        await stop(server)
+        server.terminate()
+        server.wait(10)
         store.close()
 
 

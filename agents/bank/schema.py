@@ -3,7 +3,8 @@
 ``{blob}`` and ``{serial}`` are filled in per database; everything else is common SQL.
 Amounts are integers in minor units. The journal is double-entry: every row moves ``amount``
 from ``debit`` to ``credit``, so the balances of all accounts, the outside world included,
-always sum to zero.
+always sum to zero. ``accounts.balance`` is kept only for user accounts (it is checked under
+lock before a debit); every other balance is read from the journal.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ CREATE TABLE journal (
     kind TEXT NOT NULL,
     ref {blob}
 );
+CREATE INDEX journal_debit ON journal (debit);
+CREATE INDEX journal_credit ON journal (credit);
 """),
 )
 

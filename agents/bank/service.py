@@ -130,7 +130,8 @@ class BankService:
             if account is None:
                 raise RemoteProtocolError("unknown account", ErrorCode.UNKNOWN_ACCOUNT)
             balance = rules.apply_withdraw(account[2], info, len(blind_sigs))
-            tx.transfer(signer, "outstanding", account[2] - balance, "withdraw", request.req_id, now)
+            tx.transfer(signer, "outstanding", account[2] - balance, "withdraw", request.req_id, now,
+                        running=(signer,))
             answer = self._sign(WithdrawAnswer(req_id=request.req_id, keyset=info.id, blind_sigs=blind_sigs,
                                                balance=balance), "withdraw")
             tx.put_answer(signer, request.req_id, envelope.StoredAnswer(digest, answer), now)

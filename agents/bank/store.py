@@ -72,14 +72,29 @@ class Tx:
         self.execute("INSERT INTO accounts (name, kind, public_key, balance, created) VALUES (?, ?, ?, 0, ?)",
                      (name, kind, public_key, now))
 
-    def transfer(self, debit: str, credit: str, amount: int, kind: str, ref: bytes | None, now: int) -> None:
-        """Move ``amount`` from ``debit`` to ``credit``: one journal row, two balances."""
+    def transfer(self, debit: str, credit: str, amount: int, kind: str, ref: bytes | None, now: int,
+                 *, running: tuple[str, ...] = ()) -> None:
+        """Move ``amount`` from ``debit`` to ``credit``: one journal row.
+
+        Only the accounts named in ``running`` (user accounts, whose balance is checked under
+        lock before a debit) keep a running balance; vendor and system balances are sums over
+        the journal. A running balance on ``outstanding`` would be one row that every
+        settlement locks until it commits, serializing the whole bank.
+        """
         if amount <= 0:
             return
         self.execute("INSERT INTO journal (ts, debit, credit, amount, kind, ref) VALUES (?, ?, ?, ?, ?, ?)",
                      (now, debit, credit, amount, kind, ref))
-        self.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
-        self.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
+        if debit in running:
+            self.execute("UPDATE accounts SET balance = balance - ? WHERE name = ?", (amount, debit))
+        if credit in running:
+            self.execute("UPDATE accounts SET balance = balance + ? WHERE name = ?", (amount, credit))
+
+    def journal_balance(self, name: str) -> int:
+        """An account's balance as the journal says: credits in minus debits out."""
+        row = self.one("SELECT (SELECT COALESCE(SUM(amount), 0) FROM journal WHERE credit = ?)"
+                       " - (SELECT COALESCE(SUM(amount), 0) FROM journal WHERE debit = ?)", (name, name))
+        return 0 if row is None else int(row[0])
 
     # --- idempotency -----------------------------------------------------------------------
     def answer(self, signer: str, req_id: bytes) -> StoredAnswer | None:
