@@ -137,3 +137,15 @@ async def test_request_without_response_topic_is_dropped_and_bank_keeps_serving(
     assert info.value.code is ErrorCode.BAD_REQUEST
     (coin,) = await world.withdraw(world.user("alice"))
     assert coin.remaining == 100
+
+
+async def test_settlement_delivered_twice_over_mqtt_credits_once(online: tuple[BankWorld, BankClient]) -> None:
+    world, client = online
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session = await world.block(vendor, wc)
+    wc, pay = wallet.reveal(wc, 7)
+    session.pay(pay, world.clock.now)
+    signed = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
+    first, second = await asyncio.gather(client.request("settle", signed), client.request("settle", signed))
+    assert first == second and admin.balance(world.store, "meter") == 8

@@ -54,3 +54,39 @@ def test_errors_are_reported_not_raised(tmp_path: Path, args: list[str]) -> None
     m2mpay("bank", "init", "--data", data)
     result = m2mpay(*[a.format(d=data) for a in args], check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.network
+def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
+    """The operator's commands, each its own process: a device withdraws through them."""
+    import asyncio
+    import re
+    import signal
+
+    from agents.mqtt import BankClient
+    from protocol.certificates import verify_announcement
+
+    data = tmp_path / "bank"
+    m2mpay("bank", "init", "--data", data, "--bank", "bank-p")
+    m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
+    broker = subprocess.Popen([sys.executable, "-m", "agents.cli", "broker", "run", "--data", tmp_path / "mq"],
+                              stdout=subprocess.PIPE, text=True)
+    bank = None
+    try:
+        assert broker.stdout is not None
+        url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
+        bank = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+                                 "--broker", url], stderr=subprocess.DEVNULL)
+        fingerprint = json.loads((tmp_path / "alice.json").read_text())["ca_fingerprint"]
+
+        async def fetch_keys() -> str:
+            async with BankClient(url, "bank-p", "alice") as client:
+                return verify_announcement(await client.keys(timeout=30), fingerprint).bank
+
+        assert asyncio.run(fetch_keys()) == "bank-p"
+    finally:
+        for process in (bank, broker):
+            if process is not None:
+                process.send_signal(signal.SIGINT)
+                process.wait(10)
+    assert broker.returncode == 0
