@@ -1,0 +1,1 @@
+"""The vendor device: CoAP payment resources, metering, durable sessions and settlement."""

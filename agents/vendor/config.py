@@ -1,0 +1,105 @@
+"""A vendor's pricing and session policy, from TOML, with unknown keys refused.
+
+Example::
+
+    [pricing]
+    service = "parking"
+    unit = "minute"
+    price = 2                 # tokens per unit
+    meter_interval = 60.0     # seconds per unit delivered
+
+    [session]
+    block_window = 900        # seconds: T = now + block_window
+    min_remaining = 10        # minor units a coin must still hold
+    checkpoint_every = 100    # tokens between checkpoint settlements
+    settle_margin = 60        # settle at the latest this many seconds before T
+    idle_timeout = 120        # settle a session nobody paid in for this long
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["ConfigError", "Pricing", "SessionPolicy", "VendorConfig"]
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A configuration file that does not describe a vendor."""
+
+
+def _build(cls: type[C], table: Any, where: str) -> C:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(table) - set(known)
+    if unknown:
+        raise ConfigError(f"[{where}] unknown key {sorted(unknown)[0]!r}")
+    values = {}
+    for name, value in table.items():
+        expected = known[name].type
+        kind = {"int": int, "float": (int, float), "str": str}[str(expected)]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"[{where}] {name} must be {expected}")
+        values[name] = float(value) if expected == "float" else value
+    return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    """What is sold and at what price."""
+
+    service: str = "service"
+    unit: str = "unit"
+    price: int = 1
+    meter_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.price < 1 or self.meter_interval <= 0:
+            raise ConfigError("price must be >= 1 token and meter_interval > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """How long coins are blocked, when to checkpoint and when to settle."""
+
+    block_window: int = 900
+    min_remaining: int = 1
+    checkpoint_every: int = 100
+    settle_margin: int = 60
+    idle_timeout: int = 120
+
+    def __post_init__(self) -> None:
+        if self.settle_margin >= self.block_window or self.block_window < 30:
+            raise ConfigError("block_window must be >= 30 s and exceed settle_margin")
+        if self.checkpoint_every < 1 or self.idle_timeout < 1 or self.min_remaining < 0:
+            raise ConfigError("checkpoint_every and idle_timeout must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class VendorConfig:
+    """A vendor's whole policy."""
+
+    pricing: Pricing = field(default_factory=Pricing)
+    session: SessionPolicy = field(default_factory=SessionPolicy)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VendorConfig:
+        unknown = set(data) - {"pricing", "session"}
+        if unknown:
+            raise ConfigError(f"unknown table [{sorted(unknown)[0]}]")
+        return cls(pricing=_build(Pricing, data.get("pricing", {}), "pricing"),
+                   session=_build(SessionPolicy, data.get("session", {}), "session"))
+
+    @classmethod
+    def load(cls, path: Path) -> VendorConfig:
+        """Read a vendor.toml."""
+        try:
+            return cls.from_dict(tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,135 @@
+"""The vendor's durable memory: sessions, the last token of each, and a settlement outbox.
+
+A token is stored (committed, ``synchronous=FULL``) before its receipt leaves the device, so a
+crash never loses a token the user was told we hold. A settlement is written to the outbox as
+the exact signed bytes before it is sent; after a restart every unanswered entry is sent again
+with the same ``req_id``, which the bank answers from its store — a settlement is never lost
+and never credited twice.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["OutboxEntry", "StoredSession", "VendorStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    session BLOB PRIMARY KEY,
+    tip BLOB NOT NULL,
+    token_value INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    last BLOB NOT NULL,
+    deadline INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    opened INTEGER NOT NULL,
+    last_paid INTEGER NOT NULL,
+    credited INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    req_id BLOB PRIMARY KEY,
+    session BLOB NOT NULL REFERENCES sessions(session),
+    keep_open INTEGER NOT NULL,
+    request BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    answer BLOB
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSession:
+    """A session as the vendor last committed it."""
+
+    session: bytes
+    tip: bytes
+    token_value: int
+    start: int
+    position: int
+    last: bytes
+    deadline: int
+    state: str
+    opened: int
+    last_paid: int
+    credited: int
+
+    @property
+    def paid(self) -> int:
+        """Tokens held for this session, the blocking token included."""
+        return self.start - self.position
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A signed settlement waiting for (or having got) the bank's answer."""
+
+    req_id: bytes
+    session: bytes
+    keep_open: bool
+    request: bytes
+    answer: bytes | None
+
+
+class VendorStore:
+    """SQLite in WAL mode with durable commits; one writer (the vendor process)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def open_session(self, s: StoredSession) -> None:
+        """Record a session the bank has just blocked a coin for."""
+        self._db.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (s.session, s.tip, s.token_value, s.start, s.position, s.last, s.deadline, s.state, s.opened,
+             s.last_paid, s.credited))
+
+    def record_token(self, session: bytes, index: int, token: bytes, now: int) -> bool:
+        """Keep a newly paid token; ``False`` if the session already holds this one or a lower one."""
+        cursor = self._db.execute(
+            "UPDATE sessions SET position = ?, last = ?, last_paid = ? WHERE session = ? AND position > ?",
+            (index, token, now, session, index))
+        return cursor.rowcount == 1
+
+    def set_state(self, session: bytes, state: str, credited: int | None = None) -> None:
+        if credited is None:
+            self._db.execute("UPDATE sessions SET state = ? WHERE session = ?", (state, session))
+        else:
+            self._db.execute("UPDATE sessions SET state = ?, credited = ? WHERE session = ?",
+                             (state, credited, session))
+
+    def session(self, session: bytes) -> StoredSession | None:
+        row = self._db.execute("SELECT * FROM sessions WHERE session = ?", (session,)).fetchone()
+        return None if row is None else StoredSession(*row)
+
+    def sessions(self, *states: str) -> list[StoredSession]:
+        """Sessions in any of ``states`` (all when none are named)."""
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._db.execute(f"SELECT * FROM sessions WHERE state IN ({marks})", states).fetchall()
+        else:
+            rows = self._db.execute("SELECT * FROM sessions").fetchall()
+        return [StoredSession(*r) for r in rows]
+
+    def enqueue(self, entry: OutboxEntry, now: int) -> None:
+        """Write a signed settlement before sending it."""
+        self._db.execute("INSERT INTO outbox (req_id, session, keep_open, request, created) VALUES (?, ?, ?, ?, ?)",
+                         (entry.req_id, entry.session, int(entry.keep_open), entry.request, now))
+
+    def answered(self, req_id: bytes, answer: bytes) -> None:
+        self._db.execute("UPDATE outbox SET answer = ? WHERE req_id = ?", (answer, req_id))
+
+    def pending(self) -> list[OutboxEntry]:
+        """Settlements sent but not answered yet, oldest first."""
+        rows = self._db.execute("SELECT req_id, session, keep_open, request, answer FROM outbox "
+                                "WHERE answer IS NULL ORDER BY created, rowid").fetchall()
+        return [OutboxEntry(bytes(r[0]), bytes(r[1]), bool(r[2]), bytes(r[3]), None) for r in rows]
