@@ -1,0 +1,162 @@
+"""A payment over real CoAP sockets, a real Mosquitto and a real bank."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiocoap
+import pytest
+import pytest_asyncio
+from aiocoap.numbers.codes import Code
+
+from agents.bank import admin
+from agents.bank.server import serve
+from agents.mqtt import BankClient
+from agents.vendor.agent import Credentials, VendorAgent
+from agents.vendor.coap import CBOR, serve_coap
+from agents.vendor.store import VendorStore
+from protocol import cbor, sealing
+from protocol.certificates import cert_hash
+from protocol.messages import Closed, Due, Offer, OpenSession, Receipt, SessionOpened
+from protocol.rules import wallet
+
+from ..bank.conftest import BANK, BankWorld
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.network]
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Scene:
+    world: BankWorld
+    agent: VendorAgent
+    base: str
+    client: aiocoap.Context
+    store_path: Path
+    credentials: Credentials
+
+    async def call(self, code: Code, path: str, body: bytes | None = None, content_format: int | None = CBOR,
+                   ) -> aiocoap.Message:
+        msg = aiocoap.Message(code=code, uri=self.base + path, payload=body or b"")
+        if body is not None and content_format is not None:
+            msg.opt.content_format = content_format
+        async with asyncio.timeout(10):
+            return await self.client.request(msg).response
+
+
+@pytest_asyncio.fixture
+async def scene(world: BankWorld, mosquitto: str, tmp_path: Path) -> AsyncIterator[Scene]:
+    ready = asyncio.Event()
+    bank_task = asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    vendor = world.vendor("meter")
+    credentials = Credentials(vendor="meter", account=vendor.account, key=vendor.key, cert=vendor.cert, bank=BANK,
+                              ca_fingerprint=world.keys.fingerprint)
+    port = _free_udp_port()
+    store_path = tmp_path / "vendor.sqlite3"
+    async with BankClient(mosquitto, BANK, f"meter-{uuid.uuid4().hex[:6]}") as bank:
+        agent = VendorAgent(credentials, world.keys.keyring, bank, VendorStore(store_path), clock=world.clock)
+        async with serve_coap(agent, "::1", port):
+            client = await aiocoap.Context.create_client_context()
+            try:
+                yield Scene(world, agent, f"coap://[::1]:{port}", client, store_path, credentials)
+            finally:
+                await client.shutdown()
+                agent.store.close()
+    bank_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await bank_task
+
+
+async def _open(scene: Scene, wc: wallet.WalletCoin) -> tuple[wallet.WalletCoin, SessionOpened]:
+    offer = Offer.decode((await scene.call(Code.GET, "/offer")).payload)
+    wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
+                                now=scene.world.clock.now)
+    sealed = sealing.seal(auth.encode(), scene.world.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+    body = OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce).encode()
+    response = await scene.call(Code.POST, "/sessions", body)
+    assert response.code == Code.CREATED, response.payload
+    return wc, SessionOpened.decode(response.payload)
+
+
+async def test_pay_as_observed_then_close(scene: Scene) -> None:
+    world = scene.world
+    (wc,) = await world.withdraw(world.user("alice"))
+    wkc = (await scene.call(Code.GET, "/.well-known/core")).payload.decode()
+    assert "</offer>" in wkc and "</sessions>" in wkc
+    wc, opened = await _open(scene, wc)
+    sid = opened.session.hex()
+    observation = scene.client.request(aiocoap.Message(code=Code.GET, uri=f"{scene.base}/sessions/{sid}/due",
+                                                       observe=0))
+    first = await asyncio.wait_for(observation.response, 5)
+    assert Due.decode(first.payload).tokens == 0
+    paid = 0
+    notifications = aiter(observation.observation)
+    for _ in range(3):
+        scene.agent.due(opened.session)  # the meter: one more unit delivered
+        due = Due.decode((await asyncio.wait_for(anext(notifications), 5)).payload)
+        wc, pay = wallet.reveal(wc, due.tokens)
+        receipt = Receipt.decode((await scene.call(Code.POST, f"/sessions/{sid}/pay", pay.encode())).payload)
+        again = Receipt.decode((await scene.call(Code.POST, f"/sessions/{sid}/pay", pay.encode())).payload)
+        assert receipt == again  # a retransmitted token gets the same receipt
+        paid += due.tokens
+    observation.observation.cancel()
+    closed = Closed.decode((await scene.call(Code.POST, f"/sessions/{sid}/close", b"")).payload)
+    assert closed.credited == paid + 1 == admin.balance(world.store, "meter")
+
+
+async def test_vendor_killed_before_settling_settles_after_restart(scene: Scene) -> None:
+    world = scene.world
+    (wc,) = await world.withdraw(world.user("alice"))
+    wc, opened = await _open(scene, wc)
+    wc, pay = wallet.reveal(wc, 6)
+    await scene.call(Code.POST, f"/sessions/{opened.session.hex()}/pay", pay.encode())
+    scene.agent.sessions.clear()  # the process dies: memory is gone, the store remains
+    scene.agent.store.close()
+    reborn = VendorAgent(scene.credentials, world.keys.keyring, scene.agent.bank, VendorStore(scene.store_path),
+                         clock=world.clock)
+    scene.agent.store = reborn.store
+    assert await reborn.recover() == 1
+    assert admin.balance(world.store, "meter") == 7
+    assert await reborn.recover() == 0  # nothing settles twice
+
+
+@pytest.mark.parametrize(("path", "body", "content_format", "code", "wire"), [
+    ("/sessions", b"\xff\xfe", CBOR, Code.BAD_REQUEST, "bad_request"),
+    ("/sessions", cbor.encode({"v": 1}), 0, Code.BAD_REQUEST, "bad_request"),
+    ("/sessions", b"\x00" * 5000, CBOR, Code.REQUEST_ENTITY_TOO_LARGE, "too_large"),
+    ("/sessions/00ff/pay", cbor.encode({"v": 1, "index": 1, "token": b"\x00" * 32}), CBOR, Code.NOT_FOUND,
+     "unknown_session"),
+], ids=["malformed", "wrong-content-format", "oversize", "unknown-session"])
+async def test_bad_input_gets_cbor_error(scene: Scene, path: str, body: bytes, content_format: int, code: Code,
+                                         wire: str) -> None:
+    response = await scene.call(Code.POST, path, body, content_format)
+    assert response.code == code
+    assert cbor.decode(response.payload)["code"] == wire
+    assert (await scene.call(Code.GET, "/offer")).code == Code.CONTENT  # still serving
+
+
+async def test_libcoap_client_interop(scene: Scene) -> None:
+    tool = shutil.which("coap-client-notls") or shutil.which("coap-client")
+    assert tool, "libcoap3-bin is needed (make test installs it)"
+    for path in ("/.well-known/core", "/offer"):
+        result = await asyncio.to_thread(subprocess.run, [tool, "-m", "get", "-B", "5", scene.base + path],
+                                         capture_output=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        if path == "/offer":
+            assert Offer.decode(result.stdout.rstrip(b"\n")).bank == BANK
+        else:
+            assert b"</offer>" in result.stdout
