@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .bank.cli import add_bank_commands, add_broker_commands
+from .vendor.cli import add_vendor_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_broker_commands(commands)
     add_bank_commands(commands)
+    add_vendor_commands(commands)
     demo = commands.add_parser("demo", help="run the whole system on this machine")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of scripted traffic")
     demo.set_defaults(handler=_demo)
@@ -22,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("m2mpay demo: not built yet (the protocol core and the bank are; vendor and user agents come next)")
+    print("m2mpay demo: not built yet (the protocol core, the bank and the vendor are; the user agent comes next)")
     return 0
 
 

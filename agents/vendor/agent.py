@@ -168,6 +168,18 @@ class VendorAgent:
         del self.sessions[sid]
         return closed
 
+    async def checkpoint(self, sid: bytes) -> int:
+        """Settle what the session holds and keep it open (the coin stays blocked). Returns the credit."""
+        session = self._session(sid)
+        request = session.settle_request(os.urandom(16), keep_open=True)
+        entry = OutboxEntry(req_id=request.req_id, session=sid, keep_open=True,
+                            request=self._sign(request, "settle"), answer=None)
+        self.store.enqueue(entry, self.now())
+        answer = await self._settle(entry)
+        session.settled(answer)
+        self.store.set_state(sid, "open", credited=session.credited)
+        return answer.credited
+
     async def recover(self) -> int:
         """After a restart: resend unanswered settlements, settle sessions left open. Returns the count."""
         done = 0

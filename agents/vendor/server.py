@@ -1,0 +1,98 @@
+"""The vendor process: CoAP site, bank connection, meter and settler, until cancelled.
+
+At start it recovers (resends unanswered settlements, settles sessions a crash left open).
+Then, in one TaskGroup: the meter asks every open session for ``price`` tokens per
+``meter_interval`` (the service hook delivers the unit once paid), and the settler closes sessions
+that went idle or are within ``settle_margin`` of their deadline, and checkpoints every
+``checkpoint_every`` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from protocol.certificates import verify_announcement
+from protocol.errors import ProtocolError
+from protocol.rules.keyring import Keyring
+from protocol.rules.vendor import SessionState
+
+from ..mqtt import BankClient
+from .agent import Credentials, VendorAgent
+from .coap import serve_coap
+from .config import VendorConfig
+from .store import VendorStore
+
+__all__ = ["load_credentials", "run_vendor"]
+
+log = logging.getLogger(__name__)
+
+
+def load_credentials(path: Path) -> Credentials:
+    """Read the bundle written by ``m2mpay bank vendor enroll``."""
+    data = json.loads(path.read_text())
+    return Credentials(vendor=data["vendor"], account=data["account"],
+                       key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
+                       cert=bytes.fromhex(data["cert"]), bank=data["bank"], ca_fingerprint=data["ca_fingerprint"])
+
+
+async def _meter(agent: VendorAgent) -> None:
+    interval = agent.config.pricing.meter_interval
+    while True:
+        await asyncio.sleep(interval)
+        for sid, session in list(agent.sessions.items()):
+            if session.state is SessionState.OPEN:
+                agent.due(sid)
+
+
+async def _settler(agent: VendorAgent, period: float = 1.0) -> None:
+    policy = agent.config.session
+    checkpointed: dict[bytes, int] = {}
+    while True:
+        await asyncio.sleep(period)
+        now = agent.now()
+        for held in agent.store.sessions("open"):
+            session = agent.sessions.get(held.session)
+            if session is None or session.state is not SessionState.OPEN:
+                continue
+            try:
+                if now >= held.deadline - policy.settle_margin or now - held.last_paid >= policy.idle_timeout:
+                    closed = await agent.close(held.session)
+                    log.info("settled session %s: %d credited", held.session.hex()[:8], closed.credited)
+                elif session.paid - checkpointed.get(held.session, 0) >= policy.checkpoint_every:
+                    await agent.checkpoint(held.session)
+                    checkpointed[held.session] = session.paid
+            except ProtocolError as exc:
+                log.warning("settlement of %s deferred: %s", held.session.hex()[:8], exc.code.wire)
+
+
+async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data_dir: Path,
+                     config: VendorConfig, host: str = "::1", ready: asyncio.Event | None = None,
+                     clock: Callable[[], float] = time.time, settle_period: float = 1.0) -> None:
+    """Serve payments until cancelled."""
+    store = VendorStore(data_dir / "vendor.sqlite3")
+    try:
+        async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}") as bank:
+            keyring = Keyring.from_announcement(verify_announcement(await bank.keys(timeout=30),
+                                                                    credentials.ca_fingerprint))
+            agent = VendorAgent(credentials, keyring, bank, store, config=config, clock=clock,
+                                deliver=lambda sid, units: log.info("delivered %d unit(s) in %s", units, sid.hex()[:8]))
+            recovered = await agent.recover()
+            if recovered:
+                log.info("recovered and settled %d session(s)", recovered)
+            async with serve_coap(agent, host, coap_port):
+                log.info("vendor %s serving CoAP on [%s]:%d", credentials.vendor, host, coap_port)
+                if ready is not None:
+                    ready.set()
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(_meter(agent), name="vendor-meter")
+                    group.create_task(_settler(agent, settle_period), name="vendor-settler")
+    finally:
+        store.close()
