@@ -83,7 +83,7 @@ class BankWorld:
 
     @property
     def keyset(self) -> str:
-        return next(k for k, v in self.keys.keyring.keysets.items() if v.n == 100)
+        return min(self.keys.keyring.keysets, key=lambda k: self.keys.keyring.keysets[k].n)
 
     async def withdraw(self, user: Device, count: int = 1) -> list[wallet.WalletCoin]:
         info = self.keys.keyring.keysets[self.keyset]

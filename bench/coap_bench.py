@@ -1,0 +1,137 @@
+"""Payment tokens over CoAP on loopback, beside a bare aiocoap echo measured in the same run.
+
+    python bench/coap_bench.py [--tokens N]
+
+One session, one token per ``POST /sessions/{id}/pay`` round trip, each token checked and
+committed to the vendor's store (SQLite, synchronous=FULL) before its receipt is sent. The
+baseline is an aiocoap resource that echoes a body of the same size. Tokens are computed before
+timing, so the figure is the vendor's and the transport's, not the wallet's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiocoap  # noqa: E402
+import aiocoap.resource as resource  # noqa: E402
+from aiocoap.numbers.codes import Code  # noqa: E402
+
+from agents.bank.keys import init_bank, load_bank  # noqa: E402
+from agents.bank.server import serve  # noqa: E402
+from agents.bank.service import BankService  # noqa: E402
+from agents.mqtt import BankClient  # noqa: E402
+from agents.vendor.agent import Credentials, VendorAgent  # noqa: E402
+from agents.vendor.coap import serve_coap  # noqa: E402
+from agents.vendor.store import VendorStore  # noqa: E402
+from broker.launcher import Mosquitto  # noqa: E402
+from protocol import sealing  # noqa: E402
+from protocol.certificates import cert_hash  # noqa: E402
+from protocol.messages import Offer, OpenSession, SessionOpened  # noqa: E402
+from protocol.rules import wallet  # noqa: E402
+from tests.bank.conftest import BANK, BankWorld, Clock  # noqa: E402
+
+
+class Echo(resource.Resource):
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=Code.CHANGED, payload=request.payload, content_format=60)
+
+
+def port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def timed(client: aiocoap.Context, uri: str, bodies: list[bytes]) -> list[float]:
+    latencies = []
+    for body in bodies:
+        start = time.perf_counter()
+        response = await client.request(aiocoap.Message(code=Code.POST, uri=uri, payload=body,
+                                                        content_format=60)).response
+        latencies.append(time.perf_counter() - start)
+        if not response.code.is_successful():
+            raise SystemExit(f"request refused: {response.code} {response.payload!r}")
+    return latencies
+
+
+def describe(name: str, latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    rate = len(ordered) / sum(ordered)
+    p50, p99 = statistics.median(ordered), ordered[int(0.99 * (len(ordered) - 1))]
+    print(f"  {name:28s} {rate:8,.0f}/s   p50 {p50 * 1e3:6.3f} ms   p99 {p99 * 1e3:6.3f} ms")
+    return {"per_s": rate, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+
+
+async def main_async(tokens: int) -> None:
+    work = Path(tempfile.mkdtemp(prefix="m2mpay-coap-bench-"))
+    clock = Clock(int(time.time()))
+    init_bank(work / "bank", BANK, None, clock.now, keysets=((tokens + 10, tokens + 10),))
+    keys, store = load_bank(work / "bank", clock.now)
+    service = BankService(keys, store, clock=clock)
+    world = BankWorld(keys=keys, store=store, service=service, clock=clock, directory=work)
+    vendor = world.vendor("meter")
+    credentials = Credentials(vendor="meter", account=vendor.account, key=vendor.key, cert=vendor.cert, bank=BANK,
+                              ca_fingerprint=keys.fingerprint)
+    with Mosquitto(work / "mq") as broker:
+        ready = asyncio.Event()
+        bank_task = asyncio.create_task(serve(keys, service, broker.url, ready=ready))
+        await ready.wait()
+        vendor_port, echo_port = port(), port()
+        echo_site = resource.Site()
+        echo_site.add_resource(["echo"], Echo())
+        echo_ctx = await aiocoap.Context.create_server_context(echo_site, bind=("::1", echo_port))
+        async with BankClient(broker.url, BANK, f"meter-{uuid.uuid4().hex[:6]}") as bank:
+            world.send = bank.request
+            (wc,) = await world.withdraw(world.user("payer"))
+            agent = VendorAgent(credentials, keys.keyring, bank, VendorStore(work / "vendor.sqlite3"), clock=clock)
+            async with serve_coap(agent, "::1", vendor_port):
+                client = await aiocoap.Context.create_client_context()
+                base = f"coap://[::1]:{vendor_port}"
+                offer = Offer.decode((await client.request(aiocoap.Message(code=Code.GET, uri=base + "/offer"))
+                                      .response).payload)
+                wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce,
+                                            cert_hash=cert_hash(offer.cert), now=clock.now)
+                sealed = sealing.seal(auth.encode(), keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+                opened = SessionOpened.decode((await client.request(aiocoap.Message(
+                    code=Code.POST, uri=base + "/sessions", content_format=60,
+                    payload=OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline,
+                                        nonce=offer.nonce).encode())).response).payload)
+                bodies: list[bytes] = []
+                for _ in range(tokens):
+                    wc, pay = wallet.reveal(wc, 1)
+                    bodies.append(pay.encode())
+                print(f"one CoAP session on loopback, {tokens} tokens, body {len(bodies[0])} bytes")
+                echo = describe("bare aiocoap echo", await timed(client, f"coap://[::1]:{echo_port}/echo",
+                                                                 [b"\x00" * len(bodies[0])] * tokens))
+                paid = describe("pay (checked, kept durably)",
+                                await timed(client, f"{base}/sessions/{opened.session.hex()}/pay", bodies))
+                print(f"  ratio {paid['per_s'] / echo['per_s']:.2f} (goal ≥ 0.70)")
+                await client.shutdown()
+            agent.store.close()
+        await echo_ctx.shutdown()
+        bank_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bank_task
+    store.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=2000)
+    asyncio.run(main_async(parser.parse_args().tokens))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
