@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -84,7 +85,11 @@ def connect(url: str, client_id: str, **options: Any) -> aiomqtt.Client:
 
 @dataclass
 class BankClient:
-    """A device's connection to its bank: requests and the retained keys announcement."""
+    """A device's connection to its bank: requests and the retained keys announcement.
+
+    A supervisor task keeps the connection up (jittered exponential backoff after a loss);
+    requests wait for it, bounded by their timeout, and are retried with the same bytes.
+    """
 
     url: str
     bank: str
@@ -93,7 +98,8 @@ class BankClient:
     retries: int = 3
     _client: aiomqtt.Client | None = None
     _pending: dict[bytes, asyncio.Future[bytes]] = field(default_factory=dict)
-    _stack: contextlib.AsyncExitStack | None = None
+    _connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _supervisor: asyncio.Task[None] | None = None
     _keys: asyncio.Future[bytes] | None = None
 
     @property
@@ -101,30 +107,42 @@ class BankClient:
         return response_prefix(self.bank) + self.client_id
 
     async def __aenter__(self) -> BankClient:
-        stack = contextlib.AsyncExitStack()
+        self._keys = asyncio.get_running_loop().create_future()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt-{self.client_id}")
         try:
-            self._client = await stack.enter_async_context(connect(self.url, self.client_id))
-            self._keys = asyncio.get_running_loop().create_future()
-            reader = asyncio.create_task(self._read(), name=f"mqtt-reader-{self.client_id}")
-            stack.push_async_callback(_cancel, reader)
-            await self._client.subscribe(self.reply_topic, qos=1)
-            await self._client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
-        except aiomqtt.MqttError as exc:
-            await stack.aclose()
+            async with asyncio.timeout(self.timeout):
+                await self._connected.wait()
+        except TimeoutError as exc:
+            await _cancel(self._supervisor)
             raise TransportError(f"cannot reach the broker at {self.url}") from exc
-        self._stack = stack
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._stack is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await self._stack.aclose()
-        self._stack = self._client = None
+        if self._supervisor is not None:
+            await _cancel(self._supervisor)
+        self._supervisor = None
 
-    async def _read(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with connect(self.url, self.client_id) as client:
+                    await client.subscribe(self.reply_topic, qos=1)
+                    await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
+                    self._client, backoff = client, 0.1
+                    self._connected.set()
+                    await self._read(client)
+            except aiomqtt.MqttError as exc:
+                log.warning("connection to %s lost (%s); reconnecting", self.url, exc)
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
             payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
             if message.topic.matches(f"m2mpay/{self.bank}/keys"):
                 if payload and self._keys is not None and not self._keys.done():  # empty: deleted
@@ -148,7 +166,7 @@ class BankClient:
 
     async def request(self, op: str, data: bytes, *, timeout: float | None = None) -> bytes:
         """Send a signed request and return the bank's signed answer; retries with the same bytes."""
-        if self._client is None:
+        if self._supervisor is None:
             raise TransportError("not connected")
         wait = timeout or self.timeout
         for attempt in range(self.retries):
@@ -156,16 +174,20 @@ class BankClient:
             future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self._pending[correlation] = future
             try:
-                props = Properties(PacketTypes.PUBLISH)
-                props.ResponseTopic = self.reply_topic
-                props.CorrelationData = correlation
                 async with asyncio.timeout(wait):
-                    await self._client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
+                    await self._connected.wait()
+                    client = self._client
+                    if client is None:
+                        continue
+                    props = Properties(PacketTypes.PUBLISH)
+                    props.ResponseTopic = self.reply_topic
+                    props.CorrelationData = correlation
+                    await client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
                     return await future
             except TimeoutError:
                 log.warning("no answer to %s within %.1f s (attempt %d)", op, wait, attempt + 1)
-            except aiomqtt.MqttError as exc:
-                raise TransportError(f"MQTT failed during {op}") from exc
+            except aiomqtt.MqttError:
+                log.warning("connection lost during %s (attempt %d)", op, attempt + 1)
             finally:
                 self._pending.pop(correlation, None)
         raise BankUnavailable(f"no answer to {op} after {self.retries} attempts")

@@ -7,6 +7,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -18,6 +19,7 @@ from paho.mqtt.properties import Properties
 from agents.bank import admin
 from agents.bank.server import serve
 from agents.mqtt import BankClient, broker_address
+from broker.launcher import Mosquitto
 from protocol.certificates import verify_announcement
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import BlockAnswer, WithdrawAnswer
@@ -149,3 +151,25 @@ async def test_settlement_delivered_twice_over_mqtt_credits_once(online: tuple[B
     signed = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
     first, second = await asyncio.gather(client.request("settle", signed), client.request("settle", signed))
     assert first == second and admin.balance(world.store, "meter") == 8
+
+
+async def test_broker_restart_bank_and_device_reconnect(world: BankWorld, tmp_path: Path) -> None:
+    """Mosquitto goes away and comes back on the same port: nothing to do but wait."""
+    broker = Mosquitto(tmp_path / "mq").start()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, broker.url, ready=ready, sweep_interval=60))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with BankClient(broker.url, BANK, f"dev-{uuid.uuid4().hex[:8]}", timeout=3, retries=5) as client:
+            world.send = client.request
+            user = world.user("alice")
+            await world.withdraw(user)
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.start)  # same port, same persistence
+            (coin,) = await world.withdraw(user)  # waits for both sides to reconnect, then succeeds
+            assert coin.remaining == 100 and admin.balance(world.store, "alice") == 10_000 - 200
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        broker.stop()
