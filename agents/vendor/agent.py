@@ -180,8 +180,8 @@ class VendorAgent:
         self.store.set_state(sid, "open", credited=session.credited)
         return answer.credited
 
-    async def recover(self) -> int:
-        """After a restart: resend unanswered settlements, settle sessions left open. Returns the count."""
+    async def retry_pending(self) -> int:
+        """Send every unanswered settlement again, same bytes; returns how many got an answer."""
         done = 0
         for entry in self.store.pending():
             try:
@@ -190,9 +190,19 @@ class VendorAgent:
                 log.warning("settlement %s refused on recovery: %s", entry.req_id.hex()[:8], exc.code.wire)
                 self.store.answered(entry.req_id, b"")
                 continue
+            session = self.sessions.pop(entry.session, None) if not entry.keep_open else None
+            if session is not None:
+                session.settled(answer)
             if not entry.keep_open:
-                self.store.set_state(entry.session, "closed", credited=answer.credited)
+                held = self.store.session(entry.session)
+                self.store.set_state(entry.session, "closed",
+                                     credited=answer.credited + (held.credited if held else 0))
             done += 1
+        return done
+
+    async def recover(self) -> int:
+        """After a restart: resend unanswered settlements, settle sessions left open. Returns the count."""
+        done = await self.retry_pending()
         for held in self.store.sessions("open"):
             if held.session in self.sessions:
                 continue

@@ -57,6 +57,10 @@ async def _settler(agent: VendorAgent, period: float = 1.0) -> None:
     checkpointed: dict[bytes, int] = {}
     while True:
         await asyncio.sleep(period)
+        try:
+            await agent.retry_pending()  # settlements whose answer never came
+        except ProtocolError as exc:
+            log.warning("settlement retry deferred: %s", exc.code.wire)
         now = agent.now()
         for held in agent.store.sessions("open"):
             session = agent.sessions.get(held.session)

@@ -160,3 +160,21 @@ async def test_libcoap_client_interop(scene: Scene) -> None:
             assert Offer.decode(result.stdout.rstrip(b"\n")).bank == BANK
         else:
             assert b"</offer>" in result.stdout
+
+
+async def test_wrong_or_late_token_is_refused_and_nothing_stored(scene: Scene) -> None:
+    world = scene.world
+    (wc,) = await world.withdraw(world.user("alice"))
+    wc, opened = await _open(scene, wc)
+    pay_uri = f"/sessions/{opened.session.hex()}/pay"
+    wc, pay = wallet.reveal(wc, 2)
+    forged = cbor.encode({"v": 1, "index": pay.index, "token": bytes(32)})
+    response = await scene.call(Code.POST, pay_uri, forged)
+    assert response.code == Code.FORBIDDEN and cbor.decode(response.payload)["code"] == "chain_mismatch"
+    held = scene.agent.store.session(opened.session)
+    assert held is not None and held.paid == 1  # only the blocking token
+    world.clock.now = opened.deadline  # too late: the coin's block ends now
+    response = await scene.call(Code.POST, pay_uri, pay.encode())
+    assert response.code == Code.FORBIDDEN and cbor.decode(response.payload)["code"] == "deadline"
+    held = scene.agent.store.session(opened.session)
+    assert held is not None and held.paid == 1
