@@ -15,6 +15,7 @@ from typing import Any
 import aiocoap
 import aiocoap.error
 import aiocoap.resource as resource
+from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 
 from protocol import cbor
@@ -104,6 +105,13 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         self.agent = agent
         self.watchers: dict[bytes, set[Any]] = {}
         agent.on_due = self._notify
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        # Only an Observe request needs aiocoap's observation machinery; every token payment
+        # takes the plain (cheaper) path.
+        if pipe.request.opt.observe is not None:
+            return await interfaces.ObservableResource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
+        return await interfaces.Resource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
 
     def get_link_description(self) -> None:  # type: ignore[override]
         return None  # per-session paths are not listed in .well-known/core
