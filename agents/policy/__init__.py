@@ -1,0 +1,1 @@
+"""The spending policy engine of a user device: pure decisions with reasons."""

@@ -1,0 +1,185 @@
+"""The spending policy engine: pure decisions with reasons, no I/O.
+
+The wallet asks before it spends: which offer to take (:meth:`PolicyEngine.choose_offer`), whether
+an offer is acceptable at all (:meth:`check_offer`), which coin to block for it
+(:meth:`select_coin`), whether to pay the next tokens a vendor asks for (:meth:`may_pay`), and
+whether to refill (:meth:`refill`). Past spending comes in as a list of :class:`Spend`; every
+answer is a :class:`Decision` with a stable ``reason`` code, a human sentence and the figures
+behind it, ready to append to the decision log as one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import PolicyConfig
+
+__all__ = ["CoinView", "Decision", "OfferView", "PolicyEngine", "Spend"]
+
+HOUR, DAY = 3600, 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Money that left the wallet: when, to whom, how much (minor units)."""
+
+    ts: int
+    vendor: str
+    category: str
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class OfferView:
+    """What the policy needs to know of a vendor's offer."""
+
+    vendor: str
+    category: str
+    price: int
+    """Tokens per unit."""
+    token_value: int
+    deadline: int
+
+    @property
+    def unit_price(self) -> int:
+        """Minor units per unit."""
+        return self.price * self.token_value
+
+
+@dataclass(frozen=True, slots=True)
+class CoinView:
+    """What the policy needs to know of a wallet coin."""
+
+    tip: bytes
+    remaining: int
+    token_value: int
+    n: int
+    position: int
+    vendors: frozenset[str] = frozenset()
+    """Vendors this coin has already been shown to."""
+
+    @property
+    def fresh(self) -> bool:
+        return self.position == self.n
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy answer: allowed or not, a stable reason code, a sentence, and the figures."""
+
+    allowed: bool
+    reason: str
+    message: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, action: str, ts: int) -> str:
+        """One line of the decision log."""
+        return json.dumps({"ts": ts, "action": action, "allowed": self.allowed, "reason": self.reason,
+                           "message": self.message, **self.details}, sort_keys=True, default=str)
+
+
+def _no(reason: str, message: str, **details: Any) -> Decision:
+    return Decision(False, reason, message, details)
+
+
+def _yes(reason: str, message: str, **details: Any) -> Decision:
+    return Decision(True, reason, message, details)
+
+
+class PolicyEngine:
+    """A device's policy over its spending history."""
+
+    def __init__(self, config: PolicyConfig, history: Sequence[Spend] = ()) -> None:
+        self.config = config
+        self.history = list(history)
+
+    def _spent(self, now: int, window: int, *, vendor: str | None = None, category: str | None = None) -> int:
+        return sum(s.amount for s in self.history if now - s.ts < window
+                   and (vendor is None or s.vendor == vendor) and (category is None or s.category == category))
+
+    def check_offer(self, offer: OfferView, units: int, now: int) -> Decision:
+        """Is this vendor, category, price and deadline acceptable for ``units`` units?"""
+        c = self.config
+        if offer.vendor in c.vendors.deny or (c.vendors.allow and offer.vendor not in c.vendors.allow):
+            return _no("vendor_denied", f"vendor {offer.vendor} is not allowed", vendor=offer.vendor)
+        if offer.category in c.categories.deny or (c.categories.allow and offer.category not in c.categories.allow):
+            return _no("category_denied", f"category {offer.category} is not allowed", category=offer.category)
+        ceiling = c.price.ceiling(offer.category)
+        if offer.unit_price > ceiling:
+            return _no("price_too_high", f"{offer.unit_price} per unit exceeds {ceiling}",
+                       unit_price=offer.unit_price, ceiling=ceiling)
+        if offer.deadline > now + c.deadline.max_ahead + c.deadline.clock_skew:
+            return _no("deadline_too_far", "the vendor would block the coin for too long",
+                       deadline=offer.deadline, now=now)
+        if offer.deadline <= now + c.deadline.clock_skew:
+            return _no("deadline_passed", "the offer's deadline has passed (or our clocks disagree)",
+                       deadline=offer.deadline, now=now)
+        return self.may_pay(offer, 0, units * offer.unit_price, now)
+
+    def may_pay(self, offer: OfferView, session_spent: int, amount: int, now: int) -> Decision:
+        """May ``amount`` more go to this vendor, ``session_spent`` already having gone in this session?"""
+        c = self.config
+        checks = (
+            ("session_cap", session_spent + amount, c.budget.per_session, "the cap per session"),
+            ("hourly_budget", self._spent(now, HOUR) + amount, c.budget.per_hour, "the hourly budget"),
+            ("daily_budget", self._spent(now, DAY) + amount, c.budget.per_day, "the daily budget"),
+            ("vendor_limit", self._spent(now, DAY, vendor=offer.vendor) + amount, c.vendors.max_per_day,
+             f"the daily limit for vendor {offer.vendor}"),
+            ("category_limit", self._spent(now, DAY, category=offer.category) + amount, c.categories.max_per_day,
+             f"the daily limit for {offer.category}"),
+        )
+        for reason, total, limit, what in checks:
+            if total > limit:
+                return _no(reason, f"{total} would exceed {what} ({limit})", total=total, limit=limit,
+                           vendor=offer.vendor, amount=amount)
+        return _yes("within_policy", f"{amount} to {offer.vendor} is within policy", vendor=offer.vendor,
+                    amount=amount)
+
+    def choose_offer(self, offers: Sequence[OfferView], units: int, now: int) -> tuple[OfferView | None, Decision]:
+        """The cheapest offer the policy allows (ties: the earlier in the list)."""
+        refusals = []
+        allowed = []
+        for offer in offers:
+            decision = self.check_offer(offer, units, now)
+            (allowed if decision.allowed else refusals).append((offer, decision))
+        if not allowed:
+            reasons = sorted({d.reason for _, d in refusals}) or ["no_offers"]
+            return None, _no("no_acceptable_offer", "no offer is acceptable", refused=reasons)
+        best = min(allowed, key=lambda pair: pair[0].unit_price)[0]
+        return best, _yes("cheapest_allowed", f"{best.vendor} at {best.unit_price} per unit",
+                          vendor=best.vendor, unit_price=best.unit_price, candidates=len(offers))
+
+    def select_coin(self, coins: Sequence[CoinView], amount: int, vendor: str) -> tuple[CoinView | None, Decision]:
+        """The coin to block for ``amount`` at ``vendor`` under the configured strategy."""
+        strategy = self.config.coins.strategy
+        usable = [c for c in coins if c.remaining > 0]
+        if strategy == "fresh_per_vendor":  # a coin shown to another vendor would link the sessions
+            usable = [c for c in usable if c.fresh or c.vendors <= {vendor}]
+        if not usable:
+            return None, _no("no_coin", "no usable coin in the wallet", strategy=strategy)
+        covering = [c for c in usable if c.remaining >= amount]
+        if strategy == "largest_first":
+            choice = max(usable, key=lambda c: c.remaining)
+        elif strategy == "drain_partial":
+            partial = [c for c in usable if not c.fresh]
+            choice = min(partial or covering or usable, key=lambda c: c.remaining)
+        else:  # best_fit, and fresh_per_vendor after filtering
+            choice = min(covering, key=lambda c: c.remaining) if covering else max(usable, key=lambda c: c.remaining)
+        return choice, _yes(strategy, f"coin {choice.tip.hex()[:8]} with {choice.remaining} left",
+                            remaining=choice.remaining, amount=amount)
+
+    def refill(self, wallet_value: int, coin_value: int, online: bool, refilled_today: int) -> tuple[int, Decision]:
+        """How many coins to withdraw now (0 when the policy says no)."""
+        r = self.config.refill
+        if wallet_value >= r.below:
+            return 0, _no("enough_value", f"wallet holds {wallet_value}, refill below {r.below}")
+        if not online:
+            return 0, _no("offline", "refill waits until the bank is reachable")
+        room = (r.daily_cap - refilled_today) // coin_value if coin_value else 0
+        count = min(r.coins, max(room, 0))
+        if count <= 0:
+            return 0, _no("refill_cap", f"daily refill cap {r.daily_cap} reached", refilled_today=refilled_today)
+        return count, _yes("refill", f"withdraw {count} coin(s) of {coin_value}", count=count)
