@@ -1,0 +1,1 @@
+"""The user device: wallet, withdrawals, paying vendors under its policy."""

@@ -1,0 +1,118 @@
+"""The wallet's durable store: coins with their secrets, and withdrawals awaiting an answer.
+
+The file is created with mode 0600: it holds every coin's seed and traversal state. The wallet
+writes ahead: :meth:`WalletStore.save` commits a coin's new position (synchronous=FULL) before the
+agent lets the matching token leave the device. A withdrawal is stored with its blinding secrets
+and the exact signed request *before* it is sent, so after a crash it is sent again byte for
+byte — the bank answers from its store and debits once.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from protocol import cbor
+from protocol.messages import Coin, WithdrawRequest
+from protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
+
+__all__ = ["WalletStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coins (
+    tip BLOB PRIMARY KEY,
+    coin BLOB NOT NULL,            -- the public coin, CBOR
+    n INTEGER NOT NULL,
+    token_value INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    seed BLOB NOT NULL,            -- secret
+    traversal BLOB NOT NULL,       -- secret: CBOR of the traversal state
+    status TEXT NOT NULL,
+    blocked_until INTEGER NOT NULL,
+    vendors TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS withdrawals (
+    req_id BLOB PRIMARY KEY,
+    signed BLOB NOT NULL,          -- the exact request bytes, resent after a crash
+    pending BLOB NOT NULL,         -- secret: seeds, prefixes, blinding secrets
+    created INTEGER NOT NULL
+);
+"""
+_STATE_LIMIT = 1 << 20
+
+
+class WalletStore:
+    """One wallet directory's SQLite database."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / "wallet.sqlite3"
+        if not path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- coins -----------------------------------------------------------------------------
+    def save(self, wc: WalletCoin, vendors: frozenset[str] = frozenset()) -> None:
+        """Commit a coin's state; call it before any token it covers leaves the device."""
+        self._db.execute(
+            "INSERT INTO coins (tip, coin, n, token_value, position, seed, traversal, status, blocked_until, vendors)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tip) DO UPDATE SET position = excluded.position,"
+            " traversal = excluded.traversal, status = excluded.status, blocked_until = excluded.blocked_until,"
+            " vendors = CASE WHEN excluded.vendors = '' THEN coins.vendors ELSE excluded.vendors END"
+            " WHERE excluded.position <= coins.position",  # never move a coin back up its chain
+            (wc.coin.tip, wc.coin.encode(), wc.n, wc.token_value, wc.position, wc.seed,
+             cbor.encode(wc.traversal), wc.status.value, wc.blocked_until, ",".join(sorted(vendors))))
+
+    def coins(self) -> list[tuple[WalletCoin, frozenset[str]]]:
+        """Every coin, with the vendors it was shown to."""
+        rows = self._db.execute("SELECT coin, n, token_value, position, seed, traversal, status, blocked_until,"
+                                " vendors FROM coins ORDER BY rowid").fetchall()
+        return [(_coin(row), frozenset(v for v in row[8].split(",") if v)) for row in rows]
+
+    def coin(self, tip: bytes) -> WalletCoin | None:
+        row = self._db.execute("SELECT coin, n, token_value, position, seed, traversal, status, blocked_until,"
+                               " vendors FROM coins WHERE tip = ?", (tip,)).fetchone()
+        return None if row is None else _coin(row)
+
+    # --- withdrawals -----------------------------------------------------------------------
+    def begin_withdrawal(self, pending: PendingWithdrawal, signed: bytes, now: int) -> None:
+        """Keep the secrets and the signed request before the request is sent."""
+        blob = cbor.encode({"request": pending.request.encode(), "seeds": list(pending.seeds),
+                            "prefixes": list(pending.prefixes), "secrets": list(pending.secrets)})
+        self._db.execute("INSERT INTO withdrawals VALUES (?, ?, ?, ?)", (pending.request.req_id, signed, blob, now))
+
+    def pending_withdrawals(self) -> list[tuple[PendingWithdrawal, bytes]]:
+        """Withdrawals sent (or about to be) whose coins are not stored yet, with their signed bytes."""
+        out = []
+        for signed, blob in self._db.execute("SELECT signed, pending FROM withdrawals ORDER BY created").fetchall():
+            data: dict[str, Any] = cbor.decode(bytes(blob), max_size=_STATE_LIMIT)
+            out.append((PendingWithdrawal(request=WithdrawRequest.decode(data["request"]), seeds=tuple(data["seeds"]),
+                                          prefixes=tuple(data["prefixes"]), secrets=tuple(data["secrets"])),
+                        bytes(signed)))
+        return out
+
+    def finish_withdrawal(self, req_id: bytes, coins: list[WalletCoin]) -> None:
+        """Store the finalized coins and forget the secrets, in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for wc in coins:
+                self.save(wc)
+            self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+
+def _coin(row: tuple[Any, ...]) -> WalletCoin:
+    return WalletCoin(coin=Coin.decode(bytes(row[0])), n=int(row[1]), token_value=int(row[2]), position=int(row[3]),
+                      seed=bytes(row[4]), traversal=cbor.decode(bytes(row[5]), max_size=_STATE_LIMIT),
+                      status=CoinStatus(row[6]), blocked_until=int(row[7]))
