@@ -90,3 +90,54 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
                 process.send_signal(signal.SIGINT)
                 process.wait(10)
     assert broker.returncode == 0
+
+
+@pytest.mark.network
+def test_every_role_as_its_own_process(tmp_path: Path) -> None:
+    """broker run, bank serve, vendor serve as processes; user withdraw / pay / wallet as commands."""
+    import re
+    import signal
+    import socket
+    import time
+
+    data = tmp_path / "bank"
+    m2mpay("bank", "init", "--data", data, "--bank", "bank-e")
+    m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
+    m2mpay("bank", "account", "deposit", "--data", data, "alice", "1000")
+    m2mpay("bank", "vendor", "enroll", "--data", data, "meter", "--category", "parking", "--out", tmp_path / "v.json")
+    (tmp_path / "vendor.toml").write_text("[pricing]\nprice = 1\nmeter_interval = 0.05\n")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        coap_port = sock.getsockname()[1]
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        broker = subprocess.Popen([sys.executable, "-m", "agents.cli", "broker", "run", "--data", str(tmp_path / "mq")],
+                                  stdout=subprocess.PIPE, text=True)
+        processes.append(broker)
+        assert broker.stdout is not None
+        url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
+        processes.append(subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+                                           "--broker", url], stderr=subprocess.DEVNULL, text=True))
+        processes.append(subprocess.Popen([sys.executable, "-m", "agents.cli", "vendor", "serve", "--credentials",
+                                           str(tmp_path / "v.json"), "--broker", url, "--coap-port", str(coap_port),
+                                           "--config", str(tmp_path / "vendor.toml"), "--data",
+                                           str(tmp_path / "vendor")], stderr=subprocess.DEVNULL, text=True))
+        wallet = tmp_path / "wallet"
+        assert "withdrew 1 coin" in m2mpay("user", "withdraw", "--wallet", wallet, "--credentials",
+                                           tmp_path / "alice.json", "--broker", url, "--coins", "1").stdout
+        deadline = time.monotonic() + 20
+        while True:  # the vendor announces itself on CoAP once it has the bank's keys
+            result = m2mpay("user", "pay", "--wallet", wallet, f"coap://[::1]:{coap_port}", "--units", "4", check=False)
+            if result.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert "paid meter 5 token(s); credited 5" in result.stdout, result.stdout + result.stderr
+        coins = json.loads(m2mpay("user", "wallet", "--wallet", wallet, "--json").stdout)
+        assert [c["remaining"] for c in coins] == [95] and "seed" not in json.dumps(coins)
+        assert m2mpay("bank", "balance", "--data", data, "meter").stdout.strip() == "5"
+        assert '"reason": "within_policy"' in m2mpay("user", "decisions", "--wallet", wallet).stdout
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGINT)
+            process.wait(10)
+    assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout
