@@ -20,6 +20,10 @@ from agents.policy.config import PolicyConfig
 from agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
 from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
 from agents.vendor.server import load_credentials, run_vendor
+from protocol import cbor, sealing
+from protocol.certificates import cert_hash
+from protocol.messages import Offer, OpenSession, SessionOpened
+from protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld
 from ..vendor.test_coap_payment import _free_udp_port
@@ -92,4 +96,45 @@ async def test_withdraw_pay_carry_remainder_and_refuse_by_policy(world: BankWorl
     finally:
         await ctx.shutdown()
         user.close()
+    assert world.audit().ok
+
+
+async def _offer(ctx: aiocoap.Context, base: str) -> Offer:
+    response = await ctx.request(aiocoap.Message(code=aiocoap.GET, uri=base + "/offer")).response
+    return Offer.decode(response.payload)
+
+
+async def _open(ctx: aiocoap.Context, base: str, body: bytes) -> tuple[str, dict[str, object]]:
+    message = aiocoap.Message(code=aiocoap.POST, uri=base + "/sessions", payload=body)
+    message.opt.content_format = 60
+    response = await ctx.request(message).response
+    return str(response.code), cbor.decode(response.payload)
+
+
+def _authorize(world: BankWorld, wc: wallet.WalletCoin, offer: Offer) -> bytes:
+    _, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
+                               now=world.clock.now)  # the cheat keeps the *old* state: the same token twice
+    sealed = sealing.seal(auth.encode(), world.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+    return OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce).encode()
+
+
+async def test_malicious_user_is_stopped_by_the_bank(world: BankWorld, town: dict[str, str]) -> None:
+    (wc,) = await world.withdraw(world.user("mallory"))
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        offers = [await _offer(ctx, town["parking"]), await _offer(ctx, town["charger"])]
+        bodies = [_authorize(world, wc, offer) for offer in offers]
+        answers = await asyncio.gather(_open(ctx, town["parking"], bodies[0]), _open(ctx, town["charger"], bodies[1]))
+        codes = sorted(code for code, _ in answers)
+        assert codes[0].startswith("2.01") and codes[1].startswith("4.09"), answers  # one block, one refusal
+        assert any(body.get("code") in ("coin_blocked", "replay") for _, body in answers)
+        # later, once the first session is over: an old authorization is worth nothing
+        winner = town["parking"] if answers[0][0].startswith("2.01") else town["charger"]
+        session = SessionOpened.decode(cbor.encode(next(b for c, b in answers if c.startswith("2.01"))))
+        close = aiocoap.Message(code=aiocoap.POST, uri=f"{winner}/sessions/{session.session.hex()}/close")
+        assert str((await ctx.request(close).response).code).startswith("2.04")
+        code, body = await _open(ctx, town["charger"], _authorize(world, wc, await _offer(ctx, town["charger"])))
+        assert code.startswith("4.09") and body["code"] == "replay"
+    finally:
+        await ctx.shutdown()
     assert world.audit().ok
