@@ -141,3 +141,65 @@ def test_every_role_as_its_own_process(tmp_path: Path) -> None:
             process.send_signal(signal.SIGINT)
             process.wait(10)
     assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout
+
+
+@pytest.mark.network
+def test_user_killed_mid_session_never_reuses_a_token(tmp_path: Path) -> None:
+    """kill -9 `user pay` mid-session; the next pay uses another coin; the books still balance."""
+    import re
+    import signal
+    import socket
+    import time
+
+    data = tmp_path / "bank"
+    m2mpay("bank", "init", "--data", data, "--bank", "bank-k")
+    m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
+    m2mpay("bank", "account", "deposit", "--data", data, "alice", "1000")
+    m2mpay("bank", "vendor", "enroll", "--data", data, "meter", "--category", "parking", "--out", tmp_path / "v.json")
+    (tmp_path / "vendor.toml").write_text("[pricing]\nprice = 1\nmeter_interval = 0.05\n"
+                                          "[session]\nidle_timeout = 1\n")
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        coap_port = sock.getsockname()[1]
+    processes: list[subprocess.Popen[str]] = []
+    wallet = tmp_path / "wallet"
+    vendor_url = f"coap://[::1]:{coap_port}"
+    try:
+        broker = subprocess.Popen([sys.executable, "-m", "agents.cli", "broker", "run", "--data", str(tmp_path / "mq")],
+                                  stdout=subprocess.PIPE, text=True)
+        processes.append(broker)
+        assert broker.stdout is not None
+        url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
+        processes.append(subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+                                           "--broker", url], stderr=subprocess.DEVNULL, text=True))
+        processes.append(subprocess.Popen([sys.executable, "-m", "agents.cli", "vendor", "serve", "--credentials",
+                                           str(tmp_path / "v.json"), "--broker", url, "--coap-port", str(coap_port),
+                                           "--config", str(tmp_path / "vendor.toml"), "--data",
+                                           str(tmp_path / "vendor")], stderr=subprocess.DEVNULL, text=True))
+        m2mpay("user", "withdraw", "--wallet", wallet, "--credentials", tmp_path / "alice.json", "--broker", url,
+               "--coins", "2")
+        deadline = time.monotonic() + 20
+        while m2mpay("user", "pay", "--wallet", wallet, vendor_url, "--units", "1", check=False).returncode:
+            assert time.monotonic() < deadline, "vendor never answered"
+            time.sleep(0.2)
+        victim = subprocess.Popen([sys.executable, "-m", "agents.cli", "user", "pay", "--wallet", str(wallet),
+                                   vendor_url, "--units", "90"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.5)  # mid-session: some tokens paid at 20 per second
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        coins = json.loads(m2mpay("user", "wallet", "--wallet", wallet, "--json").stdout)
+        interrupted = next(c for c in coins if c["status"] == "in_session")
+        result = m2mpay("user", "pay", "--wallet", wallet, vendor_url, "--units", "3")
+        assert "paid meter 4 token(s)" in result.stdout  # with the other coin: the first stays blocked until T
+        after = {c["tip"]: c for c in json.loads(m2mpay("user", "wallet", "--wallet", wallet, "--json").stdout)}
+        assert after[interrupted["tip"]]["position"] == interrupted["position"]  # nothing reused
+        time.sleep(2.5)  # the vendor settles the orphaned session once idle
+    finally:
+        for process in reversed(processes):
+            process.send_signal(signal.SIGINT)
+            process.wait(10)
+    audit = m2mpay("bank", "audit", "--data", data).stdout
+    assert "audit passed" in audit
+    credited = int(re.search(r"credited (\d+)", audit).group(1))  # type: ignore[union-attr]
+    lost = 100 - interrupted["position"] - 2  # written ahead by the killed session, beyond the first 2 tokens
+    assert 2 + 4 + lost - 1 <= credited <= 2 + 4 + lost  # at most the token in flight is lost
