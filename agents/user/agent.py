@@ -158,16 +158,33 @@ class UserAgent:
             raise RemoteProtocolError(text, code)
         return bytes(response.payload)
 
-    async def pay(self, ctx: aiocoap.Context, base: str, units: int) -> PaymentResult:
-        """Buy ``units`` units from the vendor at ``base`` (``coap://host:port``)."""
+    async def discover(self, ctx: aiocoap.Context, base: str) -> Offer:
+        """Find the vendor's offer through ``/.well-known/core`` (``rt=m2mpay.offer``) and fetch it."""
+        links = (await self._call(ctx, Code.GET, base + "/.well-known/core")).decode("utf-8", "replace")
+        path = next((part.split(">")[0].lstrip("<") for part in links.split(",")
+                     if 'rt="m2mpay.offer"' in part or "rt=m2mpay.offer" in part), None)
+        if path is None or not path.startswith("/"):
+            raise RemoteProtocolError("no m2mpay offer at this address", ErrorCode.UNKNOWN_OP)
+        return Offer.decode(await self._call(ctx, Code.GET, base + path))
+
+    def offer_view(self, offer: Offer) -> OfferView:
+        """What the policy needs to know of an offer, its certificate checked against the bank CA."""
         keyring = self.keyring()
-        offer = Offer.decode(await self._call(ctx, Code.GET, base + "/offer"))
         cert = verify_certificate(offer.cert, keyring.ca_key, keyring.bank, self.now())
         if offer.bank != keyring.bank:
             raise RemoteProtocolError("vendor is paid by another bank", ErrorCode.CERT_INVALID)
-        token_value = min(keyring.keysets[k].token_value for k in offer.keysets if k in keyring.keysets)
-        view = OfferView(vendor=cert.vendor, category=cert.category, price=offer.price, token_value=token_value,
+        values = [keyring.keysets[k].token_value for k in offer.keysets if k in keyring.keysets]
+        if not values:
+            raise RemoteProtocolError("vendor accepts none of our keysets", ErrorCode.UNKNOWN_KEYSET)
+        return OfferView(vendor=cert.vendor, category=cert.category, price=offer.price, token_value=min(values),
                          deadline=offer.deadline)
+
+    async def pay(self, ctx: aiocoap.Context, base: str, units: int) -> PaymentResult:
+        """Buy ``units`` units from the vendor at ``base`` (``coap://host:port``)."""
+        keyring = self.keyring()
+        offer = await self.discover(ctx, base)
+        view = self.offer_view(offer)
+        token_value = view.token_value
         engine = PolicyEngine(self.policy, self._history())
         decision = engine.check_offer(view, units, self.now())
         self._log("offer", decision)
@@ -178,14 +195,14 @@ class UserAgent:
                 if wc.coin.keyset in offer.keysets and wc.available(now)]
         views = [CoinView(tip=wc.coin.tip, remaining=wc.remaining, token_value=wc.token_value, n=wc.n,
                           position=wc.position, vendors=vendors) for wc, vendors in held]
-        chosen, decision = engine.select_coin(views, units * view.unit_price + token_value, cert.vendor)
+        chosen, decision = engine.select_coin(views, units * view.unit_price + token_value, view.vendor)
         self._log("coin", decision)
         if chosen is None:
             raise PolicyRefusal(decision)
         wc, shown = next((w, v) for w, v in held if w.coin.tip == chosen.tip)
         wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
                                     now=now)
-        shown = shown | {cert.vendor}
+        shown = shown | {view.vendor}
         self.store.save(wc, shown)  # written ahead: the blocking token may leave now
         sealed = sealing.seal(auth.encode(), keyring.sealing_key, sealing.info_for_bank(keyring.bank))
         request = OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce)
@@ -195,7 +212,7 @@ class UserAgent:
             self.store.save(wc.event(wallet.WalletEvent.LOST), shown)  # may be blocked: leave it until T
             raise
         spent = token_value
-        self._spent(Spend(self.now(), cert.vendor, cert.category, token_value))
+        self._spent(Spend(self.now(), view.vendor, view.category, token_value))
         sid = opened.session.hex()
         wanted = units * offer.price
         paid_tokens = 0
@@ -216,7 +233,7 @@ class UserAgent:
                 wc, pay = wallet.reveal(wc, tokens)
                 self.store.save(wc, shown)  # written ahead
                 Receipt.decode(await self._call(ctx, Code.POST, f"{base}/sessions/{sid}/pay", pay.encode()))
-                self._spent(Spend(self.now(), cert.vendor, cert.category, amount))
+                self._spent(Spend(self.now(), view.vendor, view.category, amount))
                 spent += amount
                 paid_tokens += tokens
         finally:
@@ -224,7 +241,7 @@ class UserAgent:
                 observation.observation.cancel()
         closed = Closed.decode(await self._call(ctx, Code.POST, f"{base}/sessions/{sid}/close", b""))
         self.store.save(wc.event(wallet.WalletEvent.CLOSED), shown)
-        return PaymentResult(vendor=cert.vendor, tokens=paid_tokens + 1, credited=closed.credited)
+        return PaymentResult(vendor=view.vendor, tokens=paid_tokens + 1, credited=closed.credited)
 
     def public_coins(self) -> list[dict[str, object]]:
         """Public parts only: never the seed or the traversal state."""

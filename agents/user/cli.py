@@ -36,6 +36,9 @@ def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     show.add_argument("--wallet", type=Path, required=True)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_wallet)
+    run = user.add_parser("run", help="the autonomous agent: refill, choose offers, pay")
+    run.add_argument("--config", type=Path, required=True, help="user.toml")
+    run.set_defaults(handler=_run)
     log = user.add_parser("decisions", help="the policy's decision log")
     log.add_argument("--wallet", type=Path, required=True)
     log.set_defaults(handler=_decisions)
@@ -75,6 +78,21 @@ def _pay(args: argparse.Namespace) -> int:
         return 3
     finally:
         agent.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    import logging
+
+    from .run import RunConfig, run_user
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        payments = asyncio.run(run_user(RunConfig.load(args.config)))
+    except KeyboardInterrupt:
+        return 0
+    for p in payments:
+        print(f"paid {p.vendor} {p.tokens} token(s); credited {p.credited}")
+    return 0
 
 
 def _wallet(args: argparse.Namespace) -> int:

@@ -89,8 +89,15 @@ async def test_withdraw_pay_carry_remainder_and_refuse_by_policy(world: BankWorl
         assert refused.value.decision.reason == "price_too_high"
         assert [w for w, _ in strict.store.coins()] == before  # wallet unchanged
         strict.close()
+        no_ev = UserAgent(tmp_path / "wallet", PolicyConfig.from_dict({"categories": {"deny": ["ev"]}}),
+                          clock=world.clock)
+        with pytest.raises(PolicyRefusal) as denied:
+            await no_ev.pay(ctx, town["charger"], 1)
+        assert denied.value.decision.reason == "category_denied"
+        assert [w for w, _ in no_ev.store.coins()] == before
+        no_ev.close()
         log = [json.loads(line) for line in (tmp_path / "wallet" / "decisions.jsonl").read_text().splitlines()]
-        assert log[-1]["reason"] == "price_too_high" and not log[-1]["allowed"]
+        assert [e["reason"] for e in log[-2:]] == ["price_too_high", "category_denied"]
         assert any(entry["reason"] == "session_cap" for entry in log)
         assert "seed" not in json.dumps(user.public_coins())
     finally:
@@ -138,3 +145,20 @@ async def test_malicious_user_is_stopped_by_the_bank(world: BankWorld, town: dic
     finally:
         await ctx.shutdown()
     assert world.audit().ok
+
+
+async def test_autonomous_agent_refills_and_takes_the_cheapest_allowed_offer(
+        world: BankWorld, town: dict[str, str], tmp_path: Path) -> None:
+    from agents.user.run import RunConfig, run_user
+
+    config = RunConfig(wallet=tmp_path / "auto", credentials=tmp_path / "alice.json", broker=town["broker"],
+                       vendors=(town["charger"], town["parking"], "coap://[::1]:9"), units=5, rounds=2, interval=0.1,
+                       policy=PolicyConfig.from_dict({"refill": {"below": 50, "coins": 1, "daily_cap": 1000},
+                                                      "categories": {"deny": ["ev"]}}))
+    payments = await run_user(config, clock=world.clock)
+    assert [p.vendor for p in payments] == ["parking", "parking"]  # ev denied; parking is also the cheapest
+    assert [p.credited for p in payments] == [6, 6]
+    log = [json.loads(line) for line in (tmp_path / "auto" / "decisions.jsonl").read_text().splitlines()]
+    refills = [entry for entry in log if entry["action"] == "refill"]
+    assert refills[0]["reason"] == "refill" and refills[1]["reason"] == "enough_value"
+    assert admin.balance(world.store, "alice") == 10_000 - 100
