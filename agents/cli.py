@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("m2mpay demo: not built yet (bank, vendor and user agents are; the scripted demo comes with its issue)")
-    return 0
+    from .demo import run_demo
+
+    return run_demo(args.duration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
