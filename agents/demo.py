@@ -2,8 +2,8 @@
 
 A private Mosquitto on a free port, a bank on embedded SQLite, two vendors (parking at 1 token
 per minute-unit, EV charging at 3 per kWh-unit) and three user devices with different policies
-(a car that may do both, a phone that only parks, a sensor on a tight hourly budget) run
-scripted traffic for ``duration`` seconds. Then everything stops, the bank is audited, and the
+(a car that may do both, a phone that only parks, a sensor on a tight hourly budget), each
+refilling its wallet as its policy says, run scripted traffic for ``duration`` seconds. Then everything stops, the bank is audited, and the
 summary checks that value withdrawn = value credited to vendors + value left in wallets.
 Exit 0 only if both hold.
 """
@@ -33,6 +33,7 @@ from .bank.server import serve
 from .bank.service import BankService
 from .mqtt import BankClient
 from .policy.config import PolicyConfig
+from .policy.engine import PolicyEngine
 from .user.agent import PolicyRefusal, UserAgent, UserCredentials
 from .vendor.config import Pricing, SessionPolicy, VendorConfig
 from .vendor.server import load_credentials, run_vendor
@@ -41,10 +42,11 @@ __all__ = ["run_demo"]
 
 BANK = "demo-bank"
 VENDORS = (("parking", "parking", 1), ("charger", "ev", 3))
+_REFILL = {"below": 150, "coins": 2, "daily_cap": 600}
 USERS = {
-    "car": {"price": {"max_per_unit": 5}},
-    "phone": {"categories": {"deny": ["ev"]}},
-    "sensor": {"budget": {"per_hour": 40}},
+    "car": {"price": {"max_per_unit": 5}, "refill": _REFILL},
+    "phone": {"categories": {"deny": ["ev"]}, "refill": _REFILL},
+    "sensor": {"budget": {"per_hour": 40}, "refill": _REFILL},
 }
 
 
@@ -80,12 +82,30 @@ def _view(stats: Stats, store: object, users: dict[str, UserAgent], remaining: f
     return table
 
 
+async def _refill(agent: UserAgent, bank: BankClient, credentials: UserCredentials, refilled: int) -> int:
+    """Withdraw when the policy's refill rule says so; returns the value refilled today."""
+    value = sum(wc.remaining for wc, _ in agent.store.coins())
+    coin_value = min(k.value for k in agent.keyring().keysets.values())
+    count, decision = PolicyEngine(agent.policy).refill(value, coin_value, True, refilled)
+    agent._log("refill", decision)
+    if count:
+        coins = await agent.withdraw(bank, credentials, count)
+        refilled += sum(wc.remaining for wc in coins)
+    return refilled
+
+
 async def _shopper(name: str, agent: UserAgent, vendors: dict[str, str], stats: Stats, until: float,
-                   stop: asyncio.Event) -> None:
+                   stop: asyncio.Event, broker: str, credentials: UserCredentials) -> None:
     ctx = await aiocoap.Context.create_client_context()
     rng = random.Random(name)
+    refilled = 0
     try:
+        async with BankClient(broker, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
+            refilled = await _refill(agent, bank, credentials, refilled)
         while time.monotonic() < until and not stop.is_set():
+            if sum(wc.remaining for wc, _ in agent.store.coins()) < agent.policy.refill.below:
+                async with BankClient(broker, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
+                    refilled = await _refill(agent, bank, credentials, refilled)
             vendor = rng.choice(sorted(vendors))
             try:
                 result = await agent.pay(ctx, vendors[vendor], rng.randint(2, 8))
@@ -128,14 +148,15 @@ async def _demo(duration: float, console: Console) -> int:
         console.print(f"broker {broker.url}; vendors {', '.join(f'{k} {v}' for k, v in vendors.items())}")
         users = {name: UserAgent(work / "wallets" / name, PolicyConfig.from_dict(policy))
                  for name, policy in USERS.items()}
-        for name, agent in users.items():
+        for name, agent in users.items():  # learn the bank's keys; refills follow each user's policy
             async with BankClient(broker.url, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
-                await agent.withdraw(bank, UserCredentials.load(work / f"{name}.json"), 3)
+                await agent.withdraw(bank, UserCredentials.load(work / f"{name}.json"), 0)
         stats = Stats()
         until = time.monotonic() + duration
         stop = asyncio.Event()  # Ctrl-C ends the traffic early; the audit still runs
         asyncio.get_running_loop().add_signal_handler(signal.SIGINT, stop.set)
-        shoppers = [asyncio.create_task(_shopper(n, a, vendors, stats, until, stop), name=f"demo-{n}")
+        shoppers = [asyncio.create_task(_shopper(n, a, vendors, stats, until, stop, broker.url,
+                                                 UserCredentials.load(work / f"{n}.json")), name=f"demo-{n}")
                     for n, a in users.items()]
         try:
             with Live(_view(stats, store, users, duration), console=console, refresh_per_second=4) as live:
