@@ -14,7 +14,7 @@ from pathlib import Path
 from protocol import cose
 
 from . import admin
-from .keys import add_keyset, init_bank, load_bank
+from .keys import add_keyset, init_bank, load_bank, retire_keyset
 from .server import serve
 from .service import BankService
 
@@ -86,6 +86,10 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     added.add_argument("--tokens", type=int, required=True, help="tokens per coin n")
     added.add_argument("--valid-days", type=float, default=365)
     added.set_defaults(handler=_keyset_add)
+    retired = keyset.add_parser("retire", help="retire a keyset (the announcement follows at the next serve)")
+    retired.add_argument("--data", type=Path, required=True)
+    retired.add_argument("id")
+    retired.set_defaults(handler=_keyset_retire)
 
 
 def _now() -> int:
@@ -209,4 +213,14 @@ def _keyset_add(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(info.id)
+    return 0
+
+
+def _keyset_retire(args: argparse.Namespace) -> int:
+    _, store = _with_bank(args)
+    try:
+        retire_keyset(store, args.id)
+    finally:
+        store.close()
+    print(f"keyset {args.id} retired")
     return 0

@@ -25,7 +25,7 @@ from protocol.rules.keyring import Keyring
 
 from .store import Store, Tx
 
-__all__ = ["BankKeys", "add_keyset", "init_bank", "load_bank"]
+__all__ = ["BankKeys", "add_keyset", "init_bank", "load_bank", "retire_keyset"]
 
 DAY = 86400
 _RAW = serialization.Encoding.Raw
@@ -71,6 +71,17 @@ def add_keyset(data_dir: Path, store: Store, *, value: int, tokens: int, withdra
                   private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _NONE))
     store.run_sync(lambda tx: tx.execute("INSERT INTO keysets (id, info) VALUES (?, ?)", (info.id, info.encode())))
     return info
+
+
+def retire_keyset(store: Store, keyset: str) -> None:
+    """Take a keyset out of the keys announcement (from the next ``bank serve`` on): wallets can no
+    longer withdraw from it and vendors no longer accept it. Coins already registered keep their
+    records, so their sessions can still settle."""
+    def retire(tx: Tx) -> None:
+        if tx.execute("UPDATE keysets SET retired = 1 WHERE id = ? AND retired = 0", (keyset,)).rowcount != 1:
+            raise KeyError(keyset)
+
+    store.run_sync(retire)
 
 
 def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,

@@ -139,3 +139,24 @@ async def test_key_files_are_private(world: BankWorld) -> None:
     for path in (world.directory / "bank" / "keys").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE((world.directory / "alice.json").stat().st_mode) == 0o600
+
+
+async def test_retired_keyset_is_refused_for_withdrawal(world: BankWorld) -> None:
+    from agents.bank.keys import load_bank, retire_keyset
+    from agents.bank.service import BankService
+
+    user = world.user("alice")
+    retired = world.keyset
+    info, public = world.keys.keyring.keysets[retired], world.keys.keyring.rsa_keys[retired]
+    retire_keyset(world.store, retired)
+    keys, store = load_bank(world.directory / "bank", world.clock.now)  # the next serve announces without it
+    try:
+        assert retired not in keys.keyring.keysets
+        service = BankService(keys, store, clock=world.clock)
+        pending = wallet.prepare_withdrawal("alice", info, public, 1)
+        raw = await service.handle("withdraw", user.sign(pending.request, "withdraw"))
+        with pytest.raises(RemoteProtocolError) as refused:
+            world.open(raw, "withdraw", BlockAnswer)
+        assert refused.value.code is ErrorCode.UNKNOWN_KEYSET and admin.balance(store, "alice") == 10_000
+    finally:
+        store.close()

@@ -34,6 +34,9 @@ def test_operator_flow_and_audit(tmp_path: Path) -> None:
     assert bytes.fromhex(json.loads((tmp_path / "v.json").read_text())["cert"])
     new_id = m2mpay("bank", "keyset", "add", "--data", data, "--value", "50", "--tokens", "50").stdout.strip()
     assert new_id in m2mpay("bank", "keys", "--data", data).stdout
+    m2mpay("bank", "keyset", "retire", "--data", data, new_id)
+    assert new_id not in m2mpay("bank", "keys", "--data", data).stdout  # gone from the announcement
+    assert m2mpay("bank", "keyset", "retire", "--data", data, new_id, check=False).returncode == 2
     assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout
 
 
