@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
 from protocol import cose
+
+from ..logs import setup_logging
 
 from . import admin
 from .keys import add_keyset, init_bank, load_bank, retire_keyset
@@ -46,6 +47,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     run = sub("serve", "serve requests over MQTT")
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
     run.add_argument("--workers", type=int, default=4, help="concurrent request workers")
+    run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.set_defaults(handler=_serve)
 
     account = bank.add_parser("account", help="user accounts").add_subparsers(dest="account_action", required=True)
@@ -117,7 +119,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_json)
     keys, store = load_bank(args.data, _now(), connections=args.workers)
     try:
         asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers))

@@ -38,6 +38,7 @@ def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     show.set_defaults(handler=_wallet)
     run = user.add_parser("run", help="the autonomous agent: refill, choose offers, pay")
     run.add_argument("--config", type=Path, required=True, help="user.toml")
+    run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.set_defaults(handler=_run)
     log = user.add_parser("decisions", help="the policy's decision log")
     log.add_argument("--wallet", type=Path, required=True)
@@ -81,11 +82,10 @@ def _pay(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import logging
-
+    from ..logs import setup_logging
     from .run import RunConfig, run_user
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_json)
     try:
         payments = asyncio.run(run_user(RunConfig.load(args.config)))
     except KeyboardInterrupt:

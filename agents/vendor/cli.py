@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 from pathlib import Path
 
+from ..logs import setup_logging
 from .config import VendorConfig
 from .server import load_credentials, run_vendor
 from .store import VendorStore
@@ -24,6 +24,7 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--coap-host", default="::1", help="address to bind (default: IPv6 loopback)")
     serve.add_argument("--config", type=Path, help="vendor.toml (pricing and session policy)")
     serve.add_argument("--data", type=Path, default=Path("var/vendor"), help="directory for the vendor's store")
+    serve.add_argument("--log-json", action="store_true", help="log JSON lines")
     serve.set_defaults(handler=_serve)
     status = vendor.add_parser("status", help="sessions, tokens held, settled, outbox")
     status.add_argument("--data", type=Path, required=True)
@@ -32,7 +33,7 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_json)
     config = VendorConfig.load(args.config) if args.config else VendorConfig()
     try:
         asyncio.run(run_vendor(load_credentials(args.credentials), args.broker, args.coap_port, args.data, config,

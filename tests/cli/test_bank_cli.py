@@ -79,7 +79,7 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
         assert broker.stdout is not None
         url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
         bank = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
-                                 "--broker", url], stderr=subprocess.DEVNULL)
+                                 "--broker", url, "--log-json"], stderr=subprocess.PIPE, text=True)
         fingerprint = json.loads((tmp_path / "alice.json").read_text())["ca_fingerprint"]
 
         async def fetch_keys() -> str:
@@ -93,3 +93,6 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
                 process.send_signal(signal.SIGINT)
                 process.wait(10)
     assert broker.returncode == 0
+    assert bank is not None and bank.stderr is not None
+    lines = [json.loads(line) for line in bank.stderr.read().splitlines() if line.strip()]  # JSON lines only
+    assert any("serving" in entry["message"] and entry["level"] == "info" for entry in lines)
