@@ -48,6 +48,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
     run.add_argument("--workers", type=int, default=4, help="concurrent request workers")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     run.set_defaults(handler=_serve)
 
     account = bank.add_parser("account", help="user accounts").add_subparsers(dest="account_action", required=True)
@@ -122,7 +123,8 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
     keys, store = load_bank(args.data, _now(), connections=args.workers)
     try:
-        asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers))
+        asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers,
+                          metrics_port=args.metrics_port))
     except KeyboardInterrupt:
         pass
     finally:

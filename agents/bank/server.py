@@ -18,6 +18,7 @@ import aiomqtt
 
 from ..mqtt import answer_properties, connect, response_prefix
 from .keys import BankKeys
+from .metrics import BankMetrics, serve_metrics
 from .service import BankService
 
 __all__ = ["serve"]
@@ -54,8 +55,14 @@ async def _sweeper(service: BankService, interval: float) -> None:
 
 
 async def serve(keys: BankKeys, service: BankService, url: str, *, workers: int = 4,
-                sweep_interval: float = 5.0, ready: asyncio.Event | None = None) -> None:
+                sweep_interval: float = 5.0, ready: asyncio.Event | None = None,
+                metrics_port: int | None = None) -> None:
     """Serve the bank until cancelled, reconnecting to the broker whenever it goes away."""
+    if metrics_port is not None:
+        service.metrics = service.metrics or BankMetrics()
+        async with serve_metrics(service.metrics, service.store, metrics_port):
+            await serve(keys, service, url, workers=workers, sweep_interval=sweep_interval, ready=ready)
+        return
     backoff = 0.2
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
     while True:

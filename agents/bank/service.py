@@ -38,6 +38,7 @@ from protocol.rules import bank as rules
 from protocol.rules.requests import BlockWindow, verify_block, verify_signed
 
 from .keys import BankKeys
+from .metrics import BankMetrics
 from .store import Store, Tx
 
 __all__ = ["BankService"]
@@ -56,12 +57,21 @@ class BankService:
     _account_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     _vendor_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     _certificates: CertificateCache | None = None
+    metrics: BankMetrics | None = None
 
     def __post_init__(self) -> None:
         self._certificates = CertificateCache(self.keys.keyring.ca_key, self.keys.bank)
 
     async def handle(self, op: str, data: bytes) -> bytes:
         """The signed answer to one request (an :class:`ErrorAnswer` for any refusal)."""
+        start = time.perf_counter()
+        answer, result = await self._handle(op, data)
+        if self.metrics is not None:
+            self.metrics.observe(op, result, time.perf_counter() - start)
+        return answer
+
+    async def _handle(self, op: str, data: bytes) -> tuple[bytes, str]:
+        """The answer and its result label (``ok`` or the refusal's code)."""
         req_id: bytes | None = None
         try:
             if op not in OPS:
@@ -69,13 +79,14 @@ class BankService:
             signed = cose.decode_sign1(data, max_size=OPS[op][0].MAX_SIZE)
             request = OPS[op][0].decode(signed.payload)
             req_id = getattr(request, "req_id", None)
-            return await self._dispatch(op, signed, request, envelope.request_digest(data), int(self.clock()))
+            answer = await self._dispatch(op, signed, request, envelope.request_digest(data), int(self.clock()))
+            return answer, "ok"
         except RemoteProtocolError as exc:
             log.info("refused %s: %s (%s)", op[:32], exc.code.wire, exc.message)
-            return self._error(op, exc.code, exc.message, req_id)
+            return self._error(op, exc.code, exc.message, req_id), exc.code.wire
         except Exception:
             log.exception("internal error handling %s", op[:32])
-            return self._error(op, ErrorCode.INTERNAL, "internal error", req_id)
+            return self._error(op, ErrorCode.INTERNAL, "internal error", req_id), ErrorCode.INTERNAL.wire
 
     def _error(self, op: str, code: ErrorCode, message: str, req_id: bytes | None) -> bytes:
         answer = ErrorAnswer(code=code.wire, message=message[:200], req_id=req_id)

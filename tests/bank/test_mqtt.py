@@ -173,3 +173,40 @@ async def test_broker_restart_bank_and_device_reconnect(world: BankWorld, tmp_pa
         with contextlib.suppress(asyncio.CancelledError):
             await task
         broker.stop()
+
+
+async def test_prometheus_metrics(world: BankWorld, mosquitto: str) -> None:
+    from broker.launcher import free_port
+
+    port = free_port()
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=ready, metrics_port=port))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}") as client:
+            world.send = client.request
+            user, vendor = world.user("alice"), world.vendor("meter")
+            (wc,) = await world.withdraw(user)
+            await world.block(vendor, wc)
+            await client.request("block", b"garbage")
+
+        async def scrape(path: str) -> str:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = await reader.read()
+            writer.close()
+            return data.decode()
+
+        text = await scrape("/metrics")
+        assert text.startswith("HTTP/1.1 200 OK")
+        assert 'm2mpay_bank_requests_total{op="withdraw",result="ok"} 1' in text
+        assert 'm2mpay_bank_requests_total{op="block",result="ok"} 1' in text
+        assert 'm2mpay_bank_requests_total{op="block",result="bad_request"} 1' in text
+        assert "m2mpay_bank_open_blocks 1" in text
+        assert 'm2mpay_bank_journal_total{kind="withdraw"} 100' in text
+        assert 'm2mpay_bank_request_seconds_count{op="block"} 2' in text
+        assert (await scrape("/secret")).startswith("HTTP/1.1 404")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
