@@ -49,6 +49,8 @@ class Mosquitto:
     host: str = "127.0.0.1"
     bank: str | None = None
     start_timeout: float = 10.0
+    tls_dir: Path | None = None
+    """With a PKI from :func:`broker.pki.make_pki`: TLS with client certificates only."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -61,8 +63,11 @@ class Mosquitto:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
+        tls = self.tls_dir.resolve() if self.tls_dir is not None else None
         cfg = BrokerConfig(port=self.port, data_dir=self.data_dir, host=self.host, bank=self.bank,
-                           run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0)
+                           run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
+                           tls_ca=tls / "ca.crt" if tls else None, tls_cert=tls / "broker.crt" if tls else None,
+                           tls_key=tls / "broker.key" if tls else None)
         if self.bank is not None:
             (self.data_dir / "acl").write_text(render_acl(self.bank, cfg.bank_users))
         conf = self.data_dir / "mosquitto.conf"

@@ -28,7 +28,20 @@ def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     run.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
     run.add_argument("--data", type=Path, required=True, help="directory for its config and persistence")
     run.add_argument("--bank", help="enforce the ACL for this bank id")
+    run.add_argument("--tls", type=Path, help="PKI directory from 'broker pki': TLS with client certificates")
     run.set_defaults(handler=_broker_run)
+    pki = broker.add_parser("pki", help="create a CA, the broker's certificate and one per client")
+    pki.add_argument("--dir", type=Path, required=True)
+    pki.add_argument("--client", action="append", default=[], help="a client's name (its MQTT username); repeat")
+    pki.add_argument("--server-name", action="append", default=[], help="the broker's DNS name or IP; repeat")
+    pki.set_defaults(handler=_broker_pki)
+    config = broker.add_parser("config", help="print a production Mosquitto config (TLS, ACL)")
+    config.add_argument("--port", type=int, default=8883)
+    config.add_argument("--data", type=Path, required=True, help="persistence directory (the ACL file goes here)")
+    config.add_argument("--bank", required=True)
+    config.add_argument("--tls", type=Path, required=True, help="PKI directory from 'broker pki'")
+    config.add_argument("--host", default="0.0.0.0")
+    config.set_defaults(handler=_broker_config)
 
 
 def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,12 +115,32 @@ def _now() -> int:
 def _broker_run(args: argparse.Namespace) -> int:
     from broker.launcher import Mosquitto
 
-    with Mosquitto(args.data, port=args.port, bank=args.bank) as broker:
+    with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls) as broker:
         print(f"mosquitto listening on {broker.url}", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _broker_pki(args: argparse.Namespace) -> int:
+    from broker.pki import make_pki
+
+    make_pki(args.dir, tuple(args.client), tuple(args.server_name) or ("localhost", "127.0.0.1"))
+    print(f"PKI in {args.dir}: ca.crt, broker.crt/.key" + "".join(f", {c}.crt/.key" for c in args.client))
+    return 0
+
+
+def _broker_config(args: argparse.Namespace) -> int:
+    from broker.config import BrokerConfig, render_acl, render_config
+
+    tls = args.tls.resolve()
+    cfg = BrokerConfig(port=args.port, data_dir=args.data, host=args.host, bank=args.bank, tls_ca=tls / "ca.crt",
+                       tls_cert=tls / "broker.crt", tls_key=tls / "broker.key")
+    args.data.mkdir(parents=True, exist_ok=True)
+    (args.data / "acl").write_text(render_acl(args.bank, cfg.bank_users))
+    print(render_config(cfg), end="")
     return 0
 
 

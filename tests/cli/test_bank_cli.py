@@ -96,3 +96,14 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
     assert bank is not None and bank.stderr is not None
     lines = [json.loads(line) for line in bank.stderr.read().splitlines() if line.strip()]  # JSON lines only
     assert any("serving" in entry["message"] and entry["level"] == "info" for entry in lines)
+
+
+def test_broker_pki_and_production_config(tmp_path: Path) -> None:
+    m2mpay("broker", "pki", "--dir", tmp_path / "pki", "--client", "bank", "--client", "meter-1")
+    assert {p.name for p in (tmp_path / "pki").iterdir()} >= {"ca.crt", "broker.crt", "broker.key", "bank.crt",
+                                                               "meter-1.key"}
+    conf = m2mpay("broker", "config", "--data", tmp_path / "mq", "--bank", "bank-a", "--tls", tmp_path / "pki").stdout
+    for line in ("listener 8883 0.0.0.0", "require_certificate true", "use_identity_as_username true",
+                 "use_username_as_clientid true", "allow_anonymous false", "set_tcp_nodelay true"):
+        assert line in conf
+    assert "pattern read m2mpay/bank-a/resp/%u" in (tmp_path / "mq" / "acl").read_text()
