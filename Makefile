@@ -6,11 +6,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
+DURATION ?= 30
 
 .PHONY: demo test check bench system-deps clean
 
 demo: $(STAMP)
-	$(VENV)/bin/m2mpay demo
+	$(VENV)/bin/m2mpay demo --duration $(DURATION)
 
 test: $(STAMP)
 	$(PY) -m mypy --strict protocol

@@ -53,6 +53,20 @@ def test_tls_with_client_certificates_and_acl(tmp_path: Path) -> None:
         bank.publish("m2mpay/b1/resp/mallory", b"yours", qos=1).wait_for_publish(5)
         assert alice_inbox.get(timeout=5) == ("m2mpay/b1/resp/alice", b"answer")
         assert mallory_inbox.get(timeout=5) == ("m2mpay/b1/resp/mallory", b"yours")  # nothing of alice's first
+        mallory.publish("m2mpay/b1/resp/alice", b"forged", qos=1).wait_for_publish(5)  # dropped by the ACL
+        bank.publish("m2mpay/b1/resp/alice", b"second", qos=1).wait_for_publish(5)
+        assert alice_inbox.get(timeout=5) == ("m2mpay/b1/resp/alice", b"second")  # the forgery never arrived
+        # mallory asks for alice's client id: the broker uses the certificate's name instead, so
+        # alice is not disconnected and keeps receiving
+        impostor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="alice", protocol=mqtt.MQTTv5)
+        impostor.tls_set(ca_certs=str(pki / "ca.crt"), certfile=str(pki / "mallory.crt"),
+                         keyfile=str(pki / "mallory.key"), tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        impostor.connect("localhost", broker.port)
+        impostor.loop_start()
+        bank.publish("m2mpay/b1/resp/alice", b"third", qos=1).wait_for_publish(5)
+        assert alice_inbox.get(timeout=5) == ("m2mpay/b1/resp/alice", b"third") and alice.is_connected()
+        impostor.disconnect()
+        impostor.loop_stop()
         for client in (bank, alice, mallory):
             client.disconnect()
             client.loop_stop()
