@@ -17,6 +17,7 @@ import random
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "BankClient",
     "BankUnavailable",
+    "TlsLogin",
     "TransportError",
     "answer_properties",
     "broker_address",
@@ -52,11 +54,30 @@ class BankUnavailable(TransportError):
 
 
 def broker_address(url: str) -> tuple[str, int]:
-    """``mqtt://host:port`` → ``(host, port)``."""
+    """``mqtt://host:port`` or ``mqtts://host:port`` → ``(host, port)``."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("mqtt", "") or not parsed.hostname:
-        raise ValueError(f"not an mqtt:// URL: {url}")
-    return parsed.hostname, parsed.port or 1883
+    if parsed.scheme not in ("mqtt", "mqtts", "") or not parsed.hostname:
+        raise ValueError(f"not an mqtt:// or mqtts:// URL: {url}")
+    return parsed.hostname, parsed.port or (8883 if parsed.scheme == "mqtts" else 1883)
+
+
+@dataclass(frozen=True)
+class TlsLogin:
+    """A certificate login: the broker's CA and this client's certificate and key.
+
+    With certificate logins the broker takes the certificate's name as username and client id,
+    so the client id (and with it the reply topic) *is* ``name``.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+    name: str
+
+    @classmethod
+    def from_dir(cls, directory: Path, name: str) -> TlsLogin:
+        """The files ``broker pki`` wrote: ``ca.crt``, ``NAME.crt``, ``NAME.key``."""
+        return cls(ca=directory / "ca.crt", cert=directory / f"{name}.crt", key=directory / f"{name}.key", name=name)
 
 
 def request_topic(bank: str, op: str) -> str:
@@ -76,9 +97,15 @@ def answer_properties(correlation: bytes) -> Properties:
     return props
 
 
-def connect(url: str, client_id: str, **options: Any) -> aiomqtt.Client:
-    """An MQTT v5 client with TCP_NODELAY for ``mqtt://host:port``."""
+def connect(url: str, client_id: str, tls: TlsLogin | None = None, **options: Any) -> aiomqtt.Client:
+    """An MQTT v5 client with TCP_NODELAY for ``mqtt://host:port`` (``mqtts://`` with ``tls``)."""
     host, port = broker_address(url)
+    if url.startswith("mqtts://") and tls is None:
+        raise ValueError("mqtts:// needs a certificate login")
+    if tls is not None:
+        options["tls_params"] = aiomqtt.TLSParameters(ca_certs=str(tls.ca), certfile=str(tls.cert),
+                                                      keyfile=str(tls.key))
+        client_id = tls.name
     return aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
                           socket_options=_NODELAY, username=client_id, **options)
 
@@ -96,6 +123,7 @@ class BankClient:
     client_id: str
     timeout: float = DEFAULT_TIMEOUT
     retries: int = 3
+    tls: TlsLogin | None = None
     _client: aiomqtt.Client | None = None
     _pending: dict[bytes, asyncio.Future[bytes]] = field(default_factory=dict)
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,7 +132,7 @@ class BankClient:
 
     @property
     def reply_topic(self) -> str:
-        return response_prefix(self.bank) + self.client_id
+        return response_prefix(self.bank) + (self.tls.name if self.tls else self.client_id)
 
     async def __aenter__(self) -> BankClient:
         self._keys = asyncio.get_running_loop().create_future()
@@ -127,7 +155,7 @@ class BankClient:
         backoff = 0.1
         while True:
             try:
-                async with connect(self.url, self.client_id) as client:
+                async with connect(self.url, self.client_id, self.tls) as client:
                     await client.subscribe(self.reply_topic, qos=1)
                     await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
                     self._client, backoff = client, 0.1

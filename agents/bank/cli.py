@@ -13,6 +13,7 @@ from pathlib import Path
 from protocol import cose
 
 from ..logs import setup_logging
+from ..mqtt import TlsLogin
 
 from . import admin
 from .keys import add_keyset, init_bank, load_bank, retire_keyset
@@ -62,6 +63,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--workers", type=int, default=4, help="concurrent request workers")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    run.add_argument("--tls", type=Path, help="PKI directory: log in with bank.crt/bank.key (mqtts:// URL)")
     run.set_defaults(handler=_serve)
 
     account = bank.add_parser("account", help="user accounts").add_subparsers(dest="account_action", required=True)
@@ -156,8 +158,9 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
     keys, store = load_bank(args.data, _now(), connections=args.workers)
     try:
+        tls = TlsLogin.from_dir(args.tls, "bank") if args.tls else None
         asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers,
-                          metrics_port=args.metrics_port))
+                          metrics_port=args.metrics_port, tls=tls))
     except KeyboardInterrupt:
         pass
     finally:

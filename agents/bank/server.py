@@ -16,7 +16,7 @@ import uuid
 
 import aiomqtt
 
-from ..mqtt import answer_properties, connect, response_prefix
+from ..mqtt import TlsLogin, answer_properties, connect, response_prefix
 from .keys import BankKeys
 from .metrics import BankMetrics, serve_metrics
 from .service import BankService
@@ -56,18 +56,18 @@ async def _sweeper(service: BankService, interval: float) -> None:
 
 async def serve(keys: BankKeys, service: BankService, url: str, *, workers: int = 4,
                 sweep_interval: float = 5.0, ready: asyncio.Event | None = None,
-                metrics_port: int | None = None) -> None:
+                metrics_port: int | None = None, tls: TlsLogin | None = None) -> None:
     """Serve the bank until cancelled, reconnecting to the broker whenever it goes away."""
     if metrics_port is not None:
         service.metrics = service.metrics or BankMetrics()
         async with serve_metrics(service.metrics, service.store, metrics_port):
-            await serve(keys, service, url, workers=workers, sweep_interval=sweep_interval, ready=ready)
+            await serve(keys, service, url, workers=workers, sweep_interval=sweep_interval, ready=ready, tls=tls)
         return
     backoff = 0.2
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
     while True:
         try:
-            async with connect(url, client_id, max_queued_incoming_messages=10_000) as client:
+            async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
                 await client.publish(f"m2mpay/{keys.bank}/keys", keys.announcement, qos=1, retain=True)
                 await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+", qos=1)
                 log.info("bank %s serving on %s with %d workers", keys.bank, url, workers)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiocoap
 
-from ..mqtt import BankClient
+from ..mqtt import BankClient, TlsLogin
 from ..policy.config import PolicyConfig
 from .agent import PolicyRefusal, UserAgent, UserCredentials
 
@@ -25,6 +25,7 @@ def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     withdraw.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
     withdraw.add_argument("--coins", type=int, required=True)
     withdraw.add_argument("--keyset", help="keyset id (default: the smallest denomination)")
+    withdraw.add_argument("--tls", type=Path, help="PKI directory: log in with ACCOUNT.crt/.key (mqtts:// URL)")
     withdraw.set_defaults(handler=_withdraw)
     pay = user.add_parser("pay", help="pay a vendor")
     pay.add_argument("--wallet", type=Path, required=True)
@@ -50,7 +51,9 @@ def _withdraw(args: argparse.Namespace) -> int:
     agent = UserAgent(args.wallet)
 
     async def run() -> int:
-        async with BankClient(args.broker, credentials.bank, f"{credentials.account}-{uuid.uuid4().hex[:6]}") as bank:
+        tls = TlsLogin.from_dir(args.tls, credentials.account) if args.tls else None
+        async with BankClient(args.broker, credentials.bank, f"{credentials.account}-{uuid.uuid4().hex[:6]}",
+                              tls=tls) as bank:
             return len(await agent.withdraw(bank, credentials, args.coins, args.keyset))
 
     try:

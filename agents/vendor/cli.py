@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from ..logs import setup_logging
+from ..mqtt import TlsLogin
 from .config import VendorConfig
 from .server import load_credentials, run_vendor
 from .store import VendorStore
@@ -25,6 +26,7 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--config", type=Path, help="vendor.toml (pricing and session policy)")
     serve.add_argument("--data", type=Path, default=Path("var/vendor"), help="directory for the vendor's store")
     serve.add_argument("--log-json", action="store_true", help="log JSON lines")
+    serve.add_argument("--tls", type=Path, help="PKI directory: log in with VENDOR.crt/.key (mqtts:// URL)")
     serve.set_defaults(handler=_serve)
     status = vendor.add_parser("status", help="sessions, tokens held, settled, outbox")
     status.add_argument("--data", type=Path, required=True)
@@ -36,8 +38,10 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
     config = VendorConfig.load(args.config) if args.config else VendorConfig()
     try:
-        asyncio.run(run_vendor(load_credentials(args.credentials), args.broker, args.coap_port, args.data, config,
-                               host=args.coap_host))
+        credentials = load_credentials(args.credentials)
+        tls = TlsLogin.from_dir(args.tls, credentials.vendor) if args.tls else None
+        asyncio.run(run_vendor(credentials, args.broker, args.coap_port, args.data, config, host=args.coap_host,
+                               tls=tls))
     except KeyboardInterrupt:
         pass
     return 0

@@ -24,7 +24,7 @@ from protocol.errors import ProtocolError
 from protocol.rules.keyring import Keyring
 from protocol.rules.vendor import SessionState
 
-from ..mqtt import BankClient
+from ..mqtt import BankClient, TlsLogin
 from .agent import Credentials, VendorAgent
 from .coap import serve_coap
 from .config import VendorConfig
@@ -79,11 +79,13 @@ async def _settler(agent: VendorAgent, period: float = 1.0) -> None:
 
 async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data_dir: Path,
                      config: VendorConfig, host: str = "::1", ready: asyncio.Event | None = None,
-                     clock: Callable[[], float] = time.time, settle_period: float = 1.0) -> None:
+                     clock: Callable[[], float] = time.time, settle_period: float = 1.0,
+                     tls: TlsLogin | None = None) -> None:
     """Serve payments until cancelled."""
     store = VendorStore(data_dir / "vendor.sqlite3")
     try:
-        async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}") as bank:
+        async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}",
+                              tls=tls) as bank:
             keyring = Keyring.from_announcement(verify_announcement(await bank.keys(timeout=30),
                                                                     credentials.ca_fingerprint))
             agent = VendorAgent(credentials, keyring, bank, store, config=config, clock=clock,

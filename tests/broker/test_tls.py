@@ -16,6 +16,7 @@ from broker.pki import make_pki
 pytestmark = pytest.mark.network
 
 
+
 def _client(broker: Mosquitto, pki: Path, name: str | None) -> tuple[mqtt.Client, queue.Queue[tuple[str, bytes]]]:
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name or "", protocol=mqtt.MQTTv5)
@@ -84,3 +85,38 @@ def test_tls_with_client_certificates_and_acl(tmp_path: Path) -> None:
             pass  # refused during the handshake itself
         finally:
             anonymous.loop_stop()
+
+
+@pytest.mark.asyncio
+async def test_bank_and_device_over_tls(tmp_path: Path) -> None:
+    """The agents log in with their certificates; the ACL keys each reply topic on that name."""
+    import asyncio
+    import contextlib
+    import os
+
+    from agents.bank.keys import init_bank, load_bank
+    from agents.bank.server import serve
+    from agents.bank.service import BankService
+    from agents.mqtt import BankClient, TlsLogin
+
+    pki = tmp_path / "pki"
+    make_pki(pki, ("bank", "meter-1"))
+    init_bank(tmp_path / "bank", "b1", None, 1_800_000_000, keysets=((100, 100),))
+    keys, store = load_bank(tmp_path / "bank", 1_800_000_000)
+    with Mosquitto(tmp_path / "mq", bank="b1", tls_dir=pki) as broker:
+        url = f"mqtts://localhost:{broker.port}"
+        ready = asyncio.Event()
+        task = asyncio.create_task(serve(keys, BankService(keys, store), url, ready=ready,
+                                         tls=TlsLogin.from_dir(pki, "bank")))
+        try:
+            await asyncio.wait_for(ready.wait(), 10)
+            async with BankClient(url, "b1", "ignored", tls=TlsLogin.from_dir(pki, "meter-1")) as device:
+                assert device.reply_topic == "m2mpay/b1/resp/meter-1"
+                assert await device.keys()  # the retained announcement reaches a certified device
+                answer = await device.request("status", os.urandom(10))  # garbage: a signed refusal comes back
+                assert answer and b"bad_" in answer
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            store.close()
