@@ -77,7 +77,10 @@ def _view(stats: Stats, store: object, users: dict[str, UserAgent], remaining: f
     for name, _, _ in VENDORS:
         table.add_row(f"vendor {name}", str(admin.balance(store, name)), "")  # type: ignore[arg-type]
     elapsed = max(time.monotonic() - stats.started, 1e-6)
-    table.caption = (f"payments {stats.payments}   tokens {stats.tokens} ({stats.tokens / elapsed:.0f}/s)   "
+    open_sessions = store.run_sync(  # type: ignore[attr-defined]
+        lambda tx: tx.one("SELECT COUNT(*) FROM coins WHERE status = ?", ("open",))[0])
+    table.caption = (f"open sessions {open_sessions}   payments {stats.payments}   "
+                     f"tokens {stats.tokens} ({stats.tokens / elapsed:.0f}/s)   "
                      f"policy refusals {sum(stats.refusals.values())} {dict(sorted(stats.refusals.items()))}")
     return table
 
