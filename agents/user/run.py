@@ -9,6 +9,7 @@ Configuration (TOML)::
     units = 5          # units to buy per round
     rounds = 3         # 0: run until interrupted
     interval = 10.0    # seconds between rounds
+    tls = "pki"        # optional: certificate login (mqtts:// broker) with pki/ACCOUNT.crt
 
     [policy]           # the tables of a policy file: budget, vendors, categories, price, …
 
@@ -32,7 +33,7 @@ import aiocoap
 
 from protocol.errors import ProtocolError
 
-from ..mqtt import BankClient, TransportError
+from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig
 from ..policy.engine import PolicyEngine
 from .agent import PaymentResult, PolicyRefusal, UserAgent, UserCredentials
@@ -52,11 +53,13 @@ class RunConfig:
     rounds: int = 1
     interval: float = 10.0
     policy: PolicyConfig = PolicyConfig()
+    tls: Path | None = None
+    """PKI directory for a certificate login (``mqtts://`` broker); the account name picks the files."""
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
         data: dict[str, Any] = tomllib.loads(path.read_text())
-        allowed = {"wallet", "credentials", "broker", "vendors", "units", "rounds", "interval", "policy"}
+        allowed = {"wallet", "credentials", "broker", "vendors", "units", "rounds", "interval", "policy", "tls"}
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}")
@@ -64,14 +67,16 @@ class RunConfig:
         return cls(wallet=base / data["wallet"], credentials=base / data["credentials"], broker=data["broker"],
                    vendors=tuple(data.get("vendors", ())), units=int(data.get("units", 1)),
                    rounds=int(data.get("rounds", 1)), interval=float(data.get("interval", 10.0)),
-                   policy=PolicyConfig.from_dict(data.get("policy", {})))
+                   policy=PolicyConfig.from_dict(data.get("policy", {})),
+                   tls=base / data["tls"] if "tls" in data else None)
 
 
 async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredentials, refilled: int) -> int:
     value = sum(wc.remaining for wc, _ in agent.store.coins())
     try:
+        tls = TlsLogin.from_dir(config.tls, credentials.account) if config.tls else None
         async with BankClient(config.broker, credentials.bank, f"{credentials.account}-{uuid.uuid4().hex[:6]}",
-                              timeout=5) as bank:
+                              timeout=5, tls=tls) as bank:
             coin_value = 0
             if agent.meta:
                 keyring = agent.keyring()

@@ -61,3 +61,12 @@ def test_example_configurations_load() -> None:
     user = RunConfig.load(DEPLOY / "examples" / "user.toml")
     assert user.rounds == 0 and user.policy.budget.per_hour == 500
     assert user.policy.price.ceiling("parking") == 5 and user.policy.refill.coins == 2
+
+
+def test_user_run_config_tls_and_unknown_keys(tmp_path: Path) -> None:
+    base = (DEPLOY / "examples" / "user.toml").read_text()
+    (tmp_path / "user.toml").write_text('tls = "pki"\n' + base)
+    assert RunConfig.load(tmp_path / "user.toml").tls == tmp_path / "pki"
+    (tmp_path / "bad.toml").write_text('walet = "typo"\n' + base)
+    with pytest.raises(ValueError):
+        RunConfig.load(tmp_path / "bad.toml")
