@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from protocol import cose
@@ -16,9 +18,10 @@ from ..logs import setup_logging
 from ..mqtt import TlsLogin
 
 from . import admin
-from .keys import add_keyset, init_bank, load_bank, retire_keyset
+from .keys import BankKeys, add_keyset, init_bank, load_bank, retire_keyset
 from .server import serve
 from .service import BankService
+from .store import Store
 
 __all__ = ["add_bank_commands", "add_broker_commands"]
 
@@ -148,9 +151,8 @@ def _broker_config(args: argparse.Namespace) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     init_bank(args.data, args.bank, args.db, _now())
-    keys, store = load_bank(args.data, _now())
-    store.close()
-    print(f"bank {keys.bank} created in {args.data}; CA fingerprint {keys.fingerprint}")
+    with _bank(args) as (keys, _):
+        print(f"bank {keys.bank} created in {args.data}; CA fingerprint {keys.fingerprint}")
     return 0
 
 
@@ -168,52 +170,45 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_bank(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    return load_bank(args.data, _now())
+@contextlib.contextmanager
+def _bank(args: argparse.Namespace) -> Iterator[tuple[BankKeys, Store]]:
+    """The bank of ``--data``, its database closed afterwards whatever happens."""
+    keys, store = load_bank(args.data, _now())
+    try:
+        yield keys, store
+    finally:
+        store.close()
 
 
 def _account_open(args: argparse.Namespace) -> int:
-    keys, store = _with_bank(args)
-    try:
+    with _bank(args) as (keys, store):
         admin.open_account(keys, store, args.name, args.out, _now())
-    finally:
-        store.close()
     print(f"account {args.name} opened; credentials in {args.out}")
     return 0
 
 
 def _deposit(args: argparse.Namespace) -> int:
-    _, store = _with_bank(args)
-    try:
+    with _bank(args) as (_, store):
         print(admin.deposit(store, args.name, args.amount, _now()))
-    finally:
-        store.close()
     return 0
 
 
 def _enroll(args: argparse.Namespace) -> int:
-    keys, store = _with_bank(args)
-    try:
+    with _bank(args) as (keys, store):
         admin.enroll_vendor(keys, store, args.name, args.category, args.out, _now())
-    finally:
-        store.close()
     print(f"vendor {args.name} enrolled; certificate and key in {args.out}")
     return 0
 
 
 def _balance(args: argparse.Namespace) -> int:
-    _, store = _with_bank(args)
-    try:
+    with _bank(args) as (_, store):
         print(admin.balance(store, args.name))
-    finally:
-        store.close()
     return 0
 
 
 def _keys(args: argparse.Namespace) -> int:
-    keys, store = _with_bank(args)
-    store.close()
-    ring = keys.keyring
+    with _bank(args) as (keys, _):
+        ring = keys.keyring
     data = {
         "bank": keys.bank, "ca_fingerprint": keys.fingerprint,
         "ca_key": cose.public_key_bytes(ring.ca_key).hex(), "answer_key": cose.public_key_bytes(ring.answer_key).hex(),
@@ -232,11 +227,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    _, store = _with_bank(args)
-    try:
+    with _bank(args) as (_, store):
         report = admin.audit(store)
-    finally:
-        store.close()
     print(f"withdrawn {report.withdrawn}, credited {report.credited}, outstanding {report.outstanding}, "
           f"coins seen {report.coins}")
     for problem in report.problems:
@@ -246,21 +238,15 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _keyset_add(args: argparse.Namespace) -> int:
-    _, store = _with_bank(args)
-    try:
+    with _bank(args) as (_, store):
         info = add_keyset(args.data, store, value=args.value, tokens=args.tokens, withdraw_days=args.valid_days,
                           spend_days=2 * args.valid_days, now=_now())
-    finally:
-        store.close()
     print(info.id)
     return 0
 
 
 def _keyset_retire(args: argparse.Namespace) -> int:
-    _, store = _with_bank(args)
-    try:
+    with _bank(args) as (_, store):
         retire_keyset(store, args.id)
-    finally:
-        store.close()
     print(f"keyset {args.id} retired")
     return 0
