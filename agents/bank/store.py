@@ -5,9 +5,10 @@ database transaction and retries it when a concurrent transaction won a race (a 
 serialization failure). A coin row is locked while it is checked and changed: ``SELECT … FOR
 UPDATE`` on PostgreSQL; on SQLite ``BEGIN IMMEDIATE`` takes the database's single write lock.
 
-Both drivers are blocking DB-API ones run in worker threads (one per connection), so the event
-loop never waits on the disk. SQLite runs in WAL mode with ``synchronous=FULL``: a commit is on
-disk before the bank answers.
+SQLite (see :mod:`agents.bank.sqlite`) runs each transaction on the calling thread and makes
+it durable with a WAL sync shared by the requests in flight; no answer leaves before its commit is
+on disk. PostgreSQL runs one transaction per request on a pool of threads with a connection each
+(its blocking DB-API driver), and groups commits itself.
 """
 
 from __future__ import annotations
@@ -26,16 +27,13 @@ from protocol.envelope import StoredAnswer
 from protocol.rules.bank import BlockStatus, CoinRecord
 
 from .schema import DIALECTS, MIGRATIONS, SYSTEM_ACCOUNTS
+from .sqlite import SqliteEngine, StoreError
 
 __all__ = ["Store", "StoreError", "Tx"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RETRIES = 8
-
-
-class StoreError(RuntimeError):
-    """The database could not be opened, migrated or reached."""
 
 
 class Tx:
@@ -146,42 +144,37 @@ class Store:
     def __init__(self, url: str, *, connections: int = 1) -> None:
         self.url = url
         self.dialect = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
-        # SQLite has one writer at a time: more threads would only queue on its lock.
-        size = connections if self.dialect == "postgresql" else 1
-        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="bank-db")
+        self._pool: ThreadPoolExecutor | None = None
+        self._sqlite: SqliteEngine | None = None
+        if self.dialect == "postgresql":
+            self._pool = ThreadPoolExecutor(max_workers=connections, thread_name_prefix="bank-db")
+        else:
+            self._sqlite = SqliteEngine(url.removeprefix("sqlite:///"))
         self._local = threading.local()
         self._connections: list[Any] = []
         self._guard = threading.Lock()
         self.run_sync(_migrate)
 
-    def _connect(self) -> Any:
+    def _connect_postgresql(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
         try:
-            if self.dialect == "postgresql":
-                import psycopg  # optional: only PostgreSQL deployments need it
+            import psycopg  # optional: only PostgreSQL deployments need it
 
-                conn = psycopg.connect(self.url, autocommit=True)
-            else:
-                path = self.url.removeprefix("sqlite:///")
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute("PRAGMA foreign_keys=ON")
+            conn = psycopg.connect(self.url, autocommit=True)
         except Exception as exc:
-            raise StoreError(f"cannot open the bank database ({self.dialect})") from exc
+            raise StoreError("cannot open the bank database (postgresql)") from exc
         self._local.conn = conn
         with self._guard:
             self._connections.append(conn)
         return conn
 
     def _transaction(self, fn: Callable[[Tx], T]) -> T:
-        conn = self._connect()
+        conn = self._connect_postgresql()
         tx = Tx(conn, self.dialect)
         for attempt in range(_RETRIES):
-            conn.execute("BEGIN" if self.dialect == "postgresql" else "BEGIN IMMEDIATE")
+            conn.execute("BEGIN")
             try:
                 result = fn(tx)
                 conn.execute("COMMIT")
@@ -194,24 +187,42 @@ class Store:
                 time.sleep(0.001 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    def _postgresql_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            raise StoreError("the store is closed")
+        return self._pool
+
     def run_sync(self, fn: Callable[[Tx], T]) -> T:
-        """Run ``fn`` in one transaction and wait for it (for commands, not the event loop)."""
-        return self._pool.submit(self._transaction, fn).result()
+        """Run ``fn`` in one transaction and wait until it is durable (for commands, not the event loop)."""
+        if self._sqlite is not None:
+            result, commit = self._sqlite.transaction(lambda conn: fn(Tx(conn, "sqlite")))
+            self._sqlite.sync(commit)
+            return result
+        return self._postgresql_pool().submit(self._transaction, fn).result()
 
     async def run(self, fn: Callable[[Tx], T]) -> T:
-        """Run ``fn`` in one transaction on a database thread."""
-        return await asyncio.wrap_future(self._pool.submit(self._transaction, fn))
+        """Run ``fn`` in one transaction; return once it is durable."""
+        if self._sqlite is not None:
+            result, commit = self._sqlite.transaction(lambda conn: fn(Tx(conn, "sqlite")))
+            await self._sqlite.durable(commit)
+            return result
+        return await asyncio.wrap_future(self._postgresql_pool().submit(self._transaction, fn))
 
     def close(self) -> None:
         """Close every connection and stop the threads."""
+        if self._sqlite is not None:
+            self._sqlite.close()
+            return
+        pool = self._postgresql_pool()
+
         def _close_all() -> None:
             with self._guard:
                 for conn in self._connections:
                     conn.close()
                 self._connections.clear()
 
-        self._pool.submit(_close_all).result()
-        self._pool.shutdown(wait=True)
+        pool.submit(_close_all).result()
+        pool.shutdown(wait=True)
 
 
 def _is_race(exc: BaseException) -> bool:
