@@ -5,7 +5,7 @@
 For each database (SQLite with durable commits; PostgreSQL when reachable) and each number of
 requests in flight (1 and 32), it prints bank requests/s — a spend is one ``block`` and one
 ``settle`` — next to echo requests/s through the same broker with the same concurrency and
-payload size, and the ratio. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's
+payload size, and the ratio. The echo is answered by its own process, as the bank is. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's
 RSA-2048 signatures/s. Device-side work (sealing, signing the block) is done before timing.
 """
 
@@ -67,18 +67,32 @@ async def run_parallel(clients: list[BankClient], jobs: list[tuple[str, bytes]],
 
 
 async def echo_rate(url: str, in_flight: int, count: int, size: int) -> float:
-    ready = asyncio.Event()
-    server = asyncio.create_task(echo_server(url, ready))
-    await ready.wait()
-    clients = [BankClient(url, "echo", f"echo-{i}") for i in range(min(in_flight, 4))]
-    for c in clients:
-        await c.__aenter__()
+    """Echo requests/s, the echo answered by its own process, as the bank is."""
+    server = subprocess.Popen([sys.executable, __file__, "--serve-echo", url], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parent.parent)
     try:
-        return await run_parallel(clients, [("x", os.urandom(size))] * count, in_flight)
-    finally:
+        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 30)  # type: ignore[union-attr]
+        if line.strip() != b"ready":
+            raise SystemExit("the echo server did not start")
+        clients = [BankClient(url, "echo", f"echo-{i}") for i in range(min(in_flight, 4))]
         for c in clients:
-            await c.__aexit__(None, None, None)
-        await stop(server)
+            await c.__aenter__()
+        try:
+            return await run_parallel(clients, [("x", os.urandom(size))] * count, in_flight)
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+async def serve_echo(url: str) -> None:
+    ready = asyncio.Event()
+    task = asyncio.create_task(echo_server(url, ready))
+    await ready.wait()
+    print("ready", flush=True)
+    await task
 
 
 async def stop(task: asyncio.Task[None]) -> None:
@@ -212,7 +226,11 @@ def main() -> int:
     parser.add_argument("--spends", type=int, default=400)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--serve-echo", metavar="URL", help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args()
+    if args.serve_echo:
+        asyncio.run(serve_echo(args.serve_echo))
+        return 0
     results = asyncio.run(main_async(args))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

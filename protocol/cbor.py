@@ -38,10 +38,25 @@ def encode(obj: Any) -> bytes:
         raise LocalProtocolError(f"cannot encode {type(obj).__name__}") from exc
 
 
+_KEY_CACHE: dict[tuple[type, Any], bytes] = {}
+_KEY_CACHE_SIZE = 512  # our schemas use a few dozen keys; beyond this, keys are encoded each time
+
+
+def _key_bytes(key: Any) -> bytes:
+    """A map key's encoding, remembered: the same field names are sorted on every message."""
+    slot = (type(key), key)
+    encoded = _KEY_CACHE.get(slot)
+    if encoded is None:
+        encoded = cbor2.dumps(key)
+        if len(_KEY_CACHE) < _KEY_CACHE_SIZE and isinstance(key, (str, int)):
+            _KEY_CACHE[slot] = encoded
+    return encoded
+
+
 def _ordered(obj: Any) -> Any:
     """``obj`` with every map's keys in bytewise order of their encodings (RFC 8949 §4.2.1)."""
     if isinstance(obj, dict):
-        keyed = sorted((cbor2.dumps(k), k) for k in obj)
+        keyed = sorted((_key_bytes(k), k) for k in obj)
         return {k: _ordered(obj[k]) for _, k in keyed}
     if isinstance(obj, (list, tuple)):
         return [_ordered(item) for item in obj]
