@@ -139,11 +139,17 @@ class VendorAgent:
     def pay(self, sid: bytes, pay: Pay) -> Receipt:
         """Check a token, keep it durably, then acknowledge it."""
         session = self._session(sid)
-        before = session.position
+        before = dict(vars(session))
         receipt = session.pay(pay, self.now())
-        if session.position != before:
-            self.store.record_token(sid, session.position, session.last, self.now())  # before the receipt
-            self.deliver(sid, (before - session.position) // self.config.pricing.price)
+        if session.position != before["position"]:
+            try:
+                self.store.record_token(sid, session.position, session.last, self.now())  # before the receipt
+            except BaseException:
+                # Not on disk, so not held: forget it, or the user's retry would get a receipt
+                # for a token that a crash would lose.
+                vars(session).update(before)
+                raise
+            self.deliver(sid, (before["position"] - session.position) // self.config.pricing.price)
         return receipt
 
     # --- settling --------------------------------------------------------------------------

@@ -116,8 +116,13 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
     def get_link_description(self) -> None:  # type: ignore[override]
         return None  # per-session paths are not listed in .well-known/core
 
-    def _route(self, request: aiocoap.Message) -> tuple[bytes, str]:
-        path = request.opt.uri_path
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        # Bodies and answers here are a few dozen bytes. Blockwise handling copies every
+        # request (deep copy) to key its caches: only pay for it when a peer asks for blocks.
+        return request.opt.block1 is not None or request.opt.block2 is not None
+
+    def _route(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> tuple[bytes, str]:
+        path = request.opt.uri_path if path is None else path
         if len(path) != 2 or path[1] not in ("due", "pay", "close"):
             raise CoapError(ErrorCode.UNKNOWN_SESSION, "no such resource")
         try:
@@ -138,8 +143,9 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         for observation in list(self.watchers.get(sid, ())):
             observation.trigger(aiocoap.Message(code=Code.CONTENT, payload=due.encode(), content_format=CBOR))
 
-    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
-        sid, leaf = self._route(request)
+    async def render(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> aiocoap.Message:
+        """Answer one request; ``path`` is the part after ``/sessions`` when the site did not strip it."""
+        sid, leaf = self._route(request, path)
         try:
             if leaf == "due" and request.code == Code.GET:
                 return aiocoap.Message(code=Code.CONTENT, payload=self.agent.current_due(sid).encode(),
@@ -156,13 +162,37 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         raise aiocoap.error.UnallowedMethod()
 
 
+class VendorSite(resource.Site):
+    """aiocoap's Site, with a direct route for the per-token requests.
+
+    The generic route copies each request to strip the path it has matched; a token payment is
+    the one request that comes many times a second, so ``/sessions/{id}/{leaf}`` without Observe
+    or block options goes straight to :class:`SessionResources` with the path as it came.
+    """
+
+    def __init__(self, sessions: SessionResources) -> None:
+        super().__init__()
+        self._sessions = sessions
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        path = request.opt.uri_path
+        if (len(path) == 3 and path[0] == "sessions" and request.opt.observe is None
+                and request.opt.block1 is None and request.opt.block2 is None
+                and request.opt.uri_path_abbrev is None):
+            pipe.add_response(await self._sessions.render(request, path[1:]), is_last=True)
+            return
+        await super().render_to_pipe(pipe)
+
+
 def build_site(agent: VendorAgent) -> resource.Site:
     """The vendor's resources, with ``/.well-known/core``."""
-    site = resource.Site()
+    sessions = SessionResources(agent)
+    site = VendorSite(sessions)
     site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
     site.add_resource(["offer"], OfferResource(agent))
     site.add_resource(["sessions"], OpenResource(agent))
-    site.add_resource(["sessions"], SessionResources(agent))
+    site.add_resource(["sessions"], sessions)
     return site
 
 

@@ -59,3 +59,53 @@ def test_tokens_and_outbox_survive_a_restart(tmp_path: Path) -> None:
     again.set_state(sid, "closed", credited=5)
     assert again.pending() == [] and again.sessions("open") == []
     assert again.sessions("closed")[0].credited == 5
+
+
+def test_tokens_only_in_the_log_survive_a_crash(tmp_path: Path) -> None:
+    """The process dies with tokens in the log and none folded into SQLite: the next start has them."""
+    store = VendorStore(tmp_path / "vendor.sqlite3")
+    sids = [os.urandom(16) for _ in range(3)]
+    for sid in sids:
+        store.open_session(_session(sid))
+    last = {}
+    for position in range(98, 90, -1):
+        for sid in sids:
+            last[sid] = os.urandom(32)
+            assert store.record_token(sid, position, last[sid], 2_000 - position)
+    # No close(): a second store opens the same files as a restart after kill -9 would.
+    reborn = VendorStore(tmp_path / "vendor.sqlite3")
+    for sid in sids:
+        held = reborn.session(sid)
+        assert held is not None and (held.position, held.last, held.last_paid) == (91, last[sid], 1_909)
+
+
+def test_a_torn_record_is_skipped_and_a_full_log_folds(tmp_path: Path) -> None:
+    store = VendorStore(tmp_path / "vendor.sqlite3")
+    store._log.slots = 4  # fold after four tokens
+    sid = os.urandom(16)
+    store.open_session(_session(sid))
+    tokens = {position: os.urandom(32) for position in range(98, 88, -1)}
+    for position, token in tokens.items():
+        assert store.record_token(sid, position, token, 1_000)
+    # Ten tokens through a four-slot log: folded at 95 and at 91; slots now hold 90, 89 (new), 92, 91 (stale).
+    log_path = tmp_path / "vendor.sqlite3.tokens"
+    torn = bytearray(log_path.read_bytes())
+    torn[2 * 64 + 20] ^= 0xFF  # a stale record whose CRC no longer holds: skipped
+    log_path.write_bytes(bytes(torn))
+    held = VendorStore(tmp_path / "vendor.sqlite3").session(sid)
+    assert held is not None and (held.position, held.last) == (89, tokens[89])
+
+
+def test_a_torn_newest_record_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    """A crash in the middle of writing a token: its receipt never left, the one before stands."""
+    store = VendorStore(tmp_path / "vendor.sqlite3")
+    sid = os.urandom(16)
+    store.open_session(_session(sid))
+    before, newest = os.urandom(32), os.urandom(32)
+    assert store.record_token(sid, 97, before, 1_001) and store.record_token(sid, 96, newest, 1_002)
+    log_path = tmp_path / "vendor.sqlite3.tokens"
+    torn = bytearray(log_path.read_bytes())
+    torn[1 * 64 + 20] ^= 0xFF
+    log_path.write_bytes(bytes(torn))
+    held = VendorStore(tmp_path / "vendor.sqlite3").session(sid)
+    assert held is not None and (held.position, held.last) == (97, before)
