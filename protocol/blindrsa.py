@@ -14,6 +14,7 @@ Roles and math (``n`` the modulus, ``e``/``d`` the exponents, ``H`` = SHA-384):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -21,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import gmpy2
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
@@ -252,7 +254,31 @@ def finalize(public_key: PublicKey, input_msg: bytes, blind_sig: bytes, secret: 
 
 
 def is_valid(public_key: PublicKey, input_msg: bytes, sig: bytes, variant: Variant) -> bool:
-    """RSASSA-PSS-VERIFY as a boolean."""
+    """RSASSA-PSS-VERIFY as a boolean.
+
+    A finalized blind signature is a plain RSASSA-PSS signature (SHA-384, MGF1-SHA-384, the
+    variant's salt length), so OpenSSL verifies it: every vendor and the bank run this once per
+    coin, and it is several times faster than the same steps in Python
+    (:func:`is_valid_reference`, kept for the test vectors).
+    """
+    if len(sig) != public_key.size:
+        return False
+    try:
+        _openssl_key(public_key.n, public_key.e).verify(
+            sig, input_msg, padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=variant.salt_len),
+            hashes.SHA384())
+    except InvalidSignature:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=64)
+def _openssl_key(n: int, e: int) -> rsa.RSAPublicKey:
+    return rsa.RSAPublicNumbers(e, n).public_key()
+
+
+def is_valid_reference(public_key: PublicKey, input_msg: bytes, sig: bytes, variant: Variant) -> bool:
+    """RSASSA-PSS-VERIFY step by step (RFC 8017 §8.1.2, §9.1.2)."""
     if len(sig) != public_key.size:
         return False
     s = int.from_bytes(sig, "big")

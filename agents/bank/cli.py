@@ -63,7 +63,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
     run = sub("serve", "serve requests over MQTT")
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    run.add_argument("--workers", type=int, default=4, help="concurrent request workers")
+    run.add_argument("--workers", type=int, default=4, help="answers published at once (x8) and PostgreSQL connections")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     run.add_argument("--tls", type=Path, help="PKI directory: log in with bank.crt/bank.key (mqtts:// URL)")

@@ -1,10 +1,11 @@
-"""The bank as an MQTT service: shared subscription, N workers, lapse sweeps, reconnects.
+"""The bank as an MQTT service: shared subscription, batches of requests, lapse sweeps, reconnects.
 
 A reconnect loop (jittered exponential backoff) wraps one connection; inside it a TaskGroup runs
-the workers, which share the incoming queue, and the periodic lapse sweep. Each worker takes a
-request, lets :class:`~agents.bank.service.BankService` answer it, and publishes the answer to
-the request's Response Topic with its Correlation Data. A request without a Response Topic, or
-with one outside ``m2mpay/{bank}/resp/``, is logged and dropped: there is nobody to answer.
+the request handler and the periodic lapse sweep. The handler takes every request that has
+arrived, lets :class:`~agents.bank.service.BankService` answer each, makes their commits durable
+together, and publishes each answer to its request's Response Topic with its Correlation Data.
+A request without a Response Topic, or with one outside ``m2mpay/{bank}/resp/``, is logged and
+dropped: there is nobody to answer.
 """
 
 from __future__ import annotations
@@ -26,21 +27,54 @@ __all__ = ["serve"]
 log = logging.getLogger(__name__)
 
 
-async def _worker(client: aiomqtt.Client, service: BankService, bank: str) -> None:
+_BATCH = 64  # requests answered together at most: one fdatasync for all of them
+
+
+def _request(message: aiomqtt.Message, bank: str) -> tuple[str, bytes, str, bytes] | None:
+    """``(op, payload, response topic, correlation data)``, or ``None`` when nobody can be answered."""
     prefix = f"m2mpay/{bank}/req/"
-    async for message in client.messages:
-        topic = message.topic.value
-        if not topic.startswith(prefix):
-            continue
-        op = topic[len(prefix):]
-        reply_to = getattr(message.properties, "ResponseTopic", None)
-        correlation = getattr(message.properties, "CorrelationData", None) or b""
-        if not reply_to or not str(reply_to).startswith(response_prefix(bank)):
-            log.warning("request on %s without a usable Response Topic: dropped", topic[:80])
-            continue
-        payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-        answer = await service.handle(op, payload)
-        await client.publish(str(reply_to), answer, qos=1, properties=answer_properties(bytes(correlation)))
+    topic = message.topic.value
+    if not topic.startswith(prefix):
+        return None
+    reply_to = getattr(message.properties, "ResponseTopic", None)
+    correlation = getattr(message.properties, "CorrelationData", None) or b""
+    if not reply_to or not str(reply_to).startswith(response_prefix(bank)):
+        log.warning("request on %s without a usable Response Topic: dropped", topic[:80])
+        return None
+    payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
+    return topic[len(prefix):], payload, str(reply_to), bytes(correlation)
+
+
+async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: str, publishers: int) -> None:
+    """Take the requests that have arrived, answer them, make their commits durable at once, send.
+
+    With one request in flight a batch is that request; under load, the requests that arrived
+    during the previous batch's sync share the next one. Answers are published by tasks (QoS 1
+    waits for the broker's acknowledgement) so the next batch does not wait for them.
+    """
+    sending = asyncio.Semaphore(publishers)
+    async with asyncio.TaskGroup() as group:
+        async for message in client.messages:
+            batch = [message]
+            while len(client.messages) and len(batch) < _BATCH:
+                batch.append(await anext(client.messages))
+            requests = [r for r in (_request(m, bank) for m in batch) if r is not None]
+            # Concurrently: on PostgreSQL each waits on its own connection; on SQLite they take
+            # turns on the loop and only their sync is shared.
+            answers = await asyncio.gather(*(service.handle(op, payload, defer_sync=True)
+                                             for op, payload, _, _ in requests))
+            service.store.flush()  # nothing leaves before its commit is on disk
+            for (_, _, reply_to, correlation), answer in zip(requests, answers, strict=True):
+                await sending.acquire()
+                group.create_task(_publish(client, reply_to, answer, correlation, sending))
+
+
+async def _publish(client: aiomqtt.Client, topic: str, answer: bytes, correlation: bytes,
+                   sending: asyncio.Semaphore) -> None:
+    try:
+        await client.publish(topic, answer, qos=1, properties=answer_properties(correlation))
+    finally:
+        sending.release()
 
 
 async def _sweeper(service: BankService, interval: float) -> None:
@@ -75,8 +109,8 @@ async def serve(keys: BankKeys, service: BankService, url: str, *, workers: int 
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
-                    for i in range(workers):
-                        group.create_task(_worker(client, service, keys.bank), name=f"bank-worker-{i}")
+                    group.create_task(_answer_batches(client, service, keys.bank, max(1, workers) * 8),
+                                      name="bank-requests")
                     group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
         except* aiomqtt.MqttError as group_error:
             log.warning("broker connection lost (%s); reconnecting in %.1f s",

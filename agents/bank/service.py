@@ -15,7 +15,9 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -44,6 +46,8 @@ from .store import Store, Tx
 __all__ = ["BankService"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DEFER_SYNC: ContextVar[bool] = ContextVar("defer_sync", default=False)
 
 
 @dataclass
@@ -62,10 +66,18 @@ class BankService:
     def __post_init__(self) -> None:
         self._certificates = CertificateCache(self.keys.keyring.ca_key, self.keys.bank)
 
-    async def handle(self, op: str, data: bytes) -> bytes:
-        """The signed answer to one request (an :class:`ErrorAnswer` for any refusal)."""
+    async def handle(self, op: str, data: bytes, *, defer_sync: bool = False) -> bytes:
+        """The signed answer to one request (an :class:`ErrorAnswer` for any refusal).
+
+        With ``defer_sync`` the answer may rest on commits not yet on disk: the caller must
+        call ``store.flush()`` before sending it (see :meth:`Store.run`).
+        """
         start = time.perf_counter()
-        answer, result = await self._handle(op, data)
+        token = _DEFER_SYNC.set(defer_sync)
+        try:
+            answer, result = await self._handle(op, data)
+        finally:
+            _DEFER_SYNC.reset(token)
         if self.metrics is not None:
             self.metrics.observe(op, result, time.perf_counter() - start)
         return answer
@@ -99,7 +111,7 @@ class BankService:
         if name not in cache:
             sql = ("SELECT public_key FROM accounts WHERE name = ? AND kind = 'user'" if table == "accounts"
                    else "SELECT public_key FROM vendors WHERE vendor = ?")
-            row = await self.store.run(lambda tx: tx.one(sql, (name,)))
+            row = await self._run(lambda tx: tx.one(sql, (name,)))
             if row is None or row[0] is None:
                 return None
             cache[name] = Ed25519PublicKey.from_public_bytes(bytes(row[0]))
@@ -109,6 +121,9 @@ class BankService:
         signer = signed.kid.decode("ascii", "replace")
         key = await self._key(table, signer, cache)
         return verify_signed(signed, self.keys.bank, op, lambda _name: key)
+
+    async def _run(self, fn: Callable[[Tx], T]) -> T:
+        return await self.store.run(fn, defer_sync=_DEFER_SYNC.get())
 
     def _remembered(self, tx: Tx, signer: str, req_id: bytes, digest: bytes) -> bytes | None:
         return envelope.check_replay(tx.answer(signer, req_id), digest)
@@ -126,7 +141,7 @@ class BankService:
         signer = await self._verify(signed, "withdraw", "accounts", self._account_keys)
         if signer != request.account:
             raise RemoteProtocolError("request signed by another account", ErrorCode.BAD_SIGNATURE)
-        stored = await self.store.run(lambda tx: self._remembered(tx, signer, request.req_id, digest))
+        stored = await self._run(lambda tx: self._remembered(tx, signer, request.req_id, digest))
         if stored is not None:
             return stored
         info = self.keys.keyring.withdrawable(request.keyset, now)
@@ -148,7 +163,7 @@ class BankService:
             tx.put_answer(signer, request.req_id, envelope.StoredAnswer(digest, answer), now)
             return answer
 
-        return await self.store.run(debit)
+        return await self._run(debit)
 
     def _book(self, tx: Tx, outcome: rules.Outcome, *, new: bool, now: int) -> None:
         tx.put_coin(outcome.record, new=new)
@@ -176,7 +191,7 @@ class BankService:
             tx.put_answer(vendor, request.req_id, envelope.StoredAnswer(digest, answer), now)
             return answer
 
-        return await self.store.run(block)
+        return await self._run(block)
 
     async def _settle(self, signed: cose.Sign1, request: SettleRequest, digest: bytes, now: int) -> bytes:
         vendor = await self._verify(signed, "settle", "vendors", self._vendor_keys)
@@ -198,7 +213,7 @@ class BankService:
             tx.put_answer(vendor, request.req_id, envelope.StoredAnswer(digest, answer), now)
             return answer
 
-        return await self.store.run(settle)
+        return await self._run(settle)
 
     async def _status(self, signed: cose.Sign1, request: StatusRequest, now: int) -> bytes:
         vendor = await self._verify(signed, "status", "vendors", self._vendor_keys)
@@ -218,7 +233,7 @@ class BankService:
                 blocked_until=record.deadline if record is not None and state == "blocked" else None,
                 session=record.session if mine and record is not None else None), "status")
 
-        return await self.store.run(status)
+        return await self._run(status)
 
     async def sweep(self) -> int:
         """Lapse every open block past its deadline, crediting what the bank saw. Returns the count."""

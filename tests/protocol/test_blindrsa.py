@@ -44,6 +44,16 @@ def test_rfc9474_vector(vector: dict[str, Any]) -> None:
     sig = blindrsa.finalize(public, input_msg, blind_sig, secret, variant)
     assert sig == _h(vector, "sig")
     blindrsa.verify(public, input_msg, sig, variant)
+    # OpenSSL's verification (the fast path) and the step-by-step one agree, on good and bad input.
+    assert blindrsa.is_valid_reference(public, input_msg, sig, variant)
+    for i in (0, len(sig) // 2, len(sig) - 1):
+        bad = bytearray(sig)
+        bad[i] ^= 0x01
+        assert not blindrsa.is_valid(public, input_msg, bytes(bad), variant)
+        assert not blindrsa.is_valid_reference(public, input_msg, bytes(bad), variant)
+    other = next(v for v in blindrsa.VARIANTS.values() if v.salt_len != variant.salt_len)
+    assert not blindrsa.is_valid(public, input_msg, sig, other)
+    assert not blindrsa.is_valid_reference(public, input_msg, sig, other)
 
 
 @pytest.fixture(scope="module")
