@@ -20,6 +20,7 @@ from ..mqtt import TlsLogin
 from . import admin
 from .keys import BankKeys, add_keyset, init_bank, load_bank, retire_keyset
 from .server import serve
+from .workers import orphan_watch, run_workers, stop_on_sigterm
 from .service import BankService
 from .store import Store
 
@@ -63,7 +64,9 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
     run = sub("serve", "serve requests over MQTT")
     run.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    run.add_argument("--workers", type=int, default=4, help="answers published at once (x8) and PostgreSQL connections")
+    run.add_argument("--workers", type=int, default=1,
+                     help="processes answering requests (one per core is the most that helps)")
+    run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set for the started ones
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     run.add_argument("--tls", type=Path, help="PKI directory: log in with bank.crt/bank.key (mqtts:// URL)")
@@ -158,16 +161,41 @@ def _init(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
-    keys, store = load_bank(args.data, _now(), connections=args.workers)
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    keys, store = load_bank(args.data, _now(), connections=_CONNECTIONS)
     try:
-        tls = TlsLogin.from_dir(args.tls, "bank") if args.tls else None
-        asyncio.run(serve(keys, BankService(keys, store), args.broker, workers=args.workers,
-                          metrics_port=args.metrics_port, tls=tls))
+        asyncio.run(_serve_async(args, keys, store))
     except KeyboardInterrupt:
         pass
     finally:
         store.close()
     return 0
+
+
+_CONNECTIONS = 8  # PostgreSQL connections per process (SQLite has one writer anyway)
+
+
+async def _serve_async(args: argparse.Namespace, keys: BankKeys, store: Store) -> None:
+    tls = TlsLogin.from_dir(args.tls, "bank") if args.tls else None
+    first = args.worker_index == 0
+    serving = serve(keys, BankService(keys, store), args.broker, tls=tls,
+                    sweep_interval=5.0 if first else None, metrics_port=args.metrics_port if first else None)
+    main = asyncio.current_task()
+    if main is not None:
+        stop_on_sigterm(main)
+    with contextlib.suppress(asyncio.CancelledError):
+        if not first:
+            async with asyncio.TaskGroup() as group:
+                server = group.create_task(serving)
+                await orphan_watch()
+                server.cancel()
+            return
+        argv = ["bank", "serve", "--data", str(args.data), "--broker", args.broker]
+        argv += ["--log-json"] if args.log_json else []
+        argv += ["--tls", str(args.tls)] if args.tls else []
+        async with run_workers(argv, args.workers):
+            await serving
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import uuid
 
@@ -52,7 +53,21 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
     during the previous batch's sync share the next one. Answers are published by tasks (QoS 1
     waits for the broker's acknowledgement) so the next batch does not wait for them.
     """
-    sending = asyncio.Semaphore(publishers)
+    sending = asyncio.Semaphore(max(publishers, _BATCH))  # a batch must always fit
+    syncing = 0
+
+    def publish_all(requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
+        for (_, _, reply_to, correlation), answer in zip(requests, answers, strict=True):
+            group.create_task(_publish(client, reply_to, answer, correlation, sending))
+
+    async def release(mark: int, requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
+        nonlocal syncing
+        try:
+            await service.store.durable(mark)
+        finally:
+            syncing -= 1
+        publish_all(requests, answers)
+
     async with asyncio.TaskGroup() as group:
         async for message in client.messages:
             batch = [message]
@@ -63,10 +78,18 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
             # turns on the loop and only their sync is shared.
             answers = await asyncio.gather(*(service.handle(op, payload, defer_sync=True)
                                              for op, payload, _, _ in requests))
-            service.store.flush()  # nothing leaves before its commit is on disk
-            for (_, _, reply_to, correlation), answer in zip(requests, answers, strict=True):
+            # Nothing leaves before its commit is on disk. With more requests waiting, the sync
+            # runs on its thread while the loop answers them (they share the next one); with
+            # none, there is nothing to overlap, and syncing right here saves two thread wake-ups.
+            for _ in requests:
                 await sending.acquire()
-                group.create_task(_publish(client, reply_to, answer, correlation, sending))
+            if len(client.messages) or syncing:
+                mark = service.store.commits
+                syncing += 1
+                group.create_task(release(mark, requests, answers))
+            else:
+                service.store.flush()
+                publish_all(requests, answers)
 
 
 async def _publish(client: aiomqtt.Client, topic: str, answer: bytes, correlation: bytes,
@@ -88,14 +111,19 @@ async def _sweeper(service: BankService, interval: float) -> None:
             log.exception("lapse sweep failed; retrying at the next interval")
 
 
-async def serve(keys: BankKeys, service: BankService, url: str, *, workers: int = 4,
-                sweep_interval: float = 5.0, ready: asyncio.Event | None = None,
+async def serve(keys: BankKeys, service: BankService, url: str, *, concurrency: int = 32,
+                sweep_interval: float | None = 5.0, ready: asyncio.Event | None = None,
                 metrics_port: int | None = None, tls: TlsLogin | None = None) -> None:
-    """Serve the bank until cancelled, reconnecting to the broker whenever it goes away."""
+    """Serve the bank until cancelled, reconnecting to the broker whenever it goes away.
+
+    ``concurrency`` bounds the answers being published at once; ``sweep_interval`` ``None``
+    leaves lapse sweeps to another process.
+    """
     if metrics_port is not None:
         service.metrics = service.metrics or BankMetrics()
         async with serve_metrics(service.metrics, service.store, metrics_port):
-            await serve(keys, service, url, workers=workers, sweep_interval=sweep_interval, ready=ready, tls=tls)
+            await serve(keys, service, url, concurrency=concurrency, sweep_interval=sweep_interval, ready=ready,
+                        tls=tls)
         return
     backoff = 0.2
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
@@ -104,14 +132,15 @@ async def serve(keys: BankKeys, service: BankService, url: str, *, workers: int 
             async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
                 await client.publish(f"m2mpay/{keys.bank}/keys", keys.announcement, qos=1, retain=True)
                 await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+", qos=1)
-                log.info("bank %s serving on %s with %d workers", keys.bank, url, workers)
+                log.info("bank %s serving on %s (pid %d)", keys.bank, url, os.getpid())
                 backoff = 0.2
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(_answer_batches(client, service, keys.bank, max(1, workers) * 8),
+                    group.create_task(_answer_batches(client, service, keys.bank, max(1, concurrency)),
                                       name="bank-requests")
-                    group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
+                    if sweep_interval is not None:
+                        group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
         except* aiomqtt.MqttError as group_error:
             log.warning("broker connection lost (%s); reconnecting in %.1f s",
                         group_error.exceptions[0], backoff)

@@ -220,6 +220,16 @@ class Store:
         if self._sqlite is not None:
             self._sqlite.sync(self._sqlite.commits)
 
+    @property
+    def commits(self) -> int:
+        """A mark for :meth:`durable`: the commits so far."""
+        return 0 if self._sqlite is None else self._sqlite.commits
+
+    async def durable(self, mark: int) -> None:
+        """Wait, on the sync thread, until the commits up to ``mark`` are on disk (shared by all waiters)."""
+        if self._sqlite is not None:
+            await self._sqlite.durable(mark)
+
     def close(self) -> None:
         """Close every connection and stop the threads."""
         if self._sqlite is not None:

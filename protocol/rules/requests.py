@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ def verify_signed(
     return signer
 
 
+@functools.lru_cache(maxsize=4096)
+def _ed25519_key(raw: bytes) -> Ed25519PublicKey:
+    """A vendor's key object, built once per key rather than once per block."""
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def verify_block(
     signed: cose.Sign1,
     keyring: Keyring,
@@ -75,9 +82,7 @@ def verify_block(
         cert = verify_certificate(request.cert, keyring.ca_key, keyring.bank, now)
     if signed.kid != cert.vendor.encode():
         raise RemoteProtocolError("request not signed by the certified vendor", ErrorCode.BAD_SIGNATURE)
-    cose.verify_sign1(
-        signed, Ed25519PublicKey.from_public_bytes(cert.key), external_aad=request_aad(keyring.bank, "block")
-    )
+    cose.verify_sign1(signed, _ed25519_key(cert.key), external_aad=request_aad(keyring.bank, "block"))
     keyset = keyring.verify_coin(request.coin, now)
     plain = sealing.open_sealed(request.sealed, sealing_key, sealing.info_for_bank(keyring.bank))
     auth = Authorization.decode(plain)

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 async def online(world: BankWorld, mosquitto: str) -> AsyncIterator[tuple[BankWorld, BankClient]]:
     """The world's bank served over MQTT; ``world.send`` now goes through the broker."""
     ready = asyncio.Event()
-    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, workers=4, sweep_interval=0.2,
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, sweep_interval=0.2,
                                      ready=ready), name="bank-under-test")
     try:
         async with asyncio.timeout(10):

@@ -1,0 +1,74 @@
+"""``bank serve --workers N``: N processes, each with its own event loop, database connection and
+MQTT session, sharing the requests through the broker's shared subscription.
+
+One Python process answers on one core (the GIL); a bank's work per request is signature checks,
+sealing and its database transaction, so more cores need more processes. The first process also
+sweeps lapsed blocks and serves the metrics; it starts the others, starts one again when it dies
+(with a growing pause), and stops them all when it is stopped. A worker whose parent is gone stops
+by itself, so a ``kill -9`` of the first leaves no orphans. Money stays correct whatever the
+split: every request is one transaction that locks what it changes (SQLite's single writer, or
+row locks on PostgreSQL), and answers are stored by request id, so a retry that lands on another
+worker gets the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+__all__ = ["orphan_watch", "run_workers", "stop_on_sigterm"]
+
+log = logging.getLogger(__name__)
+
+
+async def _keep_running(argv: Sequence[str], index: int) -> None:
+    """Run one worker process, starting it again whenever it exits, until cancelled."""
+    pause = 0.5
+    while True:
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "agents.cli", *argv,
+                                                       "--worker-index", str(index))
+        try:
+            code = await process.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            with contextlib.suppress(asyncio.TimeoutError, ProcessLookupError):
+                await asyncio.wait_for(process.wait(), 10)
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+            raise
+        log.warning("bank worker %d exited with %s; starting it again in %.1f s", index, code, pause)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 30.0)
+
+
+@contextlib.asynccontextmanager
+async def run_workers(argv: Sequence[str], count: int) -> AsyncIterator[None]:
+    """Keep ``count`` worker processes (``bank serve`` with ``argv``) running while inside."""
+    tasks = [asyncio.create_task(_keep_running(argv, i), name=f"bank-worker-{i}") for i in range(1, count)]
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def orphan_watch(interval: float = 1.0) -> None:
+    """Return when this process's parent has gone (it was a worker of a bank that died)."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(interval)
+    log.warning("the first bank process is gone; this worker stops")
+
+
+def stop_on_sigterm(task: asyncio.Task[None]) -> None:
+    """SIGTERM (systemd, the first process) ends ``task`` as Ctrl-C would, so cleanup runs."""
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
