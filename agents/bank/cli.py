@@ -67,6 +67,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     run.add_argument("--workers", type=int, default=1,
                      help="processes answering requests (one per core is the most that helps)")
     run.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)  # set for the started ones
+    run.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
     run.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1:PORT")
     run.add_argument("--tls", type=Path, help="PKI directory: log in with bank.crt/bank.key (mqtts:// URL)")
@@ -188,7 +189,7 @@ async def _serve_async(args: argparse.Namespace, keys: BankKeys, store: Store) -
         if not first:
             async with asyncio.TaskGroup() as group:
                 server = group.create_task(serving)
-                await orphan_watch()
+                await orphan_watch(args.parent_pid)
                 server.cancel()
             return
         argv = ["bank", "serve", "--data", str(args.data), "--broker", args.broker]

@@ -31,7 +31,7 @@ async def _keep_running(argv: Sequence[str], index: int) -> None:
     pause = 0.5
     while True:
         process = await asyncio.create_subprocess_exec(sys.executable, "-m", "agents.cli", *argv,
-                                                       "--worker-index", str(index))
+                                                       "--worker-index", str(index), "--parent-pid", str(os.getpid()))
         try:
             code = await process.wait()
         except asyncio.CancelledError:
@@ -60,9 +60,12 @@ async def run_workers(argv: Sequence[str], count: int) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def orphan_watch(interval: float = 1.0) -> None:
-    """Return when this process's parent has gone (it was a worker of a bank that died)."""
-    parent = os.getppid()
+async def orphan_watch(parent: int, interval: float = 1.0) -> None:
+    """Return when ``parent``, the first bank process, is no longer this worker's parent.
+
+    The parent's pid comes on the command line: a parent killed while this worker was still
+    starting would otherwise go unnoticed.
+    """
     while os.getppid() == parent:
         await asyncio.sleep(interval)
     log.warning("the first bank process is gone; this worker stops")

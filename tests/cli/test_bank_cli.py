@@ -107,3 +107,82 @@ def test_broker_pki_and_production_config(tmp_path: Path) -> None:
                  "use_username_as_clientid true", "allow_anonymous false", "set_tcp_nodelay true"):
         assert line in conf
     assert "pattern read m2mpay/bank-a/resp/%u" in (tmp_path / "mq" / "acl").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.network
+def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) -> None:
+    """`--workers 2`: two processes answer from one database; SIGTERM stops both, kill -9 of the
+    first leaves no orphan; withdrawals spread over both debit exactly once each."""
+    import asyncio
+    import signal
+    import time
+
+    from agents.mqtt import BankClient
+    from protocol.certificates import verify_announcement
+    from protocol.messages import WithdrawAnswer
+    from protocol.rules import wallet
+    from tests.bank.conftest import Device
+
+    data = tmp_path / "bank"
+    m2mpay("bank", "init", "--data", data, "--bank", "bank-w")
+    m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
+    m2mpay("bank", "account", "deposit", "--data", data, "alice", "100000")
+    creds = json.loads((tmp_path / "alice.json").read_text())
+
+    def start() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+                                 "--broker", mosquitto, "--workers", "2"], stderr=subprocess.DEVNULL, text=True)
+
+    async def withdraw_many() -> int:
+        from protocol import envelope
+        from protocol.rules.keyring import Keyring
+
+        key = Device.load(tmp_path / "alice.json").key
+        async with BankClient(mosquitto, "bank-w", f"alice-{time.monotonic_ns()}") as client:
+            announcement = verify_announcement(await client.keys(timeout=30), creds["ca_fingerprint"])
+            keyring = Keyring.from_announcement(announcement)
+            keyset = min(keyring.keysets, key=lambda k: keyring.keysets[k].value)
+            info, public = keyring.keysets[keyset], keyring.rsa_keys[keyset]
+            pendings = [wallet.prepare_withdrawal("alice", info, public, 2) for _ in range(12)]
+            raws = await asyncio.gather(*(client.request("withdraw", envelope.sign_request(
+                p.request, key, "alice", "bank-w", "withdraw")) for p in pendings))
+            for pending, raw in zip(pendings, raws):
+                answer = envelope.open_answer(raw, keyring.answer_key, "bank-w", "withdraw", WithdrawAnswer)
+                wallet.complete_withdrawal(pending, answer, info, public)
+            return len(pendings) * 2 * info.value  # coins × what each is worth
+
+    bank = start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(_children(bank.pid)) < 1:
+            assert time.monotonic() < deadline, "the second worker never started"
+            time.sleep(0.1)
+        spent = asyncio.run(withdraw_many())
+    finally:
+        workers = _children(bank.pid)
+        bank.send_signal(signal.SIGTERM)
+        bank.wait(15)
+    time.sleep(0.5)
+    assert workers and not any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
+                               for w in workers), "SIGTERM left a worker running"
+    balance = int(m2mpay("bank", "balance", "--data", data, "alice").stdout.strip())
+    assert balance == 100000 - spent
+    assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout
+
+    bank = start()  # kill -9 of the first: its worker notices and stops
+    deadline = time.monotonic() + 20
+    while not _children(bank.pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    orphan = _children(bank.pid)[0]
+    bank.send_signal(signal.SIGKILL)
+    bank.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{orphan}").exists() and "zombie" not in Path(f"/proc/{orphan}/status").read_text():
+        assert time.monotonic() < deadline, "a worker outlived the first process"
+        time.sleep(0.2)
