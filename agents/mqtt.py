@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import aiomqtt
+import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -106,8 +107,25 @@ def connect(url: str, client_id: str, tls: TlsLogin | None = None, **options: An
         options["tls_params"] = aiomqtt.TLSParameters(ca_certs=str(tls.ca), certfile=str(tls.cert),
                                                       keyfile=str(tls.key))
         client_id = tls.name
-    return aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                          socket_options=_NODELAY, username=client_id, **options)
+    client = aiomqtt.Client(host, port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                            socket_options=_NODELAY, username=client_id, **options)
+    # Dozens of requests in flight are normal here; past this many, aiomqtt lists its pending
+    # calls and logs a warning on every publish.
+    client.pending_calls_threshold = 1_000_000
+    return client
+
+
+def publish_nowait(client: aiomqtt.Client, topic: str, payload: bytes, properties: Properties) -> None:
+    """Hand a QoS 1 PUBLISH to paho without waiting for the broker's PUBACK.
+
+    For the bank's answers: each is stored under its request id, so one lost with the connection
+    is sent again when the device retries, and waiting for every PUBACK would cost a task and a
+    future per answer. paho keeps the message until it is acknowledged; aiomqtt ignores PUBACKs
+    nobody waits for. (aiomqtt 2.x has no public call for this: its paho client is ``_client``.)
+    """
+    info = client._client.publish(topic, payload, 1, False, properties)  # noqa: SLF001
+    if info.rc != paho.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttCodeError(info.rc, "could not publish the answer")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from protocol.messages import BlockAnswer, Message, SettleAnswer, WithdrawAnswer
 from protocol.rules import wallet  # noqa: E402
 
 IN_FLIGHT = (1, 32)
+ROUNDS = 3
 
 
 async def echo_server(url: str, ready: asyncio.Event) -> None:
@@ -82,27 +84,6 @@ async def run_lanes(clients: list[BankClient], op: str, requests: list[bytes], i
     return answers
 
 
-async def echo_rate(url: str, in_flight: int, count: int, size: int) -> float:
-    """Echo requests/s, the echo answered by its own process, as the bank is."""
-    server = subprocess.Popen([sys.executable, __file__, "--serve-echo", url], stdout=subprocess.PIPE,
-                              cwd=Path(__file__).resolve().parent.parent)
-    try:
-        line = await asyncio.wait_for(asyncio.to_thread(server.stdout.readline), 30)  # type: ignore[union-attr]
-        if line.strip() != b"ready":
-            raise SystemExit("the echo server did not start")
-        clients = [BankClient(url, "echo", f"echo-{i}") for i in range(min(in_flight, 4))]
-        for c in clients:
-            await c.__aenter__()
-        try:
-            return await run_parallel(clients, [("x", os.urandom(size))] * count, in_flight)
-        finally:
-            for c in clients:
-                await c.__aexit__(None, None, None)
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
 async def serve_echo(url: str) -> None:
     ready = asyncio.Event()
     task = asyncio.create_task(echo_server(url, ready))
@@ -117,8 +98,12 @@ async def stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers: int = 1) -> tuple[float, float, int]:
-    """(bank requests/s, withdrawn coins/s, mean block request size) for one database."""
+async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers: int = 1) -> tuple[float, float, float]:
+    """(bank requests/s, echo requests/s, withdrawn coins/s) for one database, medians over rounds.
+
+    The echo is answered by its own process, as the bank is, through the same broker, with the
+    same number of requests in flight and the same payload size as a block request.
+    """
     work = Path(tempfile.mkdtemp(prefix="m2mpay-bench-"))
     clock = Clock(int(time.time()))
     init_bank(work / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
@@ -134,10 +119,15 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
                                "--broker", url, "--workers", str(workers)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               cwd=Path(__file__).resolve().parent.parent)
+    echo = subprocess.Popen([sys.executable, __file__, "--serve-echo", url], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parent.parent)
     clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
-    for c in clients:
+    echo_clients = [BankClient(url, "echo", f"echo-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
+    for c in clients + echo_clients:
         await c.__aenter__()
     try:
+        if (await asyncio.to_thread(echo.stdout.readline)).strip() != b"ready":  # type: ignore[union-attr]
+            raise SystemExit("the echo server did not start")
         await clients[0].keys(timeout=30)  # retained by the bank once it serves
         world.send = clients[0].request
         # Withdrawals of 32 coins each, several in flight (as several users would), so that every
@@ -165,29 +155,39 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
         # the load generator only sends, as it does for the echo: what the devices do (sign the
         # settlement, check the bank's signatures) happens between the waves and after them, on
         # the clock of nobody. A spend is still one block and one settle through the bank.
-        blocks = [signed for _, _, signed in prepared]
-        start = time.perf_counter()
-        block_answers = await run_lanes(clients, "block", blocks, in_flight)
-        elapsed = time.perf_counter() - start
-        settles = []
-        for (vendor, session, _), raw in zip(prepared, block_answers, strict=True):
-            session.blocked(world.open(raw, "block", BlockAnswer))  # type: ignore[arg-type]
-            settles.append(vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle"))
-        start = time.perf_counter()
-        settle_answers = await run_lanes(clients, "settle", settles, in_flight)
-        elapsed += time.perf_counter() - start
-        rate = 2 * len(prepared) / elapsed
-        for (_, session, _), raw in zip(prepared, settle_answers, strict=True):
-            session.settled(world.open(raw, "settle", SettleAnswer))  # type: ignore[arg-type]
+        # Bank and echo take turns, ROUNDS times, and the medians are compared: this machine's
+        # speed drifts between seconds, and a drift should not land on one side only.
+        size = sum(len(p[2]) for p in prepared) // len(prepared)
+        bank_rates, echo_rates = [], []
+        for r in range(ROUNDS):
+            chunk = prepared[r::ROUNDS]
+            blocks = [signed for _, _, signed in chunk]
+            start = time.perf_counter()
+            block_answers = await run_lanes(clients, "block", blocks, in_flight)
+            elapsed = time.perf_counter() - start
+            settles = []
+            for (vendor, session, _), raw in zip(chunk, block_answers, strict=True):
+                session.blocked(world.open(raw, "block", BlockAnswer))  # type: ignore[arg-type]
+                settles.append(vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle"))
+            start = time.perf_counter()
+            settle_answers = await run_lanes(clients, "settle", settles, in_flight)
+            elapsed += time.perf_counter() - start
+            bank_rates.append(2 * len(chunk) / elapsed)
+            for (_, session, _), raw in zip(chunk, settle_answers, strict=True):
+                session.settled(world.open(raw, "settle", SettleAnswer))  # type: ignore[arg-type]
+            start = time.perf_counter()
+            await run_lanes(echo_clients, "x", [os.urandom(size) for _ in range(2 * len(chunk))], in_flight)
+            echo_rates.append(2 * len(chunk) / (time.perf_counter() - start))
         report = admin.audit(store)
         if not report.ok:
             raise SystemExit(f"audit failed after the benchmark: {report.problems}")
-        return rate, withdraw_rate, sum(len(p[2]) for p in prepared) // len(prepared)
+        return statistics.median(bank_rates), statistics.median(echo_rates), withdraw_rate
     finally:
-        for c in clients:
+        for c in clients + echo_clients:
             await c.__aexit__(None, None, None)
-        server.terminate()
-        server.wait(10)
+        for process in (server, echo):
+            process.terminate()
+            process.wait(10)
         store.close()
 
 
@@ -227,8 +227,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                           else pg_database(args.pg))
                 if db_url is None:
                     continue
-                rate, withdraw_rate, size = await bank_rate(broker.url, db_url, args.spends, in_flight, workers)
-                echo = await echo_rate(broker.url, in_flight, 2 * args.spends, size)
+                rate, echo, withdraw_rate = await bank_rate(broker.url, db_url, args.spends, in_flight, workers)
                 print(f"{db:10} {workers:7d} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} "
                       f"{rate / 2:9,.0f} {withdraw_rate:16,.0f}")
                 results[f"{db}/{workers}w/{in_flight}"] = {

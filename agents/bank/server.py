@@ -18,7 +18,7 @@ import uuid
 
 import aiomqtt
 
-from ..mqtt import TlsLogin, answer_properties, connect, response_prefix
+from ..mqtt import TlsLogin, answer_properties, connect, publish_nowait, response_prefix
 from .keys import BankKeys
 from .metrics import BankMetrics, serve_metrics
 from .service import BankService
@@ -46,19 +46,18 @@ def _request(message: aiomqtt.Message, bank: str) -> tuple[str, bytes, str, byte
     return topic[len(prefix):], payload, str(reply_to), bytes(correlation)
 
 
-async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: str, publishers: int) -> None:
+async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: str) -> None:
     """Take the requests that have arrived, answer them, make their commits durable at once, send.
 
     With one request in flight a batch is that request; under load, the requests that arrived
-    during the previous batch's sync share the next one. Answers are published by tasks (QoS 1
-    waits for the broker's acknowledgement) so the next batch does not wait for them.
+    during the previous batch's sync share the next one. Answers go to paho without waiting for
+    the broker's PUBACK (see :func:`~agents.mqtt.publish_nowait`).
     """
-    sending = asyncio.Semaphore(max(publishers, _BATCH))  # a batch must always fit
     syncing = 0
 
     def publish_all(requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
         for (_, _, reply_to, correlation), answer in zip(requests, answers, strict=True):
-            group.create_task(_publish(client, reply_to, answer, correlation, sending))
+            publish_nowait(client, reply_to, answer, answer_properties(correlation))
 
     async def release(mark: int, requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
         nonlocal syncing
@@ -81,8 +80,6 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
             # Nothing leaves before its commit is on disk. With more requests waiting, the sync
             # runs on its thread while the loop answers them (they share the next one); with
             # none, there is nothing to overlap, and syncing right here saves two thread wake-ups.
-            for _ in requests:
-                await sending.acquire()
             if len(client.messages) or syncing:
                 mark = service.store.commits
                 syncing += 1
@@ -90,14 +87,6 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
             else:
                 service.store.flush()
                 publish_all(requests, answers)
-
-
-async def _publish(client: aiomqtt.Client, topic: str, answer: bytes, correlation: bytes,
-                   sending: asyncio.Semaphore) -> None:
-    try:
-        await client.publish(topic, answer, qos=1, properties=answer_properties(correlation))
-    finally:
-        sending.release()
 
 
 async def _sweeper(service: BankService, interval: float) -> None:
@@ -111,19 +100,17 @@ async def _sweeper(service: BankService, interval: float) -> None:
             log.exception("lapse sweep failed; retrying at the next interval")
 
 
-async def serve(keys: BankKeys, service: BankService, url: str, *, concurrency: int = 32,
+async def serve(keys: BankKeys, service: BankService, url: str, *,
                 sweep_interval: float | None = 5.0, ready: asyncio.Event | None = None,
                 metrics_port: int | None = None, tls: TlsLogin | None = None) -> None:
     """Serve the bank until cancelled, reconnecting to the broker whenever it goes away.
 
-    ``concurrency`` bounds the answers being published at once; ``sweep_interval`` ``None``
-    leaves lapse sweeps to another process.
+    ``sweep_interval`` ``None`` leaves lapse sweeps to another process.
     """
     if metrics_port is not None:
         service.metrics = service.metrics or BankMetrics()
         async with serve_metrics(service.metrics, service.store, metrics_port):
-            await serve(keys, service, url, concurrency=concurrency, sweep_interval=sweep_interval, ready=ready,
-                        tls=tls)
+            await serve(keys, service, url, sweep_interval=sweep_interval, ready=ready, tls=tls)
         return
     backoff = 0.2
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
@@ -137,8 +124,7 @@ async def serve(keys: BankKeys, service: BankService, url: str, *, concurrency: 
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(_answer_batches(client, service, keys.bank, max(1, concurrency)),
-                                      name="bank-requests")
+                    group.create_task(_answer_batches(client, service, keys.bank), name="bank-requests")
                     if sweep_interval is not None:
                         group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
         except* aiomqtt.MqttError as group_error:
