@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) bench/protocol_bench.py
+	$(VENV)/bin/m2mpay bench --json bench.json
 
 # Debian / Raspberry Pi OS packages, installed only when something is missing.
 system-deps:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from .bank.cli import add_bank_commands, add_broker_commands
+from .bench.cli import add_parser as add_bench_command
 from .user.cli import add_user_commands
 from .vendor.cli import add_vendor_commands
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the whole system on this machine")
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of scripted traffic")
     demo.set_defaults(handler=_demo)
+    add_bench_command(commands)
     return parser
 
 

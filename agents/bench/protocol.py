@@ -1,6 +1,6 @@
 """Protocol-core benchmarks, each beside a baseline measured in the same run.
 
-    python bench/protocol_bench.py [--quick] [--json FILE]
+    m2mpay bench --only protocol   (or: python -m agents.bench.protocol) [--quick] [--json FILE]
 
 - hash-chain traversal: stored values and worst hashes per token, n = 2^10 … 2^20;
 - blind signatures/s beside OpenSSL's RSA-2048 PSS signatures/s (the ratio);
@@ -20,15 +20,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey  # noqa: E402
-
-from protocol import blindrsa, cose, hashchain, sealing  # noqa: E402
-from protocol.rules.keyring import COIN_VARIANT  # noqa: E402
+from protocol import blindrsa, cose, hashchain, sealing
+from protocol.rules.keyring import COIN_VARIANT
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:

@@ -1,6 +1,6 @@
 """Bank throughput through Mosquitto, beside a bare MQTT v5 echo measured in the same run.
 
-    python bench/bank_bench.py [--spends N] [--pg postgresql://…/postgres] [--json FILE]
+    m2mpay bench --only bank   (or: python -m agents.bench.bank) [--spends N] [--pg postgresql://…/postgres] [--json FILE]
 
 For each database (SQLite with durable commits; PostgreSQL when reachable) and each number of
 requests in flight (1 and 32), it prints bank requests/s — a spend is one ``block`` and one
@@ -24,20 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
-
-from agents.bank import admin  # noqa: E402
-from agents.bank.keys import init_bank, load_bank  # noqa: E402
-from agents.bank.service import BankService  # noqa: E402
-from agents.mqtt import BankClient, answer_properties, connect  # noqa: E402
-from broker.launcher import Mosquitto  # noqa: E402
-from tests.bank.conftest import BANK, BankWorld, Clock  # noqa: E402
-from protocol import cose  # noqa: E402
-from protocol.messages import BlockAnswer, Message, SettleAnswer, WithdrawAnswer  # noqa: E402
-from protocol.rules import wallet  # noqa: E402
+from agents.bank import admin
+from agents.bank.keys import init_bank, load_bank
+from agents.bank.service import BankService
+from agents.mqtt import BankClient, answer_properties, connect
+from broker.launcher import Mosquitto
+from .world import BANK, BankWorld, Clock
+from protocol import cose
+from protocol.messages import BlockAnswer, Message, SettleAnswer, WithdrawAnswer
+from protocol.rules import wallet
 
 IN_FLIGHT = (1, 32)
 ROUNDS = 3
@@ -117,10 +115,8 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
     # The bank runs as it is deployed: its own process, so it does not share a GIL with the load.
     server = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(work / "bank"),
                                "--broker", url, "--workers", str(workers)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=Path(__file__).resolve().parent.parent)
-    echo = subprocess.Popen([sys.executable, __file__, "--serve-echo", url], stdout=subprocess.PIPE,
-                            cwd=Path(__file__).resolve().parent.parent)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    echo = subprocess.Popen([sys.executable, "-m", "agents.bench.bank", "--serve-echo", url], stdout=subprocess.PIPE)
     clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     echo_clients = [BankClient(url, "echo", f"echo-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     for c in clients + echo_clients:
@@ -214,20 +210,23 @@ def pg_database(admin_url: str) -> str | None:
         return None
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, object]:
+async def run(spends: int, pg: str | None, *, quick: bool = False) -> dict[str, object]:
+    """Every configuration: SQLite (and PostgreSQL when ``pg`` is reachable), 1 and 32 in flight,
+    one process and one per core; ``quick``: SQLite with one process only."""
     results: dict[str, object] = {}
     with Mosquitto(Path(tempfile.mkdtemp(prefix="m2mpay-broker-"))) as broker:
-        print(f"broker {broker.url}; {args.spends} spends per run")
+        print(f"broker {broker.url}; {spends} spends per run")
         cores = os.cpu_count() or 1
         print(f"{'db':10} {'workers':>7} {'in flight':>9} {'bank req/s':>11} {'echo req/s':>11} {'ratio':>6} "
               f"{'spends/s':>9} {'withdraw coins/s':>16}")
-        for db in ("sqlite", "postgresql"):
-            for workers, in_flight in sorted({(1, 1), (1, IN_FLIGHT[-1]), (cores, IN_FLIGHT[-1])}):
+        configs = {(1, 1), (1, IN_FLIGHT[-1])} if quick else {(1, 1), (1, IN_FLIGHT[-1]), (cores, IN_FLIGHT[-1])}
+        for db in ("sqlite",) if quick or pg is None else ("sqlite", "postgresql"):
+            for workers, in_flight in sorted(configs):
                 db_url = (str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite"
-                          else pg_database(args.pg))
+                          else pg_database(pg or ""))
                 if db_url is None:
                     continue
-                rate, echo, withdraw_rate = await bank_rate(broker.url, db_url, args.spends, in_flight, workers)
+                rate, echo, withdraw_rate = await bank_rate(broker.url, db_url, spends, in_flight, workers)
                 print(f"{db:10} {workers:7d} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} "
                       f"{rate / 2:9,.0f} {withdraw_rate:16,.0f}")
                 results[f"{db}/{workers}w/{in_flight}"] = {
@@ -235,7 +234,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     "echo_req_per_s": echo, "ratio": rate / echo, "spends_per_s": rate / 2,
                     "withdraw_coins_per_s": withdraw_rate}
         openssl = openssl_rate()
-        best = max(r["withdraw_coins_per_s"] for r in results.values())  # type: ignore[index]
+        best = max(r["withdraw_coins_per_s"] for r in results.values())  # type: ignore[index]  # noqa: PLW3301
         print(f"withdrawals through the bank: {best:,.0f} coins/s beside OpenSSL RSA-2048 {openssl:,.0f} sig/s "
               f"(ratio {best / openssl:.2f})")
         results["withdraw"] = {"coins_per_s": best, "openssl_sign_per_s": openssl, "ratio": best / openssl}
@@ -252,7 +251,7 @@ def main() -> int:
     if args.serve_echo:
         asyncio.run(serve_echo(args.serve_echo))
         return 0
-    results = asyncio.run(main_async(args))
+    results = asyncio.run(run(args.spends, args.pg))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -1,6 +1,6 @@
 """Payment tokens over CoAP on loopback, beside a bare aiocoap echo measured in the same run.
 
-    python bench/coap_bench.py [--tokens N]
+    m2mpay bench --only pay    (or: python -m agents.bench.coap) [--tokens N]
 
 One session, one token per ``POST /sessions/{id}/pay`` round trip, each token checked and
 on disk in the vendor's token log (one fdatasync) before its receipt is sent. The
@@ -22,25 +22,23 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap.numbers.codes import Code
 
-import aiocoap  # noqa: E402
-import aiocoap.resource as resource  # noqa: E402
-from aiocoap.numbers.codes import Code  # noqa: E402
-
-from agents.bank.keys import init_bank, load_bank  # noqa: E402
-from agents.bank.server import serve  # noqa: E402
-from agents.bank.service import BankService  # noqa: E402
-from agents.mqtt import BankClient  # noqa: E402
-from agents.vendor.agent import Credentials, VendorAgent  # noqa: E402
-from agents.vendor.coap import serve_coap  # noqa: E402
-from agents.vendor.store import VendorStore  # noqa: E402
-from broker.launcher import Mosquitto  # noqa: E402
-from protocol import sealing  # noqa: E402
-from protocol.certificates import cert_hash  # noqa: E402
-from protocol.messages import Offer, OpenSession, SessionOpened  # noqa: E402
-from protocol.rules import wallet  # noqa: E402
-from tests.bank.conftest import BANK, BankWorld, Clock  # noqa: E402
+from agents.bank.keys import init_bank, load_bank
+from agents.bank.server import serve
+from agents.bank.service import BankService
+from agents.mqtt import BankClient
+from agents.vendor.agent import Credentials, VendorAgent
+from agents.vendor.coap import serve_coap
+from agents.vendor.store import VendorStore
+from broker.launcher import Mosquitto
+from protocol import sealing
+from protocol.certificates import cert_hash
+from protocol.messages import Offer, OpenSession, SessionOpened
+from protocol.rules import wallet
+from .world import BANK, BankWorld, Clock
 
 
 class Echo(resource.Resource):

@@ -1,0 +1,128 @@
+"""A bank on disk and the devices that talk to it, driven with the pure device rules.
+
+The integration tests and the benchmarks share it: ``send`` is the bank's service called
+directly, or an MQTT client talking to a bank in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agents.bank import admin
+from agents.bank.keys import BankKeys, init_bank, load_bank
+from agents.bank.service import BankService
+from agents.bank.store import Store
+from protocol import envelope, sealing
+from protocol.certificates import cert_hash
+from protocol.messages import BlockAnswer, Message, Offer, OpenSession, SettleAnswer, WithdrawAnswer
+from protocol.rules import wallet
+from protocol.rules.vendor import VendorSession
+
+NOW = 1_800_000_000
+BANK = "bank-a"
+
+Send = Callable[[str, bytes], Awaitable[bytes]]
+
+
+@dataclass
+class Clock:
+    now: int = NOW
+
+    def __call__(self) -> float:
+        return float(self.now)
+
+
+@dataclass
+class Device:
+    """A user or vendor as its credentials file describes it."""
+
+    name: str
+    key: Ed25519PrivateKey
+    cert: bytes = b""
+    account: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Device:
+        data = json.loads(path.read_text())
+        return cls(name=data.get("account") if "vendor" not in data else data["vendor"],
+                   key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
+                   cert=bytes.fromhex(data.get("cert", "")), account=data["account"])
+
+    def sign(self, message: Message, op: str) -> bytes:
+        return envelope.sign_request(message, self.key, self.name, BANK, op)
+
+
+@dataclass
+class BankWorld:
+    """Drives a bank through ``send`` (the service directly, or MQTT) with the pure device rules."""
+
+    keys: BankKeys
+    store: Store
+    service: BankService
+    clock: Clock
+    directory: Path
+    send: Send = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.send = self.service.handle
+
+    def user(self, name: str, deposit: int = 10_000) -> Device:
+        path = self.directory / f"{name}.json"
+        admin.open_account(self.keys, self.store, name, path, self.clock.now)
+        admin.deposit(self.store, name, deposit, self.clock.now)
+        return Device.load(path)
+
+    def vendor(self, name: str, category: str = "parking") -> Device:
+        path = self.directory / f"{name}.json"
+        admin.enroll_vendor(self.keys, self.store, name, category, path, self.clock.now)
+        return Device.load(path)
+
+    @property
+    def keyset(self) -> str:
+        return min(self.keys.keyring.keysets, key=lambda k: self.keys.keyring.keysets[k].n)
+
+    async def withdraw(self, user: Device, count: int = 1) -> list[wallet.WalletCoin]:
+        info = self.keys.keyring.keysets[self.keyset]
+        public = self.keys.keyring.rsa_keys[self.keyset]
+        pending = wallet.prepare_withdrawal(user.name, info, public, count)
+        raw = await self.send("withdraw", user.sign(pending.request, "withdraw"))
+        answer = self.open(raw, "withdraw", WithdrawAnswer)
+        return wallet.complete_withdrawal(pending, answer, info, public)
+
+    def open(self, raw: bytes, op: str, kind: type[Message]) -> Message:
+        return envelope.open_answer(raw, self.keys.answer_key.public_key(), BANK, op, kind)  # type: ignore[type-var]
+
+    def session(self, vendor: Device, wc: wallet.WalletCoin, deadline: int | None = None,
+                ) -> tuple[wallet.WalletCoin, VendorSession, bytes]:
+        """Offer, authorization and the vendor's block request (signed), not yet sent."""
+        offer = Offer(cert=vendor.cert, service="parking", unit="minute", price=1,
+                      deadline=deadline or self.clock.now + 600, nonce=os.urandom(16), bank=BANK,
+                      keysets=tuple(sorted(self.keys.keyring.keysets)))
+        wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
+                                    now=self.clock.now)
+        sealed = sealing.seal(auth.encode(), self.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+        session = VendorSession(offer, self.keys.keyring, vendor.name)
+        request = session.open(OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce),
+                               os.urandom(16), self.clock.now)
+        return wc, session, vendor.sign(request, "block")
+
+    async def block(self, vendor: Device, wc: wallet.WalletCoin) -> tuple[wallet.WalletCoin, VendorSession]:
+        wc, session, signed = self.session(vendor, wc)
+        answer = self.open(await self.send("block", signed), "block", BlockAnswer)
+        session.blocked(answer)  # type: ignore[arg-type]
+        return wc, session
+
+    async def settle(self, vendor: Device, session: VendorSession, *, keep_open: bool = False) -> SettleAnswer:
+        request = session.settle_request(os.urandom(16), keep_open=keep_open)
+        answer = self.open(await self.send("settle", vendor.sign(request, "settle")), "settle", SettleAnswer)
+        session.settled(answer)  # type: ignore[arg-type]
+        return answer  # type: ignore[return-value]
+
+    def audit(self) -> admin.AuditReport:
+        return admin.audit(self.store)

@@ -1,0 +1,53 @@
+"""`m2mpay bench`: runs, writes its JSON, and judges each figure against its goal."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+
+from agents.bench.cli import GOALS, summary
+
+from .test_bank_cli import m2mpay
+
+
+def test_quick_protocol_section_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = m2mpay("bench", "--quick", "--only", "protocol", "--json", out)
+    assert "hash chain n = 16,384" in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["quick"] is True and set(figures) >= {"protocol", "seconds"}
+    for row in figures["protocol"]["traversal"]:
+        log2 = int(math.log2(row["n"]))
+        assert row["hashes_worst"] <= math.ceil(log2 / 2) and row["stored_max"] <= log2 + 1
+    signing = figures["protocol"]["signing"]
+    assert signing["ratio"] == signing["blind_sign_per_s"] / signing["openssl_sign_per_s"] > 0
+
+
+def _render(results: dict[str, object]) -> str:
+    console = Console(width=200, record=True)
+    console.print(summary(results))
+    return console.export_text()
+
+
+def test_summary_judges_ratios_and_memory_against_the_goals() -> None:
+    bank = {"sqlite/1w/32": {"db": "sqlite", "workers": 1, "in_flight": 32, "bank_req_per_s": 700.0,
+                             "echo_req_per_s": 1000.0, "ratio": 0.7, "spends_per_s": 350.0,
+                             "withdraw_coins_per_s": 900.0},
+            "sqlite/1w/1": {"db": "sqlite", "workers": 1, "in_flight": 1, "bank_req_per_s": 500.0,
+                            "echo_req_per_s": 1000.0, "ratio": 0.5, "spends_per_s": 250.0,
+                            "withdraw_coins_per_s": 900.0},
+            "withdraw": {"coins_per_s": 900.0, "openssl_sign_per_s": 3000.0, "ratio": 0.3}}
+    population = {"users": 2, "vendors": 1, "sessions_per_s": 1.0, "tokens_per_s": 5.0, "failures": 0,
+                  "audit_ok": True, "balanced": True, "user_pay_peak_mb": GOALS["user_mb"] + 1,
+                  "bank_idle_mb": GOALS["bank_idle_mb"] - 1, "bank_peak_mb": 70.0, "vendor_peak_mb": 50.0}
+    text = _render({"machine": {"cores": 2, "cpu": "test", "python": "3"}, "bank": bank, "population": population})
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "met" in lines["bank sqlite, 1 proc, 32 in flight"]
+    assert "missed" in lines["bank sqlite, 1 proc, 1 in flight"]
+    assert "met" in lines["withdrawals (32 coins per request)"]
+    assert "missed" in lines["peak RSS, `user pay`"]  # above its ceiling
+    assert "met" in lines["RSS, bank serving idle"]
+    assert "audit passed" in lines["population 2 users × 1 vendors"]
