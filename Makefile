@@ -8,7 +8,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 DURATION ?= 30
 
-.PHONY: demo test check bench system-deps clean
+.PHONY: demo test check bench reliability system-deps clean
 
 demo: $(STAMP)
 	$(VENV)/bin/m2mpay demo --duration $(DURATION)
@@ -16,6 +16,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m mypy --strict protocol
 	$(PY) -m pytest
+
+# The heavy reliability runs: 1,000 races, 10,000 fuzz inputs per surface, repeated crashes.
+reliability: $(STAMP)
+	$(PY) -m pytest -m heavy -v
 
 bench: $(STAMP)
 	$(VENV)/bin/m2mpay bench --json bench.json

@@ -128,6 +128,9 @@ def publish_nowait(client: aiomqtt.Client, topic: str, payload: bytes, propertie
         raise aiomqtt.MqttCodeError(info.rc, "could not publish the answer")
 
 
+_KEEPALIVE_S = 5
+
+
 @dataclass
 class BankClient:
     """A device's connection to its bank: requests and the retained keys announcement.
@@ -173,7 +176,10 @@ class BankClient:
         backoff = 0.1
         while True:
             try:
-                async with connect(self.url, self.client_id, self.tls) as client:
+                # A short keepalive: paho notices a connection that stopped carrying packets (seen
+                # when the network drops it mid-write: the socket is gone, paho waits to write)
+                # within 1.5 × keepalive and the loop here reconnects; the default is 60 s.
+                async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S) as client:
                     await client.subscribe(self.reply_topic, qos=1)
                     await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
                     self._client, backoff = client, 0.1
@@ -224,7 +230,7 @@ class BankClient:
                     await self._connected.wait()
                     client = self._client
                     if client is None:
-                        continue
+                        raise aiomqtt.MqttError("between connections")
                     props = Properties(PacketTypes.PUBLISH)
                     props.ResponseTopic = self.reply_topic
                     props.CorrelationData = correlation
@@ -234,6 +240,9 @@ class BankClient:
                 log.warning("no answer to %s within %.1f s (attempt %d)", op, wait, attempt + 1)
             except aiomqtt.MqttError:
                 log.warning("connection lost during %s (attempt %d)", op, attempt + 1)
+                # The supervisor has not noticed yet: give it time to reconnect rather than
+                # spend every attempt on a connection that is already gone.
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
             finally:
                 self._pending.pop(correlation, None)
         raise BankUnavailable(f"no answer to {op} after {self.retries} attempts")

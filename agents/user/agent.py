@@ -33,6 +33,10 @@ from ..policy.config import PolicyConfig
 from ..policy.engine import CoinView, Decision, OfferView, PolicyEngine, Spend
 from .store import WalletStore
 
+# CoAP retransmits a confirmable request for up to MAX_TRANSMIT_SPAN (45 s, RFC 7252 §4.8.2); a
+# shorter wait gives up on a lossy link while the exchange would still have succeeded.
+_EXCHANGE_WAIT = 45.0
+
 __all__ = ["PaymentResult", "PolicyRefusal", "UserAgent", "UserCredentials"]
 
 _KEYS_FILE = "bank-keys.cose"
@@ -146,7 +150,7 @@ class UserAgent:
         msg = aiocoap.Message(code=code, uri=uri, payload=body or b"")
         if body is not None:
             msg.opt.content_format = _CBOR
-        async with asyncio.timeout(15):
+        async with asyncio.timeout(_EXCHANGE_WAIT):
             response = await ctx.request(msg).response
         if not response.code.is_successful():
             code, text = ErrorCode.INTERNAL, f"vendor answered {response.code}"
@@ -218,7 +222,7 @@ class UserAgent:
         paid_tokens = 0
         observation = ctx.request(aiocoap.Message(code=Code.GET, uri=f"{base}/sessions/{sid}/due", observe=0))
         try:
-            await asyncio.wait_for(observation.response, 15)
+            await asyncio.wait_for(observation.response, _EXCHANGE_WAIT)
             notes = aiter(observation.observation)
             while paid_tokens < wanted and wc.position > 0:
                 due = Due.decode((await asyncio.wait_for(anext(notes), 60)).payload)

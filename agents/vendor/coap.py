@@ -140,8 +140,13 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         serverobservation.accept(lambda: watchers.discard(serverobservation))
 
     def _notify(self, sid: bytes, due: Due) -> None:
+        # Non-confirmable: the meter sends a fresh "due" every interval, so a lost one is replaced
+        # by the next; confirmable ones would queue behind every lost acknowledgement (CoAP lets
+        # one confirmable message at a time be outstanding to a peer) and stall the payment.
         for observation in list(self.watchers.get(sid, ())):
-            observation.trigger(aiocoap.Message(code=Code.CONTENT, payload=due.encode(), content_format=CBOR))
+            observation.trigger(aiocoap.Message(transport_tuning=aiocoap.Unreliable, code=Code.CONTENT,
+                                                payload=due.encode(),
+                                                content_format=CBOR))
 
     async def render(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> aiocoap.Message:
         """Answer one request; ``path`` is the part after ``/sessions`` when the site did not strip it."""

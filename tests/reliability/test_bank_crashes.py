@@ -1,0 +1,120 @@
+"""kill -9 the bank while devices spend, start it again, several times: every request is answered
+in the end (devices retry the same bytes), every spend is credited exactly once, the books balance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agents.bank import admin
+from agents.bank.keys import init_bank, load_bank
+from agents.bank.service import BankService
+from agents.bench.world import BANK, BankWorld, Clock
+from agents.mqtt import BankClient
+from protocol import envelope
+from protocol.messages import BlockAnswer, SettleAnswer
+from protocol.rules import wallet
+
+pytestmark = pytest.mark.network
+
+
+def _serve(data: Path, broker: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+                             "--broker", broker], stderr=subprocess.DEVNULL)
+
+
+async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) -> dict[str, int]:
+    clock = Clock(int(time.time()))
+    init_bank(tmp_path / "bank", BANK, None, clock.now, keysets=((100, 100),))
+    keys, store = load_bank(tmp_path / "bank", clock.now)
+    world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
+                      directory=tmp_path)
+    user, vendors = world.user("payer", deposit=100 * spends), [world.vendor(f"v{i}") for i in range(4)]
+    bank = [_serve(tmp_path / "bank", mosquitto)]
+    answer_key = keys.answer_key.public_key()
+    credited = 0
+    async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:6]}", timeout=1.5, retries=40) as client:
+        await client.keys(timeout=30)
+        world.send = client.request
+        coins = []
+        while len(coins) < spends:
+            coins += await world.withdraw(user, min(50, spends - len(coins)))
+
+        async def spend(i: int, wc: wallet.WalletCoin) -> int:
+            vendor = vendors[i % len(vendors)]
+            wc, session, signed = world.session(vendor, wc)
+            session.blocked(envelope.open_answer(await client.request("block", signed), answer_key, BANK,  # type: ignore[arg-type]
+                                                 "block", BlockAnswer))
+            wc, pay = wallet.reveal(wc, 3)
+            session.pay(pay, clock.now)
+            request = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
+            answer = envelope.open_answer(await client.request("settle", request), answer_key, BANK, "settle",
+                                          SettleAnswer)
+            return answer.credited  # type: ignore[attr-defined, no-any-return]
+
+        kill_times: list[float] = []
+        spans: list[tuple[float, float]] = []
+
+        async def killer() -> None:
+            for _ in range(kills):
+                await asyncio.sleep(0.8)
+                kill_times.append(time.monotonic())
+                bank[-1].send_signal(signal.SIGKILL)
+                bank[-1].wait(10)
+                await asyncio.sleep(0.2)
+                bank.append(_serve(tmp_path / "bank", mosquitto))
+
+        pool = list(enumerate(coins))
+
+        async def lane() -> int:
+            total = 0
+            while pool and not chaos.done():
+                i, wc = pool.pop()
+                start = time.monotonic()
+                total += await spend(i, wc)
+                spans.append((start, time.monotonic()))
+                await asyncio.sleep(0.05)  # a device's pace: the load lasts as long as the kills
+            return total
+
+        chaos = asyncio.create_task(killer())
+        credited = sum(await asyncio.gather(*(lane() for _ in range(8))))
+        await chaos
+        # Every outage (kill to restart) had requests waiting on it: load, not an idle bank.
+        assert all(any(a < k + 0.2 and b > k for a, b in spans) for k in kill_times), "an outage saw no request"
+        spent = len(spans)
+    for process in bank:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(10)
+    report = admin.audit(store)
+    store.close()
+    assert report.ok, report.problems
+    return {"spends": spent, "kills": kills, "credited_answers": credited, "credited_books": report.credited,
+            "withdrawn": report.withdrawn, "restarts": len(bank) - 1}
+
+
+@pytest.mark.asyncio
+async def test_bank_killed_three_times_during_spends(mosquitto: str, tmp_path: Path) -> None:
+    result = await _crash_run(mosquitto, tmp_path, spends=1200, kills=3)
+    assert result["restarts"] == 3 and result["spends"] > 0
+    # blocking token + 3 per spend, each credited once, and what devices were told is the books
+    assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
+
+
+@pytest.mark.heavy
+@pytest.mark.asyncio
+async def test_bank_killed_twenty_times_during_spends(mosquitto: str, tmp_path: Path) -> None:
+    result = await _crash_run(mosquitto, tmp_path, spends=4000, kills=20)
+    print("bank crashes:", result)
+    assert result["restarts"] == 20
+    assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
