@@ -129,6 +129,7 @@ def publish_nowait(client: aiomqtt.Client, topic: str, payload: bytes, propertie
 
 
 _KEEPALIVE_S = 5
+_HANDSHAKE_S = 5.0
 
 
 @dataclass
@@ -176,10 +177,12 @@ class BankClient:
         backoff = 0.1
         while True:
             try:
-                # A short keepalive: paho notices a connection that stopped carrying packets (seen
-                # when the network drops it mid-write: the socket is gone, paho waits to write)
-                # within 1.5 × keepalive and the loop here reconnects; the default is 60 s.
-                async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S) as client:
+                # Shorter bounds on a device's connection: a CONNACK or SUBACK lost with a dropped
+                # connection would otherwise hold this loop for aiomqtt's default 10 s, and a
+                # connection that stopped carrying packets is noticed within 1.5 × keepalive
+                # (paho's default keepalive is 60 s).
+                async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S,
+                                   timeout=_HANDSHAKE_S) as client:
                     await client.subscribe(self.reply_topic, qos=1)
                     await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
                     self._client, backoff = client, 0.1
