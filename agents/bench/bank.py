@@ -28,13 +28,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from agents.bank import admin
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.service import BankService
 from agents.mqtt import BankClient, answer_properties, connect
 from broker.launcher import Mosquitto
-from .world import BANK, BankWorld, Clock
-from protocol import cose
-from protocol.messages import BlockAnswer, Message, SettleAnswer, WithdrawAnswer
+from .world import BANK, BankWorld
+from protocol.messages import BlockAnswer, SettleAnswer, WithdrawAnswer
 from protocol.rules import wallet
 
 IN_FLIGHT = (1, 32)
@@ -103,11 +100,8 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
     same number of requests in flight and the same payload size as a block request.
     """
     work = Path(tempfile.mkdtemp(prefix="m2mpay-bench-"))
-    clock = Clock(int(time.time()))
-    init_bank(work / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
-    keys, store = load_bank(work / "bank", clock.now, connections=2)
-    world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
-                      directory=work)
+    world = BankWorld.create(work, db_url)
+    keys, store = world.keys, world.store
     user = world.user("payer", deposit=10**9)
     vendors = [world.vendor(f"v{i}") for i in range(4)]
     async with connect(url, f"bench-clear-{secrets.token_hex(3)}") as clear:  # forget an earlier run's keys

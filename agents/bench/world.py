@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,15 @@ class BankWorld:
 
     def __post_init__(self) -> None:
         self.send = self.service.handle
+
+    @classmethod
+    def create(cls, directory: Path, db_url: str | None, *, now: int | None = None) -> BankWorld:
+        """A new bank in ``directory / "bank"`` (one keyset of 100 one-unit tokens), clock at ``now``."""
+        clock = Clock(int(time.time()) if now is None else now)
+        init_bank(directory / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
+        keys, store = load_bank(directory / "bank", clock.now, connections=2)
+        return cls(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
+                   directory=directory)
 
     def user(self, name: str, deposit: int = 10_000) -> Device:
         path = self.directory / f"{name}.json"

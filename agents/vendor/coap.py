@@ -18,7 +18,6 @@ import aiocoap.resource as resource
 from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 
-from protocol import cbor
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Due, ErrorAnswer, Message, OpenSession, Pay
 

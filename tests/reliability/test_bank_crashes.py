@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from agents.bank import admin
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.service import BankService
-from agents.bench.world import BANK, BankWorld, Clock
+from agents.bench.world import BANK, BankWorld
 from agents.mqtt import BankClient
 from protocol import envelope
 from protocol.messages import BlockAnswer, SettleAnswer
@@ -33,11 +31,8 @@ def _serve(data: Path, broker: str) -> subprocess.Popen[bytes]:
 
 
 async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) -> dict[str, int]:
-    clock = Clock(int(time.time()))
-    init_bank(tmp_path / "bank", BANK, None, clock.now, keysets=((100, 100),))
-    keys, store = load_bank(tmp_path / "bank", clock.now)
-    world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
-                      directory=tmp_path)
+    world = BankWorld.create(tmp_path, None)
+    keys, store, clock = world.keys, world.store, world.clock
     user, vendors = world.user("payer", deposit=100 * spends), [world.vendor(f"v{i}") for i in range(4)]
     bank = [_serve(tmp_path / "bank", mosquitto)]
     answer_key = keys.answer_key.public_key()

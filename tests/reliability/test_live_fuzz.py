@@ -16,7 +16,6 @@ from collections import Counter
 import pytest
 from aiocoap.numbers.codes import Code
 
-from agents.bank import admin
 from agents.mqtt import BankClient
 from protocol import cbor, envelope
 from protocol.errors import ErrorCode, RemoteProtocolError

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from agents.bank import admin
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.service import BankService
-from agents.bench.world import BANK, BankWorld, Clock
+from agents.bench.world import BANK, BankWorld
 from agents.mqtt import BankClient
 from protocol import envelope
 from protocol.errors import ErrorCode
@@ -33,11 +31,8 @@ def _workers(pid: int) -> list[int]:
 
 async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tuple[int, int]:
     """(trials where exactly one vendor got the block, trials in all)."""
-    clock = Clock(int(time.time()))
-    init_bank(tmp_path / "bank", BANK, db_url, clock.now, keysets=((100, 100),))
-    keys, store = load_bank(tmp_path / "bank", clock.now)
-    world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
-                      directory=tmp_path)
+    world = BankWorld.create(tmp_path, db_url)
+    keys, store = world.keys, world.store
     user = world.user("payer", deposit=100 * trials)
     vendors = [world.vendor("north"), world.vendor("south")]
     bank = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(tmp_path / "bank"),
