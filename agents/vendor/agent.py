@@ -71,6 +71,8 @@ class VendorAgent:
     offers: OrderedDict[bytes, Offer] = field(default_factory=OrderedDict)
     sessions: dict[bytes, VendorSession] = field(default_factory=dict)
     on_due: Callable[[bytes, Due], None] = lambda session, due: None
+    _settling: set[bytes] = field(default_factory=set, init=False, repr=False)
+    """req_ids of settlements whose answer a close or checkpoint is waiting for."""
 
     def now(self) -> int:
         return int(self.clock())
@@ -154,7 +156,11 @@ class VendorAgent:
 
     # --- settling --------------------------------------------------------------------------
     async def _settle(self, entry: OutboxEntry) -> SettleAnswer:
-        answer = await self._ask("settle", entry.request, SettleAnswer)
+        self._settling.add(entry.req_id)
+        try:
+            answer = await self._ask("settle", entry.request, SettleAnswer)
+        finally:
+            self._settling.discard(entry.req_id)
         assert isinstance(answer, SettleAnswer)
         self.store.answered(entry.req_id, answer.encode())
         return answer
@@ -190,6 +196,8 @@ class VendorAgent:
         """Send every unanswered settlement again, same bytes; returns how many got an answer."""
         done = 0
         for entry in self.store.pending():
+            if entry.req_id in self._settling:
+                continue  # a close or checkpoint is waiting for this very answer and applies it
             try:
                 answer = await self._settle(entry)
             except RemoteProtocolError as exc:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from agents.mqtt import BankClient
 from agents.vendor.agent import Credentials, VendorAgent
 from agents.vendor.coap import CBOR, serve_coap
 from agents.vendor.store import VendorStore
+from broker.launcher import free_udp_port
 from protocol import cbor, sealing
 from protocol.certificates import cert_hash
 from protocol.messages import Closed, Due, Offer, OpenSession, Receipt, SessionOpened
@@ -34,9 +34,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 
 
 def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        return int(sock.getsockname()[1])
+    return free_udp_port()
 
 
 @dataclass
@@ -178,3 +176,22 @@ async def test_wrong_or_late_token_is_refused_and_nothing_stored(scene: Scene) -
     assert response.code == Code.FORBIDDEN and cbor.decode(response.payload)["code"] == "deadline"
     held = scene.agent.store.session(opened.session)
     assert held is not None and held.paid == 1
+
+
+async def test_retry_of_pending_settlements_leaves_a_close_in_progress_alone(scene: Scene) -> None:
+    """The settler resends unanswered settlements every second; one that a close is waiting for
+    belongs to that close (found when a broker restart slowed a close down: both applied the
+    answer, and the close failed with "settled not allowed in state closed")."""
+    world = scene.world
+    (wc,) = await world.withdraw(world.user("alice"))
+    wc, opened = await _open(scene, wc)
+    wc, pay = wallet.reveal(wc, 4)
+    assert (await scene.call(Code.POST, f"/sessions/{opened.session.hex()}/pay", pay.encode())).code == Code.CHANGED
+    closing = asyncio.create_task(scene.agent.close(opened.session))
+    await asyncio.sleep(0)  # the close has written its settlement to the outbox and is waiting
+    assert len(scene.agent.store.pending()) == 1
+    assert await scene.agent.retry_pending() == 0
+    closed = await closing
+    assert closed.credited == 5 == admin.balance(world.store, "meter")
+    held = scene.agent.store.session(opened.session)
+    assert held is not None and held.state == "closed" and held.credited == 5
