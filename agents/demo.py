@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from broker.launcher import Mosquitto, free_port
+from broker.launcher import Mosquitto, free_port, free_udp_port
 
 from .bank import admin
 from .bank.keys import init_bank, load_bank
@@ -56,14 +56,6 @@ class Stats:
     tokens: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
-
-
-def _udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _view(stats: Stats, store: object, users: dict[str, UserAgent], remaining: float) -> Table:
@@ -141,7 +133,7 @@ async def _demo(duration: float, console: Console) -> int:
         vendors = {}
         for name, category, price in VENDORS:
             admin.enroll_vendor(keys, store, name, category, work / f"{name}.json", now)
-            port, up = _udp_port(), asyncio.Event()
+            port, up = free_udp_port(), asyncio.Event()
             config = VendorConfig(pricing=Pricing(service=name, unit="unit", price=price, meter_interval=0.02),
                                   session=SessionPolicy(block_window=600, idle_timeout=5))
             tasks.append(asyncio.create_task(run_vendor(load_credentials(work / f"{name}.json"), broker.url, port,

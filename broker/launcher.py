@@ -40,6 +40,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_udp_port(host: str = "::1") -> int:
+    """A UDP port free on ``host`` (IPv6 loopback: where the CoAP servers bind) right now."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Mosquitto:
     """A Mosquitto process owned by this one; use as a context manager."""

@@ -160,6 +160,9 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+_CONNECTIONS = 8  # PostgreSQL connections per process (SQLite has one writer anyway)
+
+
 def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
     if args.workers < 1:
@@ -172,9 +175,6 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
-
-
-_CONNECTIONS = 8  # PostgreSQL connections per process (SQLite has one writer anyway)
 
 
 async def _serve_async(args: argparse.Namespace, keys: BankKeys, store: Store) -> None:

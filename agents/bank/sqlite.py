@@ -15,8 +15,9 @@ commit. Checkpoints keep their own ordering in NORMAL mode: the WAL is synced be
 copied into the database and the database after. They run on a thread of their own every
 :data:`CHECKPOINT_EVERY` commits, not inside a commit on the event loop; between them SQLite
 writes the WAL again from its start, so it stops growing, and an ``fdatasync`` of blocks already
-allocated costs less than half of one that grows the file (measured: ~140 µs against ~350 µs). If an ``fsync`` fails, nobody knows what is on
-disk any more: the store refuses everything from then on and the operator restarts it.
+allocated costs less than half of one that grows the file (measured: ~140 µs against ~350 µs).
+If an ``fsync`` fails, nobody knows what is on disk any more: the store refuses everything from
+then on and the operator restarts it.
 """
 
 from __future__ import annotations
@@ -132,9 +133,6 @@ class SqliteEngine:
                 raise StoreError("fsync of the bank's WAL failed; the store has stopped") from exc
             self._synced = max(self._synced, target)
             self.syncs += 1
-
-    def synced(self, commit: int) -> bool:
-        return self._synced >= commit
 
     async def durable(self, commit: int) -> None:
         """Wait until commit number ``commit`` is on disk, sharing one sync with every other waiter."""

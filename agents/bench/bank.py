@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import secrets
@@ -48,22 +47,6 @@ async def echo_server(url: str, ready: asyncio.Event) -> None:
             await client.publish(str(reply), message.payload, qos=1, properties=answer_properties(bytes(correlation)))
 
 
-async def run_parallel(clients: list[BankClient], jobs: list[tuple[str, bytes]], in_flight: int) -> float:
-    """Requests per second for ``jobs`` sent ``in_flight`` at a time over several clients."""
-    queue = list(reversed(jobs))
-
-    async def lane(client: BankClient) -> None:
-        while queue:
-            op, data = queue.pop()
-            await client.request(op, data)
-
-    start = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for i in range(in_flight):
-            group.create_task(lane(clients[i % len(clients)]))
-    return len(jobs) / (time.perf_counter() - start)
-
-
 async def run_lanes(clients: list[BankClient], op: str, requests: list[bytes], in_flight: int) -> list[bytes]:
     """Send ``requests`` with ``in_flight`` outstanding at a time; the answers in request order."""
     answers: list[bytes] = [b""] * len(requests)
@@ -85,12 +68,6 @@ async def serve_echo(url: str) -> None:
     await ready.wait()
     print("ready", flush=True)
     await task
-
-
-async def stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers: int = 1) -> tuple[float, float, float]:

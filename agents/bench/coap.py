@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from agents.mqtt import BankClient
 from agents.vendor.agent import Credentials, VendorAgent
 from agents.vendor.coap import serve_coap
 from agents.vendor.store import VendorStore
-from broker.launcher import Mosquitto
+from broker.launcher import Mosquitto, free_udp_port
 from protocol import sealing
 from protocol.certificates import cert_hash
 from protocol.messages import Offer, OpenSession, SessionOpened
@@ -44,12 +43,6 @@ from .world import BANK, BankWorld, Clock
 class Echo(resource.Resource):
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         return aiocoap.Message(code=Code.CHANGED, payload=request.payload, content_format=60)
-
-
-def port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def timed(client: aiocoap.Context, uri: str, bodies: list[bytes]) -> list[float]:
@@ -90,7 +83,7 @@ async def main_async(tokens: int) -> dict[str, object]:
         ready = asyncio.Event()
         bank_task = asyncio.create_task(serve(keys, service, broker.url, ready=ready))
         await ready.wait()
-        vendor_port, echo_port = port(), port()
+        vendor_port, echo_port = free_udp_port(), free_udp_port()
         echo_site = resource.Site()
         echo_site.add_resource(["echo"], Echo())
         echo_ctx = await aiocoap.Context.create_server_context(echo_site, bind=("::1", echo_port))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiocoap
 
-from broker.launcher import Mosquitto, free_port
+from broker.launcher import Mosquitto, free_port, free_udp_port
 
 from ..bank import admin
 from ..bank.keys import init_bank, load_bank
@@ -59,14 +59,6 @@ async def _settled(vendor_dirs: list[Path], timeout: float) -> None:
         if not open_sessions:
             return
         await asyncio.sleep(0.5)
-
-
-def _udp_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _process(*args: str | Path) -> subprocess.Popen[bytes]:
@@ -131,7 +123,7 @@ async def population(users: int, vendors: int, seconds: float, coins: int = 3) -
                 probe.close()
             urls = []
             for i in range(vendors):
-                port = _udp_port()
+                port = free_udp_port()
                 processes.append(_process("vendor", "serve", "--credentials", work / f"v{i}.json", "--broker",
                                           broker.url, "--coap-port", port, "--config", work / f"v{i}.toml",
                                           "--data", work / f"v{i}"))

@@ -7,16 +7,10 @@ import asyncio
 import contextlib
 import os
 import random
-import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def free_port(family: int, kind: int) -> int:
-    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    with socket.socket(family, kind) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+from broker.launcher import free_port, free_udp_port
 
 
 @dataclass
@@ -37,7 +31,7 @@ class LossyUdp:
     delay: float = 0.02
     seed: int = 1
     drop_replies: bool = True  # False: only what the client sends is lost (replies are only delayed)
-    port: int = field(default_factory=lambda: free_port(socket.AF_INET6, socket.SOCK_DGRAM))
+    port: int = field(default_factory=free_udp_port)
     counts: Counts = field(default_factory=Counts)
 
     async def __aenter__(self) -> LossyUdp:
@@ -83,7 +77,7 @@ class CuttingTcp:
     target: int
     delay: float = 0.005
     seed: int = 2
-    port: int = field(default_factory=lambda: free_port(socket.AF_INET, socket.SOCK_STREAM))
+    port: int = field(default_factory=free_port)
     counts: Counts = field(default_factory=Counts)
 
     async def __aenter__(self) -> CuttingTcp:

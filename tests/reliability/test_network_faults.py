@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -22,11 +21,11 @@ from agents.mqtt import BankClient, broker_address
 from agents.user.agent import UserAgent, UserCredentials
 from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
 from agents.vendor.server import load_credentials, run_vendor
-from broker.launcher import Mosquitto
+from broker.launcher import Mosquitto, free_udp_port
 from protocol.messages import SettleAnswer
 from protocol.rules import wallet
 
-from .faults import CuttingTcp, LossyUdp, free_port
+from .faults import CuttingTcp, LossyUdp
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 
@@ -35,7 +34,7 @@ async def _lossy_payments(world: BankWorld, mosquitto: str, tmp_path: Path, paym
     tasks = [asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=(ready := asyncio.Event())))]
     await asyncio.wait_for(ready.wait(), 10)
     world.vendor("meter")
-    port, up = free_port(socket.AF_INET6, socket.SOCK_DGRAM), asyncio.Event()
+    port, up = free_udp_port(), asyncio.Event()
     config = VendorConfig(pricing=Pricing(service="parking", unit="minute", price=1, meter_interval=0.02),
                           session=SessionPolicy(block_window=600, idle_timeout=600))
     tasks.append(asyncio.create_task(run_vendor(load_credentials(tmp_path / "meter.json"), mosquitto, port,
@@ -144,7 +143,7 @@ async def test_broker_restarted_in_the_middle_of_sessions(world: BankWorld, tmp_
     try:
         await asyncio.wait_for(ready.wait(), 10)
         world.vendor("meter")
-        port, up = free_port(socket.AF_INET6, socket.SOCK_DGRAM), asyncio.Event()
+        port, up = free_udp_port(), asyncio.Event()
         config = VendorConfig(pricing=Pricing(service="parking", unit="minute", price=1, meter_interval=0.02),
                               session=SessionPolicy(block_window=600, idle_timeout=600))
         tasks.append(asyncio.create_task(run_vendor(load_credentials(tmp_path / "meter.json"), broker.url, port,
