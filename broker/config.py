@@ -1,23 +1,78 @@
-"""Mosquitto configuration for m2mpay: listener, persistence, TLS and the ACL (DESIGN.md §6).
+"""Mosquitto configuration for m2mpay: listener, persistence, TLS, limits and the ACL (DESIGN.md §6).
 
-The ACL lets a client publish only requests (``m2mpay/{bank}/req/+``) and read only its own
-answers (``m2mpay/{bank}/resp/{its username}``) and the retained keys; bank workers read every
-request through the shared subscription and publish answers. With certificate logins the
-username is the certificate's CN and ``use_username_as_clientid`` stops one client from taking
-over another's client id.
+The ACL lets a device publish only on the request topics of the bank's operations
+(``m2mpay/{bank}/req/{op}``) and read only its own answers (``m2mpay/{bank}/resp/{its username}``)
+and the retained keys; bank workers read every request through the shared subscription and publish
+answers. With certificate logins the username is the certificate's CN and
+``use_username_as_clientid`` stops one client from taking over another's client id. Without TLS a
+username is whatever the client claims, so an ACL protects nothing: a bank's ACL needs TLS unless
+``insecure_acl`` says otherwise.
+
+Retained messages: Mosquitto 2.0 can switch them off only for everyone (``retain_available`` is
+global), and the bank's keys announcement must stay retained; its ACL file cannot tell a retained
+publish from another. So a device can leave one retained message on each operation's request
+topic, and no other: at most ``len(REQUEST_OPS)`` messages of ``MAX_PACKET_BYTES`` for the whole
+broker, overwritten rather than added to. Mosquitto 2.0.13 and later send no retained messages to
+a shared subscription; 2.0.11 (Debian 12) does, so a bank worker must subscribe with Retain
+Handling 2 (or drop messages flagged retained) for such a leftover never to be served as a request.
+
+Limits, all per client: ``MAX_PACKET_BYTES`` for any packet (a larger one ends the connection),
+and ``MAX_INFLIGHT_BYTES`` + ``MAX_QUEUED_BYTES`` of answers waiting for a slow or offline
+client. An MQTT v5 client's Receive Maximum overrides ``max_inflight_messages`` in Mosquitto
+2.0, so the byte caps are the ones that hold.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BrokerConfig", "render_acl", "render_config"]
+from protocol.messages import OPS, ErrorAnswer, KeysAnnouncement, Message
+
+__all__ = [
+    "MAX_INFLIGHT_BYTES",
+    "MAX_PACKET_BYTES",
+    "MAX_QUEUED_BYTES",
+    "MAX_QUEUED_MESSAGES",
+    "REQUEST_OPS",
+    "BrokerConfig",
+    "render_acl",
+    "render_config",
+]
+
+REQUEST_OPS: tuple[str, ...] = tuple(OPS)
+"""The operations whose request topics devices may publish on."""
+
+_FRAMING = 2048  # COSE signature and headers, MQTT topic and properties (response topic, correlation data)
+_BROKERED: list[type[Message]] = [KeysAnnouncement, ErrorAnswer, *(kind for pair in OPS.values() for kind in pair)]
+MAX_PACKET_BYTES = max(kind.MAX_SIZE for kind in _BROKERED) + _FRAMING
+"""The largest MQTT packet the broker accepts: the largest message the protocol allows, framed.
+
+Mosquitto applies it to every client alike, so the bank's keys announcement (the largest message)
+sets it for devices too."""
+
+MAX_INFLIGHT_MESSAGES = 20  # Mosquitto's default, said out loud
+MAX_INFLIGHT_BYTES = 1024 * 1024
+"""Bytes sent to one client and not yet acknowledged by it."""
+MAX_QUEUED_MESSAGES = 1000  # the default: a bank worker absorbs bursts of requests in its queue
+MAX_QUEUED_BYTES = 2 * 1024 * 1024
+"""Bytes held for one client beyond those in flight: 32 of the largest withdrawals, or all 1000
+messages of typical (~1 KiB) requests. Beyond either cap Mosquitto drops messages, which the
+protocol survives: a device repeats a request and the bank answers a repeat from its stored answers."""
+SESSION_EXPIRY = "1d"  # a persistent session unused this long is dropped with its queue
+MAX_KEEPALIVE_S = 60  # a v5 client asking for more (or for none) is told 60: dead links go within 90 s
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # written into topics and the ACL file: no '/', '+', '#', newline
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
-    """What a generated Mosquitto configuration says."""
+    """What a generated Mosquitto configuration says.
+
+    Raises :class:`ValueError` for a bank without TLS (unless ``insecure_acl``), for TLS files given
+    only in part, and for a bank or bank user name that is not a plain identifier.
+    """
 
     port: int
     data_dir: Path
@@ -30,13 +85,29 @@ class BrokerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     run_as_root: bool = False
+    insecure_acl: bool = False
+    """Allow a bank's ACL without TLS, where it keys on self-asserted usernames and protects nothing."""
+
+    def __post_init__(self) -> None:
+        tls = (self.tls_ca, self.tls_cert, self.tls_key)
+        if any(path is None for path in tls) and any(path is not None for path in tls):
+            raise ValueError("TLS needs all of tls_ca, tls_cert and tls_key")
+        if self.bank is None:
+            return
+        for name in (self.bank, *self.bank_users):
+            if not _NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a plain name ([A-Za-z0-9._-], at most 64)")
+        if self.tls_cert is None and not self.insecure_acl:
+            raise ValueError("a bank's ACL without TLS client certificates keys on usernames any client "
+                             "can claim; give the TLS files (or insecure_acl=True for a test broker)")
 
 
-def render_acl(bank: str, bank_users: tuple[str, ...]) -> str:
+def render_acl(bank: str, bank_users: tuple[str, ...], ops: tuple[str, ...] = REQUEST_OPS) -> str:
     """ACL patterns: devices publish requests and read their own answers; banks serve."""
     lines = [
         "# generated by m2mpay: devices publish requests, read their own answers and the keys",
-        f"pattern write m2mpay/{bank}/req/+",
+        "# (only the operations' topics: anything a device retains stays on these few)",
+        *(f"pattern write m2mpay/{bank}/req/{op}" for op in ops),
         f"pattern read m2mpay/{bank}/resp/%u",
         f"pattern read m2mpay/{bank}/keys",  # pattern: topic lines up here bind anonymous clients only
         "",
@@ -60,7 +131,13 @@ def render_config(cfg: BrokerConfig) -> str:
         "# generated by m2mpay",
         f"listener {cfg.port} {cfg.host}",
         "set_tcp_nodelay true",  # without it a request/response takes ~90 ms instead of ~0.7 ms
-        "max_packet_size 131072",
+        f"max_packet_size {MAX_PACKET_BYTES}",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+        f"max_inflight_bytes {MAX_INFLIGHT_BYTES}",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        f"persistent_client_expiration {SESSION_EXPIRY}",
+        f"max_keepalive {MAX_KEEPALIVE_S}",
         f"persistence {'true' if cfg.persistence else 'false'}",
         f"persistence_location {data}/",
         "log_dest stderr",

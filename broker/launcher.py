@@ -58,6 +58,8 @@ class Mosquitto:
     start_timeout: float = 10.0
     tls_dir: Path | None = None
     """With a PKI from :func:`broker.pki.make_pki`: TLS with client certificates only."""
+    insecure_acl: bool = False
+    """Allow ``bank`` without ``tls_dir``: the ACL then trusts claimed usernames (tests only)."""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,7 +76,7 @@ class Mosquitto:
         cfg = BrokerConfig(port=self.port, data_dir=self.data_dir, host=self.host, bank=self.bank,
                            run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
                            tls_ca=tls / "ca.crt" if tls else None, tls_cert=tls / "broker.crt" if tls else None,
-                           tls_key=tls / "broker.key" if tls else None)
+                           tls_key=tls / "broker.key" if tls else None, insecure_acl=self.insecure_acl)
         if self.bank is not None:
             (self.data_dir / "acl").write_text(render_acl(self.bank, cfg.bank_users))
         conf = self.data_dir / "mosquitto.conf"

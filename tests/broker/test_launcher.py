@@ -18,7 +18,7 @@ def _client(broker: Mosquitto, user: str) -> tuple[mqtt.Client, queue.Queue[tupl
     inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
     client.username_pw_set(user)
-    client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, msg.payload))
+    client.on_message = lambda _c, _u, msg: inbox.put((msg.topic, bytes(msg.payload)))
     acks: queue.Queue[int] = queue.Queue()
     client.on_subscribe = lambda _c, _u, mid, _codes, _props: acks.put(mid)
     client.user_data_set(acks)
@@ -53,7 +53,9 @@ def _wait_subscribed(client: mqtt.Client, inbox: queue.Queue[tuple[str, bytes]])
 
 
 def test_acl_keeps_answers_private(tmp_path: Path) -> None:
-    with Mosquitto(tmp_path, bank="b1") as broker:
+    """The ACL's rules, here without TLS: usernames are only claimed, so this protects nothing in
+    earnest (``insecure_acl``); with certificates see test_tls.py and tests/security."""
+    with Mosquitto(tmp_path, bank="b1", insecure_acl=True) as broker:
         bank, bank_inbox = _client(broker, "bank")
         alice, alice_inbox = _client(broker, "alice")
         mallory, mallory_inbox = _client(broker, "mallory")
