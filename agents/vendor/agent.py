@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,12 +35,12 @@ from protocol.rules.vendor import VendorSession
 
 from ..mqtt import BankClient, TransportError
 from .config import VendorConfig
+from .offers import OfferBook, Terms, offer_secret
 from .store import OutboxEntry, StoredSession, VendorStore
 
 __all__ = ["Credentials", "VendorAgent"]
 
 log = logging.getLogger(__name__)
-_MAX_OFFERS = 1024
 
 
 @dataclass(frozen=True)
@@ -68,25 +67,29 @@ class VendorAgent:
     clock: Callable[[], float] = time.time
     deliver: Callable[[bytes, int], None] = lambda session, units: None
     """The service itself: called with a session id and the units just paid for."""
-    offers: OrderedDict[bytes, Offer] = field(default_factory=OrderedDict)
     sessions: dict[bytes, VendorSession] = field(default_factory=dict)
     on_due: Callable[[bytes, Due], None] = lambda session, due: None
+    on_closed: Callable[[bytes], None] = lambda session: None
+    """Called when a session ends (closed, or settled on recovery): its observers are let go."""
+    offers: OfferBook = field(init=False, repr=False)
+    """Offers are stateless (a MAC in the nonce); only opened ones are remembered, until they expire."""
     _settling: set[bytes] = field(default_factory=set, init=False, repr=False)
     """req_ids of settlements whose answer a close or checkpoint is waiting for."""
+
+    def __post_init__(self) -> None:
+        pricing = self.config.pricing
+        terms = Terms(cert=self.credentials.cert, service=pricing.service, unit=pricing.unit, price=pricing.price,
+                      block_window=self.config.session.block_window, bank=self.credentials.bank,
+                      keysets=tuple(sorted(self.keyring.keysets)))
+        self.offers = OfferBook(offer_secret(self.credentials.key), terms)
 
     def now(self) -> int:
         return int(self.clock())
 
     # --- offers and opening ----------------------------------------------------------------
     def offer(self) -> Offer:
-        """A fresh offer: its nonce names the session the user will open."""
-        offer = Offer(cert=self.credentials.cert, service=self.config.pricing.service, unit=self.config.pricing.unit,
-                      price=self.config.pricing.price, deadline=self.now() + self.config.session.block_window,
-                      nonce=os.urandom(16), bank=self.credentials.bank, keysets=tuple(sorted(self.keyring.keysets)))
-        self.offers[offer.nonce] = offer
-        while len(self.offers) > _MAX_OFFERS:
-            self.offers.popitem(last=False)
-        return offer
+        """A fresh offer: its nonce (a MAC over its terms) names the session the user will open."""
+        return self.offers.issue(self.now())
 
     def _sign(self, message: SettleRequest | object, op: str) -> bytes:
         return envelope.sign_request(message, self.credentials.key, self.credentials.vendor,  # type: ignore[arg-type]
@@ -97,19 +100,22 @@ class VendorAgent:
             raw = await self.bank.request(op, data)
         except TransportError as exc:
             raise RemoteProtocolError("bank unreachable", ErrorCode.UNAVAILABLE) from exc
-        return envelope.open_answer(raw, self.keyring.answer_key, self.credentials.bank, op, kind)
+        return envelope.open_answer(raw, self.keyring.answer_key, self.credentials.bank, op, kind, request=data)
 
     async def open(self, request: OpenSession) -> SessionOpened:
-        """Check the coin, block it at the bank, and start the session."""
-        offer = self.offers.pop(request.nonce, None)
-        if offer is None:
-            raise RemoteProtocolError("no such offer (expired or already used)", ErrorCode.BAD_REQUEST)
+        """Check the offer and the coin, block the coin at the bank, and start the session."""
+        offer = self.offers.admit(request.nonce, request.deadline, self.now())
         session = VendorSession(offer, self.keyring, self.credentials.vendor)
         block = session.open(request, os.urandom(16), self.now())
+        self.offers.claim(offer, self.now())  # no await since admit: a concurrent twin is a replay
         try:
             answer = await self._ask("block", self._sign(block, "block"), BlockAnswer)
-        except RemoteProtocolError:
+        except RemoteProtocolError as exc:
             session.refused()
+            if exc.code is not ErrorCode.UNAVAILABLE:
+                # Refused by the bank: nothing was blocked under this offer. Unanswered, the coin
+                # may be blocked, and the offer stays used.
+                self.offers.release(offer)
             raise
         assert isinstance(answer, BlockAnswer)
         opened = session.blocked(answer)
@@ -178,6 +184,7 @@ class VendorAgent:
         assert closed is not None
         self.store.set_state(sid, "closed", credited=closed.credited)
         del self.sessions[sid]
+        self.on_closed(sid)
         return closed
 
     async def checkpoint(self, sid: bytes) -> int:
@@ -207,6 +214,7 @@ class VendorAgent:
             session = self.sessions.pop(entry.session, None) if not entry.keep_open else None
             if session is not None:
                 session.settled(answer)
+                self.on_closed(entry.session)
             if not entry.keep_open:
                 held = self.store.session(entry.session)
                 self.store.set_state(entry.session, "closed",

@@ -3,6 +3,11 @@
 Every body is CBOR (content-format 60). Bad input — wrong content-format, oversize or malformed
 CBOR, unknown session, a wrong or late token — is answered with a 4.xx and a CBOR error body
 ``{code, message}``; anything unexpected becomes aiocoap's bare 5.00 (nothing internal leaks).
+
+What a peer can make the vendor hold is bounded (:class:`~agents.vendor.limits.CoapLimits`):
+observers (:mod:`.watchers`), block-wise transfers (:mod:`.blockwise`) and requests waiting for
+the bank (:class:`~agents.vendor.limits.Gate`); offers hold nothing (:mod:`.offers`).
+:meth:`VendorSite.held` says how much is held right now.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiocoap
@@ -19,45 +25,60 @@ from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Due, ErrorAnswer, Message, OpenSession, Pay
+from protocol.messages import Message, OpenSession, Pay
 
 from .agent import VendorAgent
+from .blockwise import Blocks
+from .limits import CBOR, CoapError, CoapLimits, Gate, peer_of
+from .watchers import Watchers
 
-__all__ = ["CBOR", "CoapError", "build_site", "serve_coap"]
+__all__ = ["CBOR", "CoapError", "CoapLimits", "Held", "VendorSite", "build_site", "serve_coap"]
 
 log = logging.getLogger(__name__)
-CBOR = 60
-_CODES = {"4.00": Code.BAD_REQUEST, "4.01": Code.UNAUTHORIZED, "4.03": Code.FORBIDDEN, "4.04": Code.NOT_FOUND,
-          "4.09": Code.CONFLICT, "4.13": Code.REQUEST_ENTITY_TOO_LARGE, "5.00": Code.INTERNAL_SERVER_ERROR,
-          "5.03": Code.SERVICE_UNAVAILABLE}
-_MAX_BODY = 4096
 
 
-class CoapError(aiocoap.error.RenderableError):
-    """A protocol refusal, rendered as its CoAP code with a CBOR error body."""
+@dataclass(frozen=True, slots=True)
+class Held:
+    """What the vendor holds for its CoAP peers at one moment."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.text = code, message
+    watchers: int
+    """Observations of ``/sessions/{id}/due``."""
+    watched_sessions: int
+    uploads: int
+    """Block1 bodies being reassembled, and their bytes."""
+    upload_bytes: int
+    downloads: int
+    """Answers kept for their next Block2 block, and their bytes."""
+    download_bytes: int
+    waiting: int
+    """Requests waiting for the bank."""
+    offers: int
+    """Offers remembered (only those being opened or opened, until they expire)."""
 
-    def to_message(self) -> aiocoap.Message:
-        body = ErrorAnswer(code=self.code.wire, message=self.text[:200]).encode()
-        return aiocoap.Message(code=_CODES[self.code.coap], payload=body, content_format=CBOR)
+
+@dataclass
+class _Surface:
+    """The bounded state that the resources of one site share."""
+
+    agent: VendorAgent
+    limits: CoapLimits
+    blocks: Blocks
+    watchers: Watchers
+    gate: Gate
+
+    def decode(self, request: aiocoap.Message, kind: type[Any]) -> Any:
+        if request.opt.content_format != CBOR:
+            raise CoapError(ErrorCode.BAD_REQUEST, "content-format must be application/cbor (60)")
+        if len(request.payload) > self.limits.max_body:
+            raise CoapError(ErrorCode.TOO_LARGE, "body too large", size1=self.limits.max_body)
+        try:
+            return kind.decode(request.payload)
+        except ProtocolError as exc:
+            raise CoapError(exc.code, exc.message) from exc
 
 
-def _reply(message: Message) -> aiocoap.Message:
-    return aiocoap.Message(payload=message.encode(), content_format=CBOR)
-
-
-def _decode(request: aiocoap.Message, kind: type[Any]) -> Any:
-    if request.opt.content_format != CBOR:
-        raise CoapError(ErrorCode.BAD_REQUEST, "content-format must be application/cbor (60)")
-    if len(request.payload) > _MAX_BODY:
-        raise CoapError(ErrorCode.TOO_LARGE, "body too large")
-    try:
-        return kind.decode(request.payload)
-    except ProtocolError as exc:
-        raise CoapError(exc.code, exc.message) from exc
+def _reply(message: Message, code: Code = Code.CONTENT) -> aiocoap.Message:
+    return aiocoap.Message(code=code, payload=message.encode(), content_format=CBOR)
 
 
 async def _guard(coro: Any) -> Any:
@@ -67,48 +88,72 @@ async def _guard(coro: Any) -> Any:
         raise CoapError(exc.code, exc.message) from exc
 
 
-class OfferResource(resource.Resource):
-    """``GET /offer``: a fresh offer."""
+class _BlockwiseResource(resource.Resource):
+    """A resource whose block options go through the site's bounded :class:`Blocks`."""
+
+    def __init__(self, surface: _Surface) -> None:
+        super().__init__()
+        self.surface = surface
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False  # aiocoap's own tables are unbounded: Blocks does it (see render)
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self.surface.blocks.handle(request, super().render)
+
+
+class OfferResource(_BlockwiseResource):
+    """``GET /offer``: a fresh offer (nothing is kept: its nonce is a MAC over its terms)."""
 
     rt = "m2mpay.offer"
     ct = CBOR
 
-    def __init__(self, agent: VendorAgent) -> None:
-        super().__init__()
-        self.agent = agent
-
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
-        return _reply(self.agent.offer())
+        return _reply(self.surface.agent.offer())
 
 
-class OpenResource(resource.Resource):
+class OpenResource(_BlockwiseResource):
     """``POST /sessions``: open a session (the bank blocks the coin)."""
 
     rt = "m2mpay.sessions"
     ct = CBOR
 
-    def __init__(self, agent: VendorAgent) -> None:
-        super().__init__()
-        self.agent = agent
-
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        opened = await _guard(self.agent.open(_decode(request, OpenSession)))
-        return aiocoap.Message(code=Code.CREATED, payload=opened.encode(), content_format=CBOR)
+        opening = self.surface.decode(request, OpenSession)
+        with self.surface.gate.hold(peer_of(request.remote)):
+            opened = await _guard(self.surface.agent.open(opening))
+        return _reply(opened, Code.CREATED)
+
+
+class _WellKnownCore(resource.WKCResource):
+    """``/.well-known/core``, its block options through the site's bounded :class:`Blocks`."""
+
+    def __init__(self, listgenerator: Any, surface: _Surface) -> None:
+        super().__init__(listgenerator)
+        self.surface = surface
+
+    async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
+        return False
+
+    async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        return await self.surface.blocks.handle(request, super().render)
 
 
 class SessionResources(resource.ObservableResource, resource.PathCapable):
     """``/sessions/{id}/due`` (Observe), ``/sessions/{id}/pay``, ``/sessions/{id}/close``."""
 
-    def __init__(self, agent: VendorAgent) -> None:
+    def __init__(self, surface: _Surface) -> None:
         super().__init__()
-        self.agent = agent
-        self.watchers: dict[bytes, set[Any]] = {}
-        agent.on_due = self._notify
+        self.surface = surface
+        surface.agent.on_due = surface.watchers.notify
+        surface.agent.on_closed = surface.watchers.close
 
     async def render_to_pipe(self, pipe: Any) -> None:
-        # Only an Observe request needs aiocoap's observation machinery; every token payment
+        # Only an Observe of "due" needs aiocoap's observation machinery; every token payment
         # takes the plain (cheaper) path.
-        if pipe.request.opt.observe is not None:
+        request = pipe.request
+        path = request.opt.uri_path
+        if request.opt.observe is not None and request.code == Code.GET and len(path) == 2 and path[1] == "due":
             return await interfaces.ObservableResource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
         return await interfaces.Resource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
 
@@ -116,9 +161,7 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         return None  # per-session paths are not listed in .well-known/core
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
-        # Bodies and answers here are a few dozen bytes. Blockwise handling copies every
-        # request (deep copy) to key its caches: only pay for it when a peer asks for blocks.
-        return request.opt.block1 is not None or request.opt.block2 is not None
+        return False  # see render
 
     def _route(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> tuple[bytes, str]:
         path = request.opt.uri_path if path is None else path
@@ -131,36 +174,30 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         return sid, path[1]
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
-        sid, leaf = self._route(request)
-        if leaf != "due":
-            return
-        watchers = self.watchers.setdefault(sid, set())
-        watchers.add(serverobservation)
-        serverobservation.accept(lambda: watchers.discard(serverobservation))
-
-    def _notify(self, sid: bytes, due: Due) -> None:
-        # Non-confirmable: the meter sends a fresh "due" every interval, so a lost one is replaced
-        # by the next; confirmable ones would queue behind every lost acknowledgement (CoAP lets
-        # one confirmable message at a time be outstanding to a peer) and stall the payment.
-        for observation in list(self.watchers.get(sid, ())):
-            observation.trigger(aiocoap.Message(transport_tuning=aiocoap.Unreliable, code=Code.CONTENT,
-                                                payload=due.encode(),
-                                                content_format=CBOR))
+        sid, _ = self._route(request)
+        try:
+            self.surface.agent.current_due(sid)  # only an open session can be observed
+        except ProtocolError as exc:
+            raise CoapError(exc.code, exc.message) from exc
+        self.surface.watchers.add(sid, peer_of(request.remote), serverobservation)
 
     async def render(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> aiocoap.Message:
         """Answer one request; ``path`` is the part after ``/sessions`` when the site did not strip it."""
+        if request.opt.block1 is not None or request.opt.block2 is not None:
+            return await self.surface.blocks.handle(request, lambda whole: self._answer(whole, path))
+        return await self._answer(request, path)
+
+    async def _answer(self, request: aiocoap.Message, path: tuple[str, ...] | None) -> aiocoap.Message:
         sid, leaf = self._route(request, path)
+        agent = self.surface.agent
         try:
             if leaf == "due" and request.code == Code.GET:
-                return aiocoap.Message(code=Code.CONTENT, payload=self.agent.current_due(sid).encode(),
-                                       content_format=CBOR)
+                return _reply(agent.current_due(sid))
             if leaf == "pay" and request.code == Code.POST:
-                receipt = self.agent.pay(sid, _decode(request, Pay))
-                return aiocoap.Message(code=Code.CHANGED, payload=receipt.encode(), content_format=CBOR)
+                return _reply(agent.pay(sid, self.surface.decode(request, Pay)), Code.CHANGED)
             if leaf == "close" and request.code == Code.POST:
-                closed = await self.agent.close(sid)
-                self.watchers.pop(sid, None)
-                return aiocoap.Message(code=Code.CHANGED, payload=closed.encode(), content_format=CBOR)
+                with self.surface.gate.hold(peer_of(request.remote)):
+                    return _reply(await agent.close(sid), Code.CHANGED)  # its observers are let go
         except ProtocolError as exc:
             raise CoapError(exc.code, exc.message) from exc
         raise aiocoap.error.UnallowedMethod()
@@ -174,9 +211,18 @@ class VendorSite(resource.Site):
     or block options goes straight to :class:`SessionResources` with the path as it came.
     """
 
-    def __init__(self, sessions: SessionResources) -> None:
+    def __init__(self, surface: _Surface, sessions: SessionResources) -> None:
         super().__init__()
+        self._surface = surface
         self._sessions = sessions
+
+    def held(self) -> Held:
+        """How much the vendor holds for its peers right now."""
+        s = self._surface
+        return Held(watchers=len(s.watchers), watched_sessions=s.watchers.sessions,
+                    uploads=len(s.blocks.uploads), upload_bytes=s.blocks.uploads.size,
+                    downloads=len(s.blocks.downloads), download_bytes=s.blocks.downloads.size,
+                    waiting=len(s.gate), offers=len(s.agent.offers))
 
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
@@ -189,21 +235,25 @@ class VendorSite(resource.Site):
         await super().render_to_pipe(pipe)
 
 
-def build_site(agent: VendorAgent) -> resource.Site:
-    """The vendor's resources, with ``/.well-known/core``."""
-    sessions = SessionResources(agent)
-    site = VendorSite(sessions)
-    site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
-    site.add_resource(["offer"], OfferResource(agent))
-    site.add_resource(["sessions"], OpenResource(agent))
+def build_site(agent: VendorAgent, limits: CoapLimits | None = None) -> VendorSite:
+    """The vendor's resources, with ``/.well-known/core``, holding at most what ``limits`` allow."""
+    limits = limits or CoapLimits()
+    surface = _Surface(agent, limits, Blocks(limits), Watchers(limits),
+                       Gate(limits.waiting_per_peer, limits.waiting_total))
+    sessions = SessionResources(surface)
+    site = VendorSite(surface, sessions)
+    site.add_resource([".well-known", "core"], _WellKnownCore(site.get_resources_as_linkheader, surface))
+    site.add_resource(["offer"], OfferResource(surface))
+    site.add_resource(["sessions"], OpenResource(surface))
     site.add_resource(["sessions"], sessions)
     return site
 
 
 @contextlib.asynccontextmanager
-async def serve_coap(agent: VendorAgent, host: str = "::1", port: int = 5683) -> AsyncIterator[aiocoap.Context]:
+async def serve_coap(agent: VendorAgent, host: str = "::1", port: int = 5683,
+                     limits: CoapLimits | None = None) -> AsyncIterator[aiocoap.Context]:
     """One aiocoap server context for the process, shut down on exit."""
-    context = await aiocoap.Context.create_server_context(build_site(agent), bind=(host, port))
+    context = await aiocoap.Context.create_server_context(build_site(agent, limits), bind=(host, port))
     try:
         yield context
     finally:
