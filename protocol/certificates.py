@@ -1,4 +1,15 @@
-"""Vendor certificates and the keys announcement: COSE_Sign1 by the bank CA (DESIGN.md §5)."""
+"""Vendor certificates, the CA's key delegation and the keys announcement (DESIGN.md §5).
+
+All three are COSE_Sign1 (Ed25519), each under its own context string (external_aad), so a
+signature made for one can never pass as another:
+
+- a vendor certificate is signed by the bank CA (``m2mpay/cert/1``);
+- a key delegation is signed by the bank CA (``m2mpay/delegation/1``): it certifies the bank's
+  online announcement key for one purpose and a validity window, so the CA key can stay offline;
+- the keys announcement is signed by that delegated key (``m2mpay/keys/2``) and carries the
+  delegation. Devices know only the CA fingerprint: they check the CA key against it, the
+  delegation under the CA key, then the announcement under the delegated key.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +19,26 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from . import cose
 from .errors import ErrorCode, RemoteProtocolError
-from .messages import CertificateBody, KeysAnnouncement
+from .messages import PURPOSE_ANNOUNCE, CertificateBody, KeyDelegation, KeysAnnouncement
 
 __all__ = [
     "AAD_CERT",
-    "CertificateCache",
+    "AAD_DELEGATION",
     "AAD_KEYS",
+    "CertificateCache",
     "ca_fingerprint",
     "cert_hash",
     "issue_certificate",
+    "issue_delegation",
     "sign_announcement",
     "verify_announcement",
     "verify_certificate",
+    "verify_delegation",
 ]
 
 AAD_CERT = b"m2mpay/cert/1"
-AAD_KEYS = b"m2mpay/keys/1"
+AAD_DELEGATION = b"m2mpay/delegation/1"
+AAD_KEYS = b"m2mpay/keys/2"  # /1 was signed by the CA key itself
 
 
 def ca_fingerprint(ca_key: bytes) -> str:
@@ -79,20 +94,50 @@ class CertificateCache:
         return body
 
 
-def sign_announcement(announcement: KeysAnnouncement, ca_key: Ed25519PrivateKey) -> bytes:
-    """Sign the keys announcement with the CA key."""
+def issue_delegation(body: KeyDelegation, ca_key: Ed25519PrivateKey) -> bytes:
+    """Certify an online key of the bank with the CA key (an admin command; the CA key is offline)."""
+    return cose.sign1(body.encode(), ca_key, kid=body.bank.encode(), external_aad=AAD_DELEGATION)
+
+
+def verify_delegation(
+    data: bytes, ca_key: Ed25519PublicKey, bank: str, now: int, purpose: str = PURPOSE_ANNOUNCE
+) -> KeyDelegation:
+    """Check a key delegation: CA signature, issuing bank, purpose, validity at ``now``."""
+    try:
+        signed = cose.verify_sign1(data, ca_key, external_aad=AAD_DELEGATION)
+        body = KeyDelegation.decode(signed.payload)
+    except RemoteProtocolError as exc:
+        raise RemoteProtocolError(f"key delegation: {exc.message}", ErrorCode.BAD_SIGNATURE) from exc
+    if body.bank != bank:
+        raise RemoteProtocolError("key delegated by another bank", ErrorCode.BAD_SIGNATURE)
+    if body.purpose != purpose:
+        raise RemoteProtocolError(f"key delegated for {body.purpose}, not {purpose}", ErrorCode.BAD_SIGNATURE)
+    if not body.nbf <= now < body.exp:
+        raise RemoteProtocolError("key delegation not valid now", ErrorCode.BAD_SIGNATURE)
+    return body
+
+
+def sign_announcement(announcement: KeysAnnouncement, key: Ed25519PrivateKey) -> bytes:
+    """Sign the keys announcement with the online key its ``delegation`` certifies."""
     return cose.sign1(
-        announcement.encode(), ca_key, kid=announcement.bank.encode(), external_aad=AAD_KEYS
+        announcement.encode(), key, kid=announcement.bank.encode(), external_aad=AAD_KEYS
     )
 
 
-def verify_announcement(data: bytes, fingerprint: str) -> KeysAnnouncement:
-    """Verify a keys announcement against the provisioned CA fingerprint."""
+def verify_announcement(data: bytes, fingerprint: str, now: int) -> KeysAnnouncement:
+    """Verify a keys announcement against the provisioned CA fingerprint, at time ``now``.
+
+    The CA key it names must have that fingerprint; its delegation must be signed by that CA
+    key, for this bank and the purpose ``announce``, valid at ``now``; and the announcement must
+    be signed by the delegated key.
+    """
     signed = cose.decode_sign1(data, max_size=KeysAnnouncement.MAX_SIZE)
     announcement = KeysAnnouncement.decode(signed.payload)
     if ca_fingerprint(announcement.ca_key) != fingerprint:
         raise RemoteProtocolError("keys announced under an unknown CA", ErrorCode.BAD_SIGNATURE)
+    ca_key = Ed25519PublicKey.from_public_bytes(announcement.ca_key)
+    delegation = verify_delegation(announcement.delegation, ca_key, announcement.bank, now)
     cose.verify_sign1(
-        signed, Ed25519PublicKey.from_public_bytes(announcement.ca_key), external_aad=AAD_KEYS
+        signed, Ed25519PublicKey.from_public_bytes(delegation.key), external_aad=AAD_KEYS
     )
     return announcement

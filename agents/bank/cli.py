@@ -18,7 +18,7 @@ from ..logs import setup_logging
 from ..mqtt import TlsLogin
 
 from . import admin
-from .keys import BankKeys, add_keyset, init_bank, load_bank, retire_keyset
+from .keys import DELEGATION_DAYS, BankKeys, add_keyset, delegate, init_bank, load_bank, load_ca_key, retire_keyset
 from .server import serve
 from .workers import orphan_watch, run_workers, stop_on_sigterm
 from .service import BankService
@@ -34,6 +34,7 @@ def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     run.add_argument("--data", type=Path, required=True, help="directory for its config and persistence")
     run.add_argument("--bank", help="enforce the ACL for this bank id")
     run.add_argument("--tls", type=Path, help="PKI directory from 'broker pki': TLS with client certificates")
+    run.add_argument("--insecure-acl", action="store_true", help=_INSECURE_ACL_HELP)
     run.set_defaults(handler=_broker_run)
     pki = broker.add_parser("pki", help="create a CA, the broker's certificate and one per client")
     pki.add_argument("--dir", type=Path, required=True)
@@ -44,9 +45,13 @@ def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     config.add_argument("--port", type=int, default=8883)
     config.add_argument("--data", type=Path, required=True, help="persistence directory (the ACL file goes here)")
     config.add_argument("--bank", required=True)
-    config.add_argument("--tls", type=Path, required=True, help="PKI directory from 'broker pki'")
+    config.add_argument("--tls", type=Path, help="PKI directory from 'broker pki' (needed unless --insecure-acl)")
+    config.add_argument("--insecure-acl", action="store_true", help=_INSECURE_ACL_HELP)
     config.add_argument("--host", default="0.0.0.0")
     config.set_defaults(handler=_broker_config)
+
+
+_CA_KEY_HELP = "the CA's private key where it is kept offline (default: DATA/keys/ca.key)"
 
 
 def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -91,7 +96,18 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     enroll.add_argument("name")
     enroll.add_argument("--category", required=True)
     enroll.add_argument("--out", type=Path, required=True)
+    enroll.add_argument("--ca-key", type=Path, help=_CA_KEY_HELP)
     enroll.set_defaults(handler=_enroll)
+    revoke = vendor.add_parser("revoke", help="revoke a vendor: its blocks and settlements are refused at once, "
+                                              "wallets learn it from the announcement at the next serve")
+    revoke.add_argument("--data", type=Path, required=True)
+    revoke.add_argument("name")
+    revoke.set_defaults(handler=_revoke)
+
+    delegated = sub("delegate", "certify a new online key for the keys announcement (needs the CA key)")
+    delegated.add_argument("--valid-days", type=float, default=DELEGATION_DAYS)
+    delegated.add_argument("--ca-key", type=Path, help=_CA_KEY_HELP)
+    delegated.set_defaults(handler=_delegate)
 
     show = sub("balance", "an account's balance")
     show.add_argument("name")
@@ -121,10 +137,26 @@ def _now() -> int:
     return int(time.time())
 
 
+_INSECURE_ACL_HELP = ("allow --bank without --tls: clients then pick their own usernames, so the ACL "
+                      "protects nothing (a test broker on one machine only)")
+
+
+def _acl_refused(args: argparse.Namespace) -> bool:
+    """A bank's ACL without TLS trusts usernames any client can claim: say so unless asked for."""
+    if args.bank is None or args.tls is not None or args.insecure_acl:
+        return False
+    print(f"m2mpay broker {args.action}: --bank without --tls would key the ACL on usernames any client can "
+          "claim; give --tls PKI_DIR (or --insecure-acl for a test broker)", file=sys.stderr)
+    return True
+
+
 def _broker_run(args: argparse.Namespace) -> int:
     from broker.launcher import Mosquitto
 
-    with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls) as broker:
+    if _acl_refused(args):
+        return 2
+    with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls,
+                   insecure_acl=args.insecure_acl) as broker:
         print(f"mosquitto listening on {broker.url}", flush=True)
         try:
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -144,9 +176,12 @@ def _broker_pki(args: argparse.Namespace) -> int:
 def _broker_config(args: argparse.Namespace) -> int:
     from broker.config import BrokerConfig, render_acl, render_config
 
-    tls = args.tls.resolve()
-    cfg = BrokerConfig(port=args.port, data_dir=args.data, host=args.host, bank=args.bank, tls_ca=tls / "ca.crt",
-                       tls_cert=tls / "broker.crt", tls_key=tls / "broker.key")
+    if _acl_refused(args):
+        return 2
+    tls = args.tls.resolve() if args.tls is not None else None
+    cfg = BrokerConfig(port=args.port, data_dir=args.data, host=args.host, bank=args.bank,
+                       tls_ca=tls / "ca.crt" if tls else None, tls_cert=tls / "broker.crt" if tls else None,
+                       tls_key=tls / "broker.key" if tls else None, insecure_acl=args.insecure_acl)
     args.data.mkdir(parents=True, exist_ok=True)
     (args.data / "acl").write_text(render_acl(args.bank, cfg.bank_users))
     print(render_config(cfg), end="")
@@ -157,6 +192,8 @@ def _init(args: argparse.Namespace) -> int:
     init_bank(args.data, args.bank, args.db, _now())
     with _bank(args) as (keys, _):
         print(f"bank {keys.bank} created in {args.data}; CA fingerprint {keys.fingerprint}")
+    print("keys/ca.key is needed only to enrol vendors and to renew the announcement key ('bank delegate'): "
+          "keep it offline")
     return 0
 
 
@@ -224,8 +261,24 @@ def _deposit(args: argparse.Namespace) -> int:
 
 def _enroll(args: argparse.Namespace) -> int:
     with _bank(args) as (keys, store):
-        admin.enroll_vendor(keys, store, args.name, args.category, args.out, _now())
+        admin.enroll_vendor(keys, store, args.name, args.category, args.out, _now(),
+                            ca_key=load_ca_key(args.data, args.ca_key))
     print(f"vendor {args.name} enrolled; certificate and key in {args.out}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    with _bank(args) as (_, store):
+        changed = admin.revoke_vendor(store, args.name, _now())
+    print(f"vendor {args.name} {'revoked' if changed else 'was already revoked'}: the bank refuses its blocks and "
+          "settlements now; restart 'bank serve' so the announcement lists it")
+    return 0
+
+
+def _delegate(args: argparse.Namespace) -> int:
+    body = delegate(args.data, _now(), valid_days=args.valid_days, ca_key=load_ca_key(args.data, args.ca_key))
+    print(f"new announcement key certified until {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(body.exp))}; "
+          "restart 'bank serve' to announce with it")
     return 0
 
 
@@ -238,19 +291,23 @@ def _balance(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     with _bank(args) as (keys, _):
         ring = keys.keyring
+    keysets = [{"id": k.id, "value": k.value, "n": k.n, "currency": k.currency,
+                "withdraw_until": k.withdraw_until, "spend_until": k.spend_until,
+                "public_key": k.public_key.hex()} for k in ring.keysets.values()]
     data = {
         "bank": keys.bank, "ca_fingerprint": keys.fingerprint,
         "ca_key": cose.public_key_bytes(ring.ca_key).hex(), "answer_key": cose.public_key_bytes(ring.answer_key).hex(),
         "sealing_key": ring.sealing_key.public_bytes_raw().hex(),
-        "keysets": [{"id": k.id, "value": k.value, "n": k.n, "currency": k.currency,
-                     "withdraw_until": k.withdraw_until, "spend_until": k.spend_until,
-                     "public_key": k.public_key.hex()} for k in ring.keysets.values()],
+        "announce_key": keys.delegation.key.hex(), "announce_key_expires": keys.delegation.exp,
+        "revoked": sorted(ring.revoked), "keysets": keysets,
     }
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         print(f"bank {keys.bank}  CA fingerprint {keys.fingerprint}")
-        for k in data["keysets"]:  # type: ignore[union-attr]
+        if ring.revoked:
+            print(f"  revoked vendors: {', '.join(sorted(ring.revoked))}")
+        for k in keysets:
             print(f"  {k['id']}  {k['value']} {k['currency']} in {k['n']} tokens")
     return 0
 

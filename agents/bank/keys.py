@@ -1,51 +1,71 @@
 """The bank's keys and configuration in its data directory.
 
-Layout: ``bank.json`` (bank id and database URL) and ``keys/`` with the Ed25519 CA key, the
-Ed25519 answer-signing key, the X25519 sealing key (raw 32 bytes each) and one RSA key per
-keyset (PKCS#8 PEM). Every private key file is created with mode 0600. Keyset descriptions live
-in the database; a keyset's RSA key signs coins of that keyset and nothing else.
+Layout: ``bank.json`` (bank id and database URL; a SQLite path in it is relative to the data
+directory, so the directory can be moved and commands run from anywhere) and ``keys/``:
+
+- ``ca.key``: the Ed25519 CA key. It certifies vendors and the online announcement key, and
+  nothing else reads it: only ``bank init``, ``bank vendor enroll`` and ``bank delegate`` need it,
+  so it can be kept offline. ``ca.pub`` is its public half, which everything else uses.
+- ``announce.key`` and ``delegation.cose``: the online Ed25519 key that signs the keys
+  announcement, and the CA's :class:`~protocol.messages.KeyDelegation` certifying it for a year.
+- ``answer.key`` (Ed25519, signs answers), ``sealing.key`` (X25519, opens sealed authorizations),
+  and one RSA key per keyset (PKCS#8 PEM), which signs coins of that keyset and nothing else.
+
+Every file is written whole with mode 0600 and every directory is 0700 (:mod:`agents.files`).
+Keyset descriptions, accounts and vendors live in the database.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import blindrsa, cose
-from protocol.certificates import ca_fingerprint, sign_announcement
-from protocol.messages import KeysAnnouncement, KeysetInfo, keyset_id
+from protocol.certificates import ca_fingerprint, issue_delegation, sign_announcement, verify_delegation
+from protocol.errors import RemoteProtocolError
+from protocol.messages import PURPOSE_ANNOUNCE, KeyDelegation, KeysAnnouncement, KeysetInfo, keyset_id
 from protocol.rules.keyring import Keyring
 
+from ..files import create_private, private_dir, write_private
+from .revocation import refuse_revoked, revoked_vendors
 from .store import Store, Tx
 
-__all__ = ["BankKeys", "add_keyset", "init_bank", "load_bank", "retire_keyset"]
+__all__ = ["DELEGATION_DAYS", "BankKeys", "add_keyset", "delegate", "init_bank", "load_bank", "load_ca_key",
+           "reannounce", "retire_keyset"]
+
+log = logging.getLogger(__name__)
 
 DAY = 86400
+DELEGATION_DAYS = 365
+"""How long a delegation of the announcement key lasts; ``bank delegate`` renews it."""
+_EARLY = 3600  # a delegation is valid from an hour back: devices whose clock lags still accept it
 _RAW = serialization.Encoding.Raw
 _RAW_PRIV = serialization.PrivateFormat.Raw
 _NONE = serialization.NoEncryption()
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+def _raw(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    return key.private_bytes(_RAW, _RAW_PRIV, _NONE)
 
 
 @dataclass(frozen=True)
 class BankKeys:
-    """Everything secret and public a bank process needs."""
+    """What a bank process needs: never the CA's private key (see :func:`load_ca_key`)."""
 
     bank: str
-    ca_key: Ed25519PrivateKey
+    data_dir: Path
+    ca_public: Ed25519PublicKey
+    announce_key: Ed25519PrivateKey
+    delegation: KeyDelegation
     answer_key: Ed25519PrivateKey
     sealing_key: X25519PrivateKey
     signers: dict[str, blindrsa.BlindSigner]
@@ -55,7 +75,45 @@ class BankKeys:
     @property
     def fingerprint(self) -> str:
         """The CA fingerprint devices are provisioned with."""
-        return ca_fingerprint(cose.public_key_bytes(self.ca_key.public_key()))
+        return ca_fingerprint(cose.public_key_bytes(self.ca_public))
+
+    def load_ca_key(self) -> Ed25519PrivateKey:
+        """The CA's private key, read from disk for one certifying command."""
+        return load_ca_key(self.data_dir)
+
+    def refuse_revoked(self, tx: Tx, vendor: str) -> None:
+        """Raise ``revoked`` if ``vendor`` is revoked in the database (which a running bank
+        consults in each block and settlement, so a revocation takes effect at once)."""
+        refuse_revoked(tx, vendor)
+
+
+def load_ca_key(data_dir: Path, path: Path | None = None) -> Ed25519PrivateKey:
+    """The CA's private key (``keys/ca.key`` unless ``path`` says where it is kept offline); a
+    clear ``FileNotFoundError`` when it is not readable."""
+    path = path or data_dir / "keys" / "ca.key"
+    try:
+        return Ed25519PrivateKey.from_private_bytes(path.read_bytes())
+    except (FileNotFoundError, PermissionError):
+        raise FileNotFoundError(f"the CA key {path} is not readable here: certifying needs it "
+                                "(run this command where the CA key is kept)") from None
+
+
+def _check_db_url(url: str) -> None:
+    """Refuse a PostgreSQL URL with a password: ``bank.json`` is no place for one."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return
+    parts = urlsplit(url)
+    if parts.password is not None or "password" in parse_qs(parts.query):
+        raise ValueError("the database URL holds a password, which bank.json must not keep: give the URL "
+                         "without it and set PGPASSWORD, ~/.pgpass or a pg_service.conf service instead")
+
+
+def _sqlite_path(data_dir: Path, url: str) -> Path | None:
+    """The SQLite file a stored URL names (resolved against the data directory), or ``None`` for
+    PostgreSQL."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return None
+    return data_dir / url.removeprefix("sqlite:///")  # an absolute path stays itself
 
 
 def add_keyset(data_dir: Path, store: Store, *, value: int, tokens: int, withdraw_days: float,
@@ -67,8 +125,9 @@ def add_keyset(data_dir: Path, store: Store, *, value: int, tokens: int, withdra
     info = KeysetInfo(id=keyset_id(value, tokens, currency, withdraw_until, spend_until, der), value=value,
                       n=tokens, currency=currency, withdraw_until=withdraw_until, spend_until=spend_until,
                       public_key=der)
-    _write_secret(data_dir / "keys" / f"{info.id}.pem",
-                  private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _NONE))
+    write_private(data_dir / "keys" / f"{info.id}.pem",
+                  private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _NONE),
+                  exclusive=True)
     store.run_sync(lambda tx: tx.execute("INSERT INTO keysets (id, info) VALUES (?, ?)", (info.id, info.encode())))
     return info
 
@@ -84,49 +143,146 @@ def retire_keyset(store: Store, keyset: str) -> None:
     store.run_sync(retire)
 
 
+def delegate(data_dir: Path, now: int, *, valid_days: float = DELEGATION_DAYS, bank: str | None = None,
+             ca_key: Ed25519PrivateKey | None = None) -> KeyDelegation:
+    """Make a new online announcement key and have the CA certify it (needs the CA key).
+
+    It replaces the previous key and delegation: the bank announces with the new one from its
+    next start; devices accept either while each is valid.
+    """
+    if bank is None:
+        bank = str(json.loads((data_dir / "bank.json").read_text())["bank"])
+    ca = ca_key if ca_key is not None else load_ca_key(data_dir)
+    online = Ed25519PrivateKey.generate()
+    body = KeyDelegation(bank=bank, key=cose.public_key_bytes(online.public_key()), purpose=PURPOSE_ANNOUNCE,
+                         nbf=now - _EARLY, exp=now + int(valid_days * DAY))
+    keys_dir = data_dir / "keys"
+    write_private(keys_dir / "ca.pub", cose.public_key_bytes(ca.public_key()))
+    write_private(keys_dir / "announce.key", _raw(online))
+    write_private(keys_dir / "delegation.cose", issue_delegation(body, ca))
+    return body
+
+
 def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
               keysets: tuple[tuple[int, int], ...] = ((100, 100), (1000, 1000))) -> None:
-    """Create a bank: configuration, CA, answer and sealing keys, and the first keysets."""
+    """Create a bank: configuration, CA, announcement, answer and sealing keys, the first keysets.
+
+    A PostgreSQL URL must not carry a password (``ValueError``); a SQLite path given on the
+    command line is taken relative to the working directory, the default one lives in the data
+    directory and is stored relative to it.
+    """
+    if db_url is not None:
+        _check_db_url(db_url)
     if (data_dir / "bank.json").exists():
         raise FileExistsError(f"{data_dir} already holds a bank")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    url = db_url or str(data_dir / "bank.sqlite3")
-    for name, key in (("ca.key", Ed25519PrivateKey.generate()), ("answer.key", Ed25519PrivateKey.generate()),
+    if db_url is None:
+        url = "bank.sqlite3"
+    elif _sqlite_path(data_dir, db_url) is None:
+        url = db_url
+    else:
+        url = str(Path(db_url.removeprefix("sqlite:///")).resolve())
+    private_dir(data_dir)
+    ca = Ed25519PrivateKey.generate()
+    for name, key in (("ca.key", ca), ("answer.key", Ed25519PrivateKey.generate()),
                       ("sealing.key", X25519PrivateKey.generate())):
-        _write_secret(data_dir / "keys" / name, key.private_bytes(_RAW, _RAW_PRIV, _NONE))
-    store = Store(url)
+        write_private(data_dir / "keys" / name, _raw(key), exclusive=True)
+    delegate(data_dir, now, bank=bank, ca_key=ca)
+    path = _sqlite_path(data_dir, url)
+    if path is not None:
+        create_private(path)  # before SQLite creates it (and its journal files) with the umask's mode
+    store = Store(url if path is None else str(path))
     try:
         for value, tokens in keysets:
             add_keyset(data_dir, store, value=value, tokens=tokens, withdraw_days=365, spend_days=730, now=now)
     finally:
         store.close()
-    (data_dir / "bank.json").write_text(json.dumps({"bank": bank, "db": url}, indent=2) + "\n")
+    write_private(data_dir / "bank.json", json.dumps({"bank": bank, "db": url}, indent=2) + "\n")
 
 
 def _active_keysets(tx: Tx) -> list[KeysetInfo]:
     return [KeysetInfo.decode(bytes(r[0])) for r in tx.all("SELECT info FROM keysets WHERE retired = 0 ORDER BY id")]
 
 
-def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKeys, Store]:
-    """Open a bank's keys and database; the keys announcement is signed afresh."""
-    config = json.loads((data_dir / "bank.json").read_text())
+def _online_key(data_dir: Path, bank: str, now: int) -> tuple[Ed25519PublicKey, Ed25519PrivateKey, bytes]:
+    """The CA's public key, the online announcement key and its delegation, checked at ``now``.
+
+    A data directory from before the online key gets one here if the CA key is readable.
+    """
     keys_dir = data_dir / "keys"
-    ca = Ed25519PrivateKey.from_private_bytes((keys_dir / "ca.key").read_bytes())
+    names = ("ca.pub", "announce.key", "delegation.cose")
+    if not all((keys_dir / name).exists() for name in names):
+        try:
+            ca = load_ca_key(data_dir)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no announcement key in {keys_dir} (a bank made before it had one): run "
+                                    "'m2mpay bank delegate' where the CA key is") from None
+        delegate(data_dir, now, bank=bank, ca_key=ca)
+        log.info("created the online announcement key and its delegation by the CA")
+    ca_public = Ed25519PublicKey.from_public_bytes((keys_dir / "ca.pub").read_bytes())
+    online = Ed25519PrivateKey.from_private_bytes((keys_dir / "announce.key").read_bytes())
+    delegation = (keys_dir / "delegation.cose").read_bytes()
+    try:
+        body = verify_delegation(delegation, ca_public, bank, now)
+    except RemoteProtocolError as exc:
+        raise ValueError(f"the announcement key's delegation is not valid now ({exc.message}): renew it with "
+                         "'m2mpay bank delegate' where the CA key is") from None
+    if body.key != cose.public_key_bytes(online.public_key()):
+        raise ValueError("keys/announce.key is not the key keys/delegation.cose certifies: run "
+                         "'m2mpay bank delegate' again")
+    if body.exp - now < 30 * DAY:
+        log.warning("the announcement key's delegation expires in %d days: run 'm2mpay bank delegate'",
+                    (body.exp - now) // DAY)
+    return ca_public, online, delegation
+
+
+def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKeys, Store]:
+    """Open a bank's keys and its existing database; the keys announcement is signed afresh.
+
+    Reads neither the CA's private key (unless the online announcement key is still to be made)
+    nor creates a database: a missing one is a ``FileNotFoundError``.
+    """
+    config = json.loads((data_dir / "bank.json").read_text())
+    bank, url = str(config["bank"]), str(config["db"])
+    path = _sqlite_path(data_dir, url)
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"no bank database at {path}: bank.json names {url!r}, taken relative to the "
+                                "data directory (banks made by older versions may need \"db\": \"bank.sqlite3\")")
+    if path is None and (urlsplit(url).password is not None or "password=" in url):
+        log.warning("bank.json holds a database password: move it to PGPASSWORD, ~/.pgpass or a service file")
+    keys_dir = data_dir / "keys"
+    ca_public, online, delegation = _online_key(data_dir, bank, now)
     answer = Ed25519PrivateKey.from_private_bytes((keys_dir / "answer.key").read_bytes())
     sealing = X25519PrivateKey.from_private_bytes((keys_dir / "sealing.key").read_bytes())
-    store = Store(config["db"], connections=connections)
-    infos = store.run_sync(_active_keysets)
-    signers = {}
-    for info in infos:
-        private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None)
-        if not isinstance(private, rsa.RSAPrivateKey):
-            raise ValueError(f"keyset {info.id}: not an RSA key")
-        signers[info.id] = blindrsa.BlindSigner.from_private_key(private)
+    store = Store(url if path is None else str(path), connections=connections)
+    try:
+        infos = store.run_sync(_active_keysets)
+        revoked = store.run_sync(lambda tx: revoked_vendors(tx, now))
+        signers = {}
+        for info in infos:
+            private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None)
+            if not isinstance(private, rsa.RSAPrivateKey):
+                raise ValueError(f"keyset {info.id}: not an RSA key")
+            signers[info.id] = blindrsa.BlindSigner.from_private_key(private)
+    except BaseException:
+        store.close()
+        raise
     announcement = KeysAnnouncement(
-        bank=config["bank"], issued=now, ca_key=cose.public_key_bytes(ca.public_key()),
+        bank=bank, issued=now, ca_key=cose.public_key_bytes(ca_public), delegation=delegation,
         answer_key=cose.public_key_bytes(answer.public_key()),
-        sealing_key=sealing.public_key().public_bytes_raw(), keysets=tuple(infos))
-    keys = BankKeys(bank=config["bank"], ca_key=ca, answer_key=answer, sealing_key=sealing, signers=signers,
-                    announcement=sign_announcement(announcement, ca),
+        sealing_key=sealing.public_key().public_bytes_raw(), keysets=tuple(infos), revoked=revoked)
+    keys = BankKeys(bank=bank, data_dir=data_dir, ca_public=ca_public, announce_key=online,
+                    delegation=KeyDelegation.decode(cose.decode_sign1(delegation).payload), answer_key=answer,
+                    sealing_key=sealing, signers=signers, announcement=sign_announcement(announcement, online),
                     keyring=Keyring.from_announcement(announcement))
     return keys, store
+
+
+def reannounce(keys: BankKeys, announcement: bytes, revoked: tuple[str, ...], now: int) -> bytes | None:
+    """``announcement`` signed again with ``revoked`` as its list, or ``None`` if the list is the same.
+
+    How a running bank tells devices about a revocation without a restart.
+    """
+    current = KeysAnnouncement.decode(cose.decode_sign1(announcement).payload)
+    if current.revoked == revoked:
+        return None
+    return sign_announcement(dataclasses.replace(current, revoked=revoked, issued=now), keys.announce_key)

@@ -87,7 +87,7 @@ async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data
         async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}",
                               tls=tls) as bank:
             keyring = Keyring.from_announcement(verify_announcement(await bank.keys(timeout=30),
-                                                                    credentials.ca_fingerprint))
+                                                                    credentials.ca_fingerprint, int(clock())))
             agent = VendorAgent(credentials, keyring, bank, store, config=config, clock=clock,
                                 deliver=lambda sid, units: log.info("delivered %d unit(s) in %s", units, sid.hex()[:8]))
             recovered = await agent.recover()

@@ -15,6 +15,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import create_private
 from .tokenlog import TokenLog, TokenRecord
 
 __all__ = ["OutboxEntry", "StoredSession", "VendorStore"]
@@ -81,7 +82,7 @@ class VendorStore:
     """SQLite in WAL mode with durable commits; one writer (the vendor process)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)  # 0600 before SQLite makes it (its journal files take its mode)
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -7,14 +7,17 @@ from typing import ClassVar
 
 from .. import cbor
 from ..errors import LocalProtocolError
-from ._fields import IDENT, MAX_TOKENS, NONCE, POSITION, RSA_SIG, TIME, TOKEN
+from ._fields import COSE_BLOB, IDENT, MAX_TOKENS, NONCE, POSITION, RSA_SIG, TIME, TOKEN
 from ._schema import Bytes, ListOf, Message, Nested, Text, UInt, field, message
 
 __all__ = [
     "COIN_DOMAIN",
+    "MAX_REVOKED",
+    "PURPOSE_ANNOUNCE",
     "Authorization",
     "CertificateBody",
     "Coin",
+    "KeyDelegation",
     "KeysAnnouncement",
     "KeysetInfo",
     "coin_message",
@@ -84,18 +87,48 @@ class KeysetInfo(Message):
         return self.value // self.n
 
 
+MAX_REVOKED = 1024
+"""Most vendors an announcement lists as revoked (only those whose certificate has not expired)."""
+
+PURPOSE_ANNOUNCE = "announce"
+"""The one purpose a :class:`KeyDelegation` certifies today: signing the keys announcement."""
+
+
+@message
+class KeyDelegation(Message):
+    """The CA certifies an online key of the bank for one purpose and a limited time.
+
+    It lets the CA key stay offline: the running bank signs its announcement with the delegated
+    key, and devices check this certificate under the CA key they are provisioned with.
+    """
+
+    bank: str = field(IDENT)
+    key: bytes = field(Bytes(size=32))
+    purpose: str = field(IDENT)
+    nbf: int = field(TIME)
+    exp: int = field(TIME)
+
+    def validate(self) -> None:
+        if self.exp <= self.nbf:
+            raise LocalProtocolError("KeyDelegation: exp must follow nbf")
+
+
 @message
 class KeysAnnouncement(Message):
-    """The bank's public keys, retained on ``m2mpay/{bank}/keys`` and signed by its CA key."""
+    """The bank's public keys, retained on ``m2mpay/{bank}/keys``, signed by the online key that
+    ``delegation`` (a CA-signed :class:`KeyDelegation`) certifies; ``revoked`` names the vendors
+    whose certificates no wallet may pay any more."""
 
-    MAX_SIZE: ClassVar[int] = 64 * 1024
+    MAX_SIZE: ClassVar[int] = 128 * 1024
 
     bank: str = field(IDENT)
     issued: int = field(TIME)
     ca_key: bytes = field(Bytes(size=32))
+    delegation: bytes = field(COSE_BLOB)
     answer_key: bytes = field(Bytes(size=32))
     sealing_key: bytes = field(Bytes(size=32))
     keysets: tuple[KeysetInfo, ...] = field(ListOf(Nested(KeysetInfo), 64))
+    revoked: tuple[str, ...] = field(ListOf(IDENT, MAX_REVOKED))
 
     def keyset(self, keyset_id: str) -> KeysetInfo | None:
         """The listed keyset with this id, or ``None``."""

@@ -2,7 +2,7 @@
 
 Every party verifies with the same keyring: the bank, a vendor checking a coin before relaying
 it, and a wallet choosing a keyset. Keysets not listed in the announcement do not exist for it
-(DESIGN.md §5, tagging).
+(DESIGN.md §5, tagging). Vendors the announcement lists as revoked are refused by name.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ COIN_VARIANT = blindrsa.SHA384_PSS_RANDOMIZED
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
-    """Public keys of one bank: CA, answer signing, sealing, and each keyset's RSA key."""
+    """Public keys of one bank: CA, answer signing, sealing, each keyset's RSA key, and the
+    names of the vendors whose certificates it revoked."""
 
     bank: str
     ca_key: Ed25519PublicKey
@@ -32,6 +33,7 @@ class Keyring:
     sealing_key: X25519PublicKey
     keysets: Mapping[str, KeysetInfo]
     rsa_keys: Mapping[str, blindrsa.PublicKey]
+    revoked: frozenset[str] = frozenset()
 
     @classmethod
     def from_announcement(cls, announcement: KeysAnnouncement) -> Keyring:
@@ -43,7 +45,13 @@ class Keyring:
             sealing_key=X25519PublicKey.from_public_bytes(announcement.sealing_key),
             keysets={k.id: k for k in announcement.keysets},
             rsa_keys={k.id: blindrsa.PublicKey.from_der(k.public_key) for k in announcement.keysets},
+            revoked=frozenset(announcement.revoked),
         )
+
+    def refuse_revoked(self, vendor: str) -> None:
+        """Raise ``revoked`` if the bank revoked this vendor's certificates."""
+        if vendor in self.revoked:
+            raise RemoteProtocolError(f"vendor {vendor} revoked by the bank", ErrorCode.REVOKED)
 
     def keyset(self, keyset_id: str) -> KeysetInfo:
         """The keyset with this id; ``unknown_keyset`` if the bank does not list it."""

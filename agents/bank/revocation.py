@@ -1,0 +1,57 @@
+"""Vendor revocation in the bank's database: the ``vendors.revoked`` column (a time, or NULL).
+
+The database is the one list: ``bank vendor revoke`` writes it, the running bank reads it inside
+each block and settlement transaction (a primary-key lookup, so a revocation takes effect at
+once, in every worker), and the running bank republishes its keys announcement with the new list
+(:mod:`agents.bank.server`).
+"""
+
+from __future__ import annotations
+
+from protocol import cose
+from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from protocol.messages import MAX_REVOKED, CertificateBody
+
+from .store import Tx
+
+__all__ = ["is_revoked", "refuse_revoked", "revoke", "revoked_vendors"]
+
+
+def revoke(tx: Tx, vendor: str, now: int) -> bool:
+    """Mark ``vendor`` revoked at ``now``; ``False`` if it already was, ``KeyError`` if unknown."""
+    row = tx.one("SELECT revoked FROM vendors WHERE vendor = ?", (vendor,))
+    if row is None:
+        raise KeyError(vendor)
+    if row[0] is not None:
+        return False
+    tx.execute("UPDATE vendors SET revoked = ? WHERE vendor = ?", (now, vendor))
+    return True
+
+
+def is_revoked(tx: Tx, vendor: str) -> bool:
+    """Whether the bank revoked ``vendor``."""
+    row = tx.one("SELECT revoked FROM vendors WHERE vendor = ?", (vendor,))
+    return row is not None and row[0] is not None
+
+
+def refuse_revoked(tx: Tx, vendor: str) -> None:
+    """Raise ``revoked`` for a revoked vendor (inside the transaction that acts for it)."""
+    if is_revoked(tx, vendor):
+        raise RemoteProtocolError(f"vendor {vendor} revoked by the bank", ErrorCode.REVOKED)
+
+
+def revoked_vendors(tx: Tx, now: int) -> tuple[str, ...]:
+    """The revoked vendors whose certificate has not expired at ``now``, sorted: what the
+    announcement lists. A vendor whose certificate expired is refused by every device anyway."""
+    names = []
+    for vendor, cert in tx.all("SELECT vendor, cert FROM vendors WHERE revoked IS NOT NULL ORDER BY vendor"):
+        try:
+            expires = CertificateBody.decode(cose.decode_sign1(bytes(cert)).payload).exp
+        except ProtocolError:
+            expires = None  # unreadable: list it, refusing too much is the safe side
+        if expires is None or expires > now:
+            names.append(str(vendor))
+    if len(names) > MAX_REVOKED:
+        raise ValueError(f"{len(names)} revoked vendors with valid certificates: the announcement lists at "
+                         f"most {MAX_REVOKED}")
+    return tuple(names)
