@@ -66,6 +66,33 @@ CREATE TABLE journal (
 CREATE INDEX journal_debit ON journal (debit);
 CREATE INDEX journal_credit ON journal (credit);
 """),
+    # Issuance: what each withdrawal issued, written in the withdrawal's own transaction. It
+    # mirrors the journal's withdraw rows, so the audit can tell per keyset whether registered
+    # coins claim more than was issued, and a deleted journal row shows as a mismatch between the
+    # two sets of rows (no single "chain head" row that every request would have to lock).
+    # Withdrawals journalled before this migration are copied in without a keyset (their coin
+    # count is not recorded anywhere readable by SQL): the audit treats them as one pool that may
+    # back coins of any keyset.
+    (2, """
+CREATE TABLE issuance (
+    account TEXT NOT NULL,
+    req_id {blob} NOT NULL,
+    keyset TEXT,                       -- NULL: journalled before issuance was recorded
+    coins INTEGER CHECK (coins > 0),   -- NULL with keyset
+    value BIGINT NOT NULL CHECK (value > 0),
+    balance BIGINT,                    -- the balance after the debit, as the answer reports it
+    ts BIGINT NOT NULL,
+    PRIMARY KEY (account, req_id)
+);
+CREATE INDEX issuance_keyset ON issuance (keyset);
+INSERT INTO issuance (account, req_id, keyset, coins, value, balance, ts)
+    SELECT debit, ref, NULL, NULL, amount, NULL, ts FROM journal WHERE kind = 'withdraw'
+"""),
+    # Vendor revocation: when ``bank vendor revoke`` revoked the vendor (NULL: not revoked). The
+    # bank refuses a revoked vendor's blocks and settlements; the announcement lists it.
+    (3, """
+ALTER TABLE vendors ADD COLUMN revoked BIGINT
+"""),
 )
 
 SYSTEM_ACCOUNTS = ("world", "outstanding")

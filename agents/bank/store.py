@@ -102,6 +102,32 @@ class Tx:
         self.execute("INSERT INTO answers (signer, req_id, digest, answer, created) VALUES (?, ?, ?, ?, ?)",
                      (signer, req_id, stored.digest, stored.answer, now))
 
+    def fill_answer(self, signer: str, req_id: bytes, answer: bytes) -> bytes:
+        """Store ``answer`` in place of a pending (empty) one; the answer now stored under the key.
+
+        A twin that completed the same pending request first keeps its answer, and it is returned.
+        """
+        self.execute("UPDATE answers SET answer = ? WHERE signer = ? AND req_id = ? AND length(answer) = 0",
+                     (answer, signer, req_id))
+        row = self.one("SELECT answer FROM answers WHERE signer = ? AND req_id = ?", (signer, req_id))
+        if row is None:
+            raise StoreError("no pending answer to fill")
+        return bytes(row[0])
+
+    # --- issuance --------------------------------------------------------------------------
+    def issue(self, account: str, req_id: bytes, keyset: str, coins: int, value: int, balance: int,
+              now: int) -> None:
+        """Record what a withdrawal issued, in the transaction that journals its debit."""
+        self.execute("INSERT INTO issuance (account, req_id, keyset, coins, value, balance, ts)"
+                     " VALUES (?, ?, ?, ?, ?, ?, ?)", (account, req_id, keyset, coins, value, balance, now))
+
+    def issued_balance(self, account: str, req_id: bytes) -> int:
+        """The balance a recorded withdrawal left, as its answer reports it."""
+        row = self.one("SELECT balance FROM issuance WHERE account = ? AND req_id = ?", (account, req_id))
+        if row is None or row[0] is None:
+            raise StoreError("no issuance recorded for this withdrawal")
+        return int(row[0])
+
     # --- coins -----------------------------------------------------------------------------
     _COIN_COLUMNS = ("tip, keyset, n, token_value, position, last, status, session, vendor, account, "
                      "start, deadline, credited")
