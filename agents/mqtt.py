@@ -2,9 +2,13 @@
 
 The one seam where paho/aiomqtt exceptions become ours (:class:`TransportError` and its
 :class:`BankUnavailable`). Every wait is bounded. A request is published to
-``m2mpay/{bank}/req/{op}`` with a Response Topic (``m2mpay/{bank}/resp/{client}``) and
-Correlation Data; the pending future is removed in ``finally`` whatever happens. An unanswered
-request is retried with the *same bytes*: the bank answers a repeat from its store.
+``m2mpay/{bank}/req/{op}`` with a Response Topic and Correlation Data; the pending future is
+removed in ``finally`` whatever happens. An unanswered request is retried with the *same bytes*:
+the bank answers a repeat from its store.
+
+The bank answers a signed request only on ``m2mpay/{bank}/resp/{signer}``, the signer being the
+request's COSE ``kid``: with a certificate login that is the login's own name (the broker lets a
+device read nothing else); without one the client subscribes to each signer's topic it sends for.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from protocol import cose
+from protocol.errors import ProtocolError
+from protocol.messages import is_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -151,10 +159,24 @@ class BankClient:
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
     _supervisor: asyncio.Task[None] | None = None
     _keys: asyncio.Future[bytes] | None = None
+    _reply_topics: set[str] = field(default_factory=set)
 
     @property
     def reply_topic(self) -> str:
+        """Where answers to requests with no readable signer come back."""
         return response_prefix(self.bank) + (self.tls.name if self.tls else self.client_id)
+
+    def _reply_topic_for(self, data: bytes) -> str:
+        """The topic the bank answers ``data`` on: its signer's own."""
+        try:
+            signer = cose.decode_sign1(data).kid.decode("ascii")
+        except (ProtocolError, UnicodeDecodeError):
+            return self.reply_topic  # the bank refuses it before it knows a signer
+        if not is_name(signer):
+            return self.reply_topic
+        if self.tls is not None and signer != self.tls.name:
+            raise TransportError(f"a request signed by {signer!r} is never answered to the login {self.tls.name!r}")
+        return response_prefix(self.bank) + signer
 
     async def __aenter__(self) -> BankClient:
         self._keys = asyncio.get_running_loop().create_future()
@@ -183,7 +205,9 @@ class BankClient:
                 # (paho's default keepalive is 60 s).
                 async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S,
                                    timeout=_HANDSHAKE_S) as client:
-                    await client.subscribe(self.reply_topic, qos=1)
+                    self._reply_topics.add(self.reply_topic)
+                    for topic in sorted(self._reply_topics):
+                        await client.subscribe(topic, qos=1)
                     await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
                     self._client, backoff = client, 0.1
                     self._connected.set()
@@ -224,6 +248,7 @@ class BankClient:
         if self._supervisor is None:
             raise TransportError("not connected")
         wait = timeout or self.timeout
+        reply_topic = self._reply_topic_for(data)
         for attempt in range(self.retries):
             correlation = os.urandom(16)
             future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -234,8 +259,11 @@ class BankClient:
                     client = self._client
                     if client is None:
                         raise aiomqtt.MqttError("between connections")
+                    if reply_topic not in self._reply_topics:
+                        await client.subscribe(reply_topic, qos=1)
+                        self._reply_topics.add(reply_topic)
                     props = Properties(PacketTypes.PUBLISH)
-                    props.ResponseTopic = self.reply_topic
+                    props.ResponseTopic = reply_topic
                     props.CorrelationData = correlation
                     await client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
                     return await future

@@ -36,6 +36,8 @@ __all__ = [
     "VARIANTS",
     "BlindSigner",
     "BlindingSecret",
+    "MIN_MODULUS_BITS",
+    "PUBLIC_EXPONENT",
     "PublicKey",
     "Variant",
     "blind",
@@ -44,11 +46,16 @@ __all__ = [
     "finalize",
     "is_valid",
     "prepare",
+    "random_below",
     "verify",
 ]
 
 Rng = Callable[[int], bytes]
 _HLEN = 48  # SHA-384
+MIN_MODULUS_BITS = 2048
+"""Smallest keyset modulus a wallet or vendor accepts."""
+PUBLIC_EXPONENT = 65537
+"""The only public exponent a keyset may use."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +104,20 @@ class PublicKey:
 
     @classmethod
     def from_der(cls, der: bytes) -> PublicKey:
-        """Parse SubjectPublicKeyInfo DER; anything but an RSA key of 2048+ bits is refused."""
+        """Parse SubjectPublicKeyInfo DER; anything but an RSA key of 2048+ bits with ``e = 65537``
+        is refused.
+
+        The exponent is fixed because a bank that picks ``e`` with ``gcd(e, φ(n)) > 1`` makes
+        ``r ↦ r^e`` lose information, and can then tell blinded messages apart: a way to tag users.
+        """
         try:
             key = serialization.load_der_public_key(der)
         except ValueError as exc:
             raise RemoteProtocolError("malformed RSA public key") from exc
-        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < MIN_MODULUS_BITS:
             raise RemoteProtocolError("keyset key must be RSA-2048 or larger")
+        if key.public_numbers().e != PUBLIC_EXPONENT:
+            raise RemoteProtocolError("keyset key must have the public exponent 65537")
         return cls.from_cryptography(key)
 
 
@@ -187,12 +201,30 @@ def blind_with(public_key: PublicKey, input_msg: bytes, variant: Variant, r: int
     return blinded.to_bytes(public_key.size, "big"), BlindingSecret(inv=inv)
 
 
+def random_below(n: int, rng: Rng = os.urandom) -> int:
+    """A uniform integer in ``[1, n)``: RFC 9474's ``random_integer_uniform(1, n)``.
+
+    Rejection sampling over ``bit_len(n)``-bit candidates. Reducing ``k`` random bytes mod ``n``
+    instead makes the values below ``2^(8k) - n`` twice as likely, and the signer sees
+    ``blind_sig · sig⁻¹ mod n = r`` for the true (withdrawal, coin) pair only: a biased ``r``
+    lets the bank link coins to withdrawals. Each candidate is accepted with probability > 1/2.
+    """
+    if n < 2:
+        raise LocalProtocolError("modulus too small")
+    bits = n.bit_length()
+    size, excess = (bits + 7) // 8, -bits % 8
+    while True:
+        candidate = int.from_bytes(rng(size), "big") >> excess
+        if 1 <= candidate < n:
+            return candidate
+
+
 def blind(public_key: PublicKey, input_msg: bytes, variant: Variant, rng: Rng = os.urandom
           ) -> tuple[bytes, BlindingSecret]:
-    """``(blinded_msg, secret)``: hide ``input_msg`` from the signer behind a random ``r``."""
+    """``(blinded_msg, secret)``: hide ``input_msg`` from the signer behind a uniform random ``r``."""
     salt = rng(variant.salt_len) if variant.salt_len else b""
     while True:
-        r = int.from_bytes(rng(public_key.size), "big") % public_key.n
+        r = random_below(public_key.n, rng)
         if r > 1 and gmpy2.gcd(r, public_key.n) == 1:
             return blind_with(public_key, input_msg, variant, r, salt)
 

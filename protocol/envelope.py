@@ -3,8 +3,10 @@
 A request is a COSE_Sign1 whose ``external_aad`` names the bank and the operation, so a request
 signed for ``settle`` at bank A is worthless as anything else or anywhere else; the same holds
 for answers. An answer's payload is either the operation's answer message or an
-:class:`~protocol.messages.ErrorAnswer`. The idempotency key of a request is ``(signer, req_id)``;
-its digest tells an honest retry (same bytes) from a replay under a used key.
+:class:`~protocol.messages.ErrorAnswer`. Every answer, refusals included, is also bound to the
+SHA-256 digest of the exact request bytes it answers, so a signed answer (or refusal) of one
+request is worthless as the answer to any other. The idempotency key of a request is
+``(signer, req_id)``; its digest tells an honest retry (same bytes) from a replay under a used key.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import cbor, cose
-from .errors import ErrorCode, RemoteProtocolError
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .messages import OPS, ErrorAnswer, Message
 
 __all__ = [
+    "Refusal",
     "StoredAnswer",
     "answer_aad",
     "check_replay",
@@ -38,9 +41,14 @@ def request_aad(bank: str, op: str) -> bytes:
     return f"m2mpay/req/1/{bank}/{op}".encode()
 
 
-def answer_aad(bank: str, op: str) -> bytes:
-    """What an answer signature is bound to besides its payload."""
-    return f"m2mpay/resp/1/{bank}/{op}".encode()
+def answer_aad(bank: str, op: str, request_digest: bytes) -> bytes:
+    """What an answer signature is bound to besides its payload: bank, operation and request.
+
+    ``"m2mpay/resp/2/{bank}/{op}/"`` followed by the 32-byte SHA-256 of the request's bytes.
+    """
+    if len(request_digest) != 32:
+        raise LocalProtocolError("a request digest is 32 bytes")
+    return f"m2mpay/resp/2/{bank}/{op}/".encode() + request_digest
 
 
 def sign_request(message: Message, key: Ed25519PrivateKey, signer: str, bank: str, op: str) -> bytes:
@@ -50,22 +58,33 @@ def sign_request(message: Message, key: Ed25519PrivateKey, signer: str, bank: st
     return cose.sign1(message.encode(), key, kid=signer.encode(), external_aad=request_aad(bank, op))
 
 
-def sign_answer(message: Message, key: Ed25519PrivateKey, bank: str, op: str) -> bytes:
-    """The bank's signed answer (an answer message or an :class:`ErrorAnswer`)."""
-    return cose.sign1(message.encode(), key, kid=bank.encode(), external_aad=answer_aad(bank, op))
+class Refusal(RemoteProtocolError):
+    """A refusal the bank signed over this very request: final for it (a retry of the same bytes
+    gets the same refusal). A :class:`RemoteProtocolError` that is not a ``Refusal`` means the
+    answer could not be verified, and the request is still unanswered."""
 
 
-def open_answer(data: bytes, answer_key: Ed25519PublicKey, bank: str, op: str, expected: type[A]) -> A:
-    """Verify a bank answer and return it; a signed refusal raises its code.
+def sign_answer(message: Message, key: Ed25519PrivateKey, bank: str, op: str, *, request_digest: bytes) -> bytes:
+    """The bank's signed answer (an answer message or an :class:`ErrorAnswer`) to the request
+    whose bytes have ``request_digest`` (:func:`request_digest`)."""
+    return cose.sign1(message.encode(), key, kid=bank.encode(),
+                      external_aad=answer_aad(bank, op, request_digest))
 
-    A forged or corrupted answer raises ``bad_signature``: a client must then treat the request
-    as unanswered and retry it with the same ``req_id``.
+
+def open_answer(data: bytes, answer_key: Ed25519PublicKey, bank: str, op: str, expected: type[A], *,
+                request: bytes) -> A:
+    """Verify the bank's answer to ``request`` (the exact bytes sent) and return it; a signed
+    refusal raises its code.
+
+    A forged or corrupted answer, or the bank's answer to another request, raises
+    ``bad_signature``: a client must then treat the request as unanswered and retry it with the
+    same bytes.
     """
-    signed = cose.verify_sign1(data, answer_key, external_aad=answer_aad(bank, op))
+    signed = cose.verify_sign1(data, answer_key, external_aad=answer_aad(bank, op, request_digest(request)))
     obj = cbor.decode(signed.payload, max_size=expected.MAX_SIZE)
     if isinstance(obj, dict) and "code" in obj:
         refusal = ErrorAnswer.from_obj(obj)
-        raise RemoteProtocolError(refusal.message, refusal.error_code)
+        raise Refusal(refusal.message, refusal.error_code)
     return expected.from_obj(obj)
 
 

@@ -43,10 +43,12 @@ class ErrorCode(enum.Enum):
     DEADLINE = ("deadline", "4.03")
     INSUFFICIENT_FUNDS = ("insufficient_funds", "4.03")
     POLICY = ("policy", "4.03")
+    REVOKED = ("revoked", "4.03")
     COIN_BLOCKED = ("coin_blocked", "4.09")
     COIN_SPENT = ("coin_spent", "4.09")
     REPLAY = ("replay", "4.09")
     SESSION_CLOSED = ("session_closed", "4.09")
+    NO_PROGRESS = ("no_progress", "4.09")
     INTERNAL = ("internal", "5.00")
     UNAVAILABLE = ("unavailable", "5.03")
 

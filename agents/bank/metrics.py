@@ -17,11 +17,15 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
+from protocol.errors import ErrorCode
+from protocol.messages import OPS
+
 from .store import Store
 
 __all__ = ["BankMetrics", "serve_metrics"]
 
 log = logging.getLogger(__name__)
+_RESULTS = frozenset({"ok"} | {code.wire for code in ErrorCode})
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -34,7 +38,11 @@ class BankMetrics:
         self.sums: dict[str, float] = defaultdict(float)
 
     def observe(self, op: str, result: str, seconds: float) -> None:
-        op = op if op.isidentifier() and len(op) <= 16 else "other"  # peer-chosen text stays out of labels
+        # The op is the peer-chosen last topic level: only the operations we know become labels,
+        # or one device could grow /metrics by a label set per request.
+        op = op if op in OPS else "other"
+        if result not in _RESULTS:
+            result = "other"
         self.requests[(op, result)] += 1
         self.buckets[op][bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sums[op] += seconds

@@ -4,8 +4,13 @@ A reconnect loop (jittered exponential backoff) wraps one connection; inside it 
 the request handler and the periodic lapse sweep. The handler takes every request that has
 arrived, lets :class:`~agents.bank.service.BankService` answer each, makes their commits durable
 together, and publishes each answer to its request's Response Topic with its Correlation Data.
-A request without a Response Topic, or with one outside ``m2mpay/{bank}/resp/``, is logged and
-dropped: there is nobody to answer.
+
+Where answers go: a Response Topic must be exactly ``m2mpay/{bank}/resp/{name}`` with ``name`` a
+valid name (so never a wildcard, never another level); anything else is logged and dropped, since
+there is nobody to answer. Once the request's signature is verified, the answer goes only to
+``m2mpay/{bank}/resp/{signer}``: a request that names another device's topic gets no answer
+there (its signer's retry finds the stored answer). No single request can end the serve loop:
+whatever one request raises becomes a logged refusal or a dropped message.
 """
 
 from __future__ import annotations
@@ -15,13 +20,18 @@ import logging
 import os
 import random
 import uuid
+from dataclasses import dataclass
 
 import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from protocol.messages import is_name
 
 from ..mqtt import TlsLogin, answer_properties, connect, publish_nowait, response_prefix
-from .keys import BankKeys
+from .keys import BankKeys, reannounce
 from .metrics import BankMetrics, serve_metrics
-from .service import BankService
+from .revocation import revoked_vendors
+from .service import BankService, Reply
 
 __all__ = ["serve"]
 
@@ -31,19 +41,89 @@ log = logging.getLogger(__name__)
 _BATCH = 64  # requests answered together at most: one fdatasync for all of them
 
 
-def _request(message: aiomqtt.Message, bank: str) -> tuple[str, bytes, str, bytes] | None:
-    """``(op, payload, response topic, correlation data)``, or ``None`` when nobody can be answered."""
+@dataclass(frozen=True, slots=True)
+class _Request:
+    op: str
+    payload: bytes
+    reply_to: str
+    correlation: bytes
+
+
+def _reply_topic_ok(topic: object, bank: str) -> bool:
+    """``m2mpay/{bank}/resp/{name}`` exactly: one level below the prefix, a valid name."""
+    prefix = response_prefix(bank)
+    return isinstance(topic, str) and topic.startswith(prefix) and is_name(topic[len(prefix):])
+
+
+def _request(message: aiomqtt.Message, bank: str) -> _Request | None:
+    """The request a message carries, or ``None`` when nobody can be answered."""
     prefix = f"m2mpay/{bank}/req/"
     topic = message.topic.value
     if not topic.startswith(prefix):
         return None
+    if message.retain:
+        # A retained request is one some device left on the broker for every future worker:
+        # never a live request (devices publish without retain), so never answered.
+        log.warning("retained request on %r: dropped", topic[:80])
+        return None
     reply_to = getattr(message.properties, "ResponseTopic", None)
     correlation = getattr(message.properties, "CorrelationData", None) or b""
-    if not reply_to or not str(reply_to).startswith(response_prefix(bank)):
-        log.warning("request on %s without a usable Response Topic: dropped", topic[:80])
+    if not _reply_topic_ok(reply_to, bank) or not isinstance(correlation, (bytes, bytearray)):
+        log.warning("request on %r without a usable Response Topic: dropped", topic[:80])
         return None
     payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-    return topic[len(prefix):], payload, str(reply_to), bytes(correlation)
+    return _Request(topic[len(prefix):], payload, str(reply_to), bytes(correlation))
+
+
+def _destination(request: _Request, reply: Reply, bank: str) -> str | None:
+    """Where the answer goes: the verified signer's own topic, or back where an unverified
+    request came from (a refusal signed over that request's digest, useless to anyone else)."""
+    if reply.signer is None:
+        return request.reply_to
+    own = response_prefix(bank) + reply.signer
+    if request.reply_to != own:
+        log.warning("answer to %s's %s not sent to %r: a signer is answered only on its own topic",
+                    reply.signer, request.op[:32], request.reply_to[:80])
+        return None
+    return own
+
+
+async def _reply(service: BankService, request: _Request) -> Reply | None:
+    try:
+        return await service.reply(request.op, request.payload, defer_sync=True)
+    except Exception:  # the service answers every input; this is a bug, and it costs one request only
+        log.exception("no answer to a %r request", request.op[:32])
+        return None
+
+
+def _publish(client: aiomqtt.Client, bank: str, requests: list[_Request], replies: list[Reply | None]) -> None:
+    """Send each answer. A broken connection ends the batch (the answers are stored; devices retry);
+    anything one answer raises ends only that answer."""
+    for request, reply in zip(requests, replies, strict=True):
+        if reply is None:
+            continue
+        topic = _destination(request, reply, bank)
+        if topic is None:
+            continue
+        try:
+            publish_nowait(client, topic, reply.answer, answer_properties(request.correlation))
+        except aiomqtt.MqttError:
+            raise
+        except Exception:
+            log.exception("could not publish an answer to %r", topic[:80])
+
+
+def _parse(batch: list[aiomqtt.Message], bank: str) -> list[_Request]:
+    requests = []
+    for message in batch:
+        try:
+            request = _request(message, bank)
+        except Exception:
+            log.exception("unreadable MQTT message: dropped")
+            continue
+        if request is not None:
+            requests.append(request)
+    return requests
 
 
 async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: str) -> None:
@@ -55,38 +135,33 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
     """
     syncing = 0
 
-    def publish_all(requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
-        for (_, _, reply_to, correlation), answer in zip(requests, answers, strict=True):
-            publish_nowait(client, reply_to, answer, answer_properties(correlation))
-
-    async def release(mark: int, requests: list[tuple[str, bytes, str, bytes]], answers: list[bytes]) -> None:
+    async def release(mark: int, requests: list[_Request], replies: list[Reply | None]) -> None:
         nonlocal syncing
         try:
             await service.store.durable(mark)
         finally:
             syncing -= 1
-        publish_all(requests, answers)
+        _publish(client, bank, requests, replies)
 
     async with asyncio.TaskGroup() as group:
         async for message in client.messages:
             batch = [message]
             while len(client.messages) and len(batch) < _BATCH:
                 batch.append(await anext(client.messages))
-            requests = [r for r in (_request(m, bank) for m in batch) if r is not None]
+            requests = _parse(batch, bank)
             # Concurrently: on PostgreSQL each waits on its own connection; on SQLite they take
             # turns on the loop and only their sync is shared.
-            answers = await asyncio.gather(*(service.handle(op, payload, defer_sync=True)
-                                             for op, payload, _, _ in requests))
+            replies = list(await asyncio.gather(*(_reply(service, r) for r in requests)))
             # Nothing leaves before its commit is on disk. With more requests waiting, the sync
             # runs on its thread while the loop answers them (they share the next one); with
             # none, there is nothing to overlap, and syncing right here saves two thread wake-ups.
             if len(client.messages) or syncing:
                 mark = service.store.commits
                 syncing += 1
-                group.create_task(release(mark, requests, answers))
+                group.create_task(release(mark, requests, replies))
             else:
                 service.store.flush()
-                publish_all(requests, answers)
+                _publish(client, bank, requests, replies)
 
 
 async def _sweeper(service: BankService, interval: float) -> None:
@@ -98,6 +173,35 @@ async def _sweeper(service: BankService, interval: float) -> None:
                 log.info("lapsed %d blocks past their deadline", lapsed)
         except Exception:
             log.exception("lapse sweep failed; retrying at the next interval")
+
+
+async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankService, state: dict[str, bytes],
+                     interval: float) -> None:
+    """Republish the keys announcement when the vendors revoked in the database change.
+
+    A revocation is refused at once by every worker (it is read in each block and settlement);
+    this tells the devices, so wallets stop paying the vendor, without a restart.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        if await _refresh(keys, service, state):
+            await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
+
+
+async def _refresh(keys: BankKeys, service: BankService, state: dict[str, bytes]) -> bool:
+    """Sign the announcement again if the revoked vendors changed; whether it did."""
+    try:
+        now = int(service.clock())
+        revoked = await service.store.run(lambda tx: revoked_vendors(tx, now))
+        fresh = reannounce(keys, state["announcement"], revoked, now)
+    except Exception:
+        log.exception("could not check the revoked vendors; the announcement stays as it is")
+        return False
+    if fresh is None:
+        return False
+    state["announcement"] = fresh
+    log.info("keys announcement signed again: %d revoked vendor(s)", len(revoked))
+    return True
 
 
 async def serve(keys: BankKeys, service: BankService, url: str, *,
@@ -114,19 +218,28 @@ async def serve(keys: BankKeys, service: BankService, url: str, *,
         return
     backoff = 0.2
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
+    state = {"announcement": keys.announcement}  # the latest one this process published
     while True:
         try:
             async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
-                await client.publish(f"m2mpay/{keys.bank}/keys", keys.announcement, qos=1, retain=True)
-                await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+", qos=1)
+                # Every process announces the revocations in force when it (re)connects: a worker
+                # started before a revocation must not put the older list back.
+                await _refresh(keys, service, state)
+                await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
+                # Retain Handling 2: a request some device left retained is not handed to a new
+                # worker (Mosquitto 2.0.11 does that for shared subscriptions; later ones don't).
+                await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+",
+                                       options=SubscribeOptions(qos=1, retainHandling=2))
                 log.info("bank %s serving on %s (pid %d)", keys.bank, url, os.getpid())
                 backoff = 0.2
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
                     group.create_task(_answer_batches(client, service, keys.bank), name="bank-requests")
-                    if sweep_interval is not None:
+                    if sweep_interval is not None:  # the one process that sweeps also announces
                         group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
+                        group.create_task(_announcer(client, keys, service, state, sweep_interval),
+                                          name="bank-announcer")
         except* aiomqtt.MqttError as group_error:
             log.warning("broker connection lost (%s); reconnecting in %.1f s",
                         group_error.exceptions[0], backoff)

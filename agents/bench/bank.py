@@ -102,16 +102,18 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
         # Blinding before and unblinding after the clock runs: that is the devices' work.
         info, public = keys.keyring.keysets[world.keyset], keys.keyring.rsa_keys[world.keyset]
         pendings = [wallet.prepare_withdrawal(user.name, info, public, 32) for _ in range(0, spends, 32)]
-        signed = [user.sign(p.request, "withdraw") for p in pendings]
+        withdrawals = [user.sign(p.request, "withdraw") for p in pendings]
         raw_answers: list[bytes] = []
         lanes = 2 * workers
         start = time.perf_counter()
-        for i in range(0, len(signed), lanes):
-            raw_answers += await asyncio.gather(*(clients[0].request("withdraw", s) for s in signed[i:i + lanes]))
-        withdraw_rate = 32 * len(signed) / (time.perf_counter() - start)
+        for i in range(0, len(withdrawals), lanes):
+            raw_answers += await asyncio.gather(*(clients[0].request("withdraw", s)
+                                                  for s in withdrawals[i:i + lanes]))
+        withdraw_rate = 32 * len(withdrawals) / (time.perf_counter() - start)
         coins = []
-        for pending, raw in zip(pendings, raw_answers, strict=True):
-            coins += wallet.complete_withdrawal(pending, world.open(raw, "withdraw", WithdrawAnswer), info, public)
+        for pending, request, raw in zip(pendings, withdrawals, raw_answers, strict=True):
+            coins += wallet.complete_withdrawal(pending, world.open(raw, "withdraw", WithdrawAnswer, request=request),
+                                               info, public)
         coins = coins[:spends]
         prepared = []
         for i, wc in enumerate(coins):
@@ -133,15 +135,15 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
             block_answers = await run_lanes(clients, "block", blocks, in_flight)
             elapsed = time.perf_counter() - start
             settles = []
-            for (vendor, session, _), raw in zip(chunk, block_answers, strict=True):
-                session.blocked(world.open(raw, "block", BlockAnswer))  # type: ignore[arg-type]
+            for (vendor, session, block), raw in zip(chunk, block_answers, strict=True):
+                session.blocked(world.open(raw, "block", BlockAnswer, request=block))
                 settles.append(vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle"))
             start = time.perf_counter()
             settle_answers = await run_lanes(clients, "settle", settles, in_flight)
             elapsed += time.perf_counter() - start
             bank_rates.append(2 * len(chunk) / elapsed)
-            for (_, session, _), raw in zip(chunk, settle_answers, strict=True):
-                session.settled(world.open(raw, "settle", SettleAnswer))  # type: ignore[arg-type]
+            for (_, session, _), settle, raw in zip(chunk, settles, settle_answers, strict=True):
+                session.settled(world.open(raw, "settle", SettleAnswer, request=settle))
             start = time.perf_counter()
             await run_lanes(echo_clients, "x", [os.urandom(size) for _ in range(2 * len(chunk))], in_flight)
             echo_rates.append(2 * len(chunk) / (time.perf_counter() - start))

@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,6 +28,7 @@ from protocol.rules.vendor import VendorSession
 
 NOW = 1_800_000_000
 BANK = "bank-a"
+A = TypeVar("A", bound=Message)
 
 Send = Callable[[str, bytes], Awaitable[bytes]]
 
@@ -101,12 +103,13 @@ class BankWorld:
         info = self.keys.keyring.keysets[self.keyset]
         public = self.keys.keyring.rsa_keys[self.keyset]
         pending = wallet.prepare_withdrawal(user.name, info, public, count)
-        raw = await self.send("withdraw", user.sign(pending.request, "withdraw"))
-        answer = self.open(raw, "withdraw", WithdrawAnswer)
+        signed = user.sign(pending.request, "withdraw")
+        answer = self.open(await self.send("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
         return wallet.complete_withdrawal(pending, answer, info, public)
 
-    def open(self, raw: bytes, op: str, kind: type[Message]) -> Message:
-        return envelope.open_answer(raw, self.keys.answer_key.public_key(), BANK, op, kind)  # type: ignore[type-var]
+    def open(self, raw: bytes, op: str, kind: type[A], *, request: bytes) -> A:
+        """The verified answer to ``request`` (the bytes sent)."""
+        return envelope.open_answer(raw, self.keys.answer_key.public_key(), BANK, op, kind, request=request)
 
     def session(self, vendor: Device, wc: wallet.WalletCoin, deadline: int | None = None,
                 ) -> tuple[wallet.WalletCoin, VendorSession, bytes]:
@@ -124,15 +127,16 @@ class BankWorld:
 
     async def block(self, vendor: Device, wc: wallet.WalletCoin) -> tuple[wallet.WalletCoin, VendorSession]:
         wc, session, signed = self.session(vendor, wc)
-        answer = self.open(await self.send("block", signed), "block", BlockAnswer)
-        session.blocked(answer)  # type: ignore[arg-type]
+        answer = self.open(await self.send("block", signed), "block", BlockAnswer, request=signed)
+        session.blocked(answer)
         return wc, session
 
     async def settle(self, vendor: Device, session: VendorSession, *, keep_open: bool = False) -> SettleAnswer:
         request = session.settle_request(os.urandom(16), keep_open=keep_open)
-        answer = self.open(await self.send("settle", vendor.sign(request, "settle")), "settle", SettleAnswer)
-        session.settled(answer)  # type: ignore[arg-type]
-        return answer  # type: ignore[return-value]
+        signed = vendor.sign(request, "settle")
+        answer = self.open(await self.send("settle", signed), "settle", SettleAnswer, request=signed)
+        session.settled(answer)
+        return answer
 
     def audit(self) -> admin.AuditReport:
         return admin.audit(self.store)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from protocol.messages import Closed, Due, Offer, OpenSession, Receipt, SessionO
 from protocol.rules import wallet
 from protocol.rules.keyring import Keyring
 
+from ..files import append_private
 from ..mqtt import BankClient
 from ..policy.config import PolicyConfig
 from ..policy.engine import CoinView, Decision, OfferView, PolicyEngine, Spend
@@ -39,6 +41,7 @@ _EXCHANGE_WAIT = 45.0
 
 __all__ = ["PaymentResult", "PolicyRefusal", "UserAgent", "UserCredentials"]
 
+log = logging.getLogger(__name__)
 _KEYS_FILE = "bank-keys.cose"
 _CBOR = 60
 
@@ -93,8 +96,7 @@ class UserAgent:
         return int(self.clock())
 
     def _log(self, action: str, decision: Decision) -> None:
-        with open(self.directory / "decisions.jsonl", "a") as log:
-            log.write(decision.to_json(action, self.now()) + "\n")
+        append_private(self.directory / "decisions.jsonl", decision.to_json(action, self.now()) + "\n")
 
     def _history(self) -> list[Spend]:
         path = self.directory / "spending.jsonl"
@@ -103,29 +105,34 @@ class UserAgent:
         return [Spend(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
     def _spent(self, spend: Spend) -> None:
-        with open(self.directory / "spending.jsonl", "a") as log:
-            log.write(json.dumps({"ts": spend.ts, "vendor": spend.vendor, "category": spend.category,
-                                  "amount": spend.amount}) + "\n")
+        append_private(self.directory / "spending.jsonl", json.dumps(
+            {"ts": spend.ts, "vendor": spend.vendor, "category": spend.category, "amount": spend.amount}) + "\n")
 
     def keyring(self) -> Keyring:
         """The bank's keys as verified at the last withdrawal (no network needed)."""
         path = self.directory / _KEYS_FILE
         if not path.exists() or "ca_fingerprint" not in self.meta:
             raise RemoteProtocolError("no bank keys yet: withdraw first", ErrorCode.UNKNOWN_KEYSET)
-        return Keyring.from_announcement(verify_announcement(path.read_bytes(), self.meta["ca_fingerprint"]))
+        return Keyring.from_announcement(verify_announcement(path.read_bytes(), self.meta["ca_fingerprint"],
+                                                             self.now()))
 
     # --- withdrawing -----------------------------------------------------------------------
     async def withdraw(self, bank: BankClient, credentials: UserCredentials, count: int,
                        keyset: str | None = None) -> list[wallet.WalletCoin]:
         """Resend any unfinished withdrawal, then withdraw ``count`` coins."""
         announcement = await bank.keys()
-        keyring = Keyring.from_announcement(verify_announcement(announcement, credentials.ca_fingerprint))
+        keyring = Keyring.from_announcement(verify_announcement(announcement, credentials.ca_fingerprint,
+                                                                self.now()))
         (self.directory / _KEYS_FILE).write_bytes(announcement)
         self.meta = {"ca_fingerprint": credentials.ca_fingerprint, "bank": credentials.bank}
         (self.directory / "wallet.json").write_text(json.dumps(self.meta))
         coins: list[wallet.WalletCoin] = []
         for pending, signed in self.store.pending_withdrawals():
-            coins += await self._complete(bank, keyring, pending, signed)
+            try:
+                coins += await self._complete(bank, keyring, pending, signed)
+            except envelope.Refusal as refusal:  # already forgotten; the new withdrawal goes ahead
+                log.warning("an earlier withdrawal was refused by the bank: %s (%s)", refusal.code.wire,
+                            refusal.message)
         if count > 0:
             info = keyring.withdrawable(keyset, self.now()) if keyset else min(
                 (k for k in keyring.keysets.values() if k.withdraw_until >= self.now()), key=lambda k: k.value)
@@ -139,7 +146,14 @@ class UserAgent:
     async def _complete(self, bank: BankClient, keyring: Keyring, pending: wallet.PendingWithdrawal,
                         signed: bytes) -> list[wallet.WalletCoin]:
         raw = await bank.request("withdraw", signed)
-        answer = envelope.open_answer(raw, keyring.answer_key, keyring.bank, "withdraw", WithdrawAnswer)
+        try:
+            answer = envelope.open_answer(raw, keyring.answer_key, keyring.bank, "withdraw", WithdrawAnswer,
+                                          request=signed)
+        except envelope.Refusal:
+            # Signed over this request: final (the bank keeps refusals too), so resending it
+            # would only get the same refusal, ahead of every later withdrawal.
+            self.store.drop_withdrawal(pending.request.req_id)
+            raise
         info = keyring.keyset(pending.request.keyset)
         coins = wallet.complete_withdrawal(pending, answer, info, keyring.rsa_keys[info.id])
         self.store.finish_withdrawal(pending.request.req_id, coins)
@@ -175,6 +189,7 @@ class UserAgent:
         """What the policy needs to know of an offer, its certificate checked against the bank CA."""
         keyring = self.keyring()
         cert = verify_certificate(offer.cert, keyring.ca_key, keyring.bank, self.now())
+        keyring.refuse_revoked(cert.vendor)  # as of the announcement kept at the last withdrawal
         if offer.bank != keyring.bank:
             raise RemoteProtocolError("vendor is paid by another bank", ErrorCode.CERT_INVALID)
         values = [keyring.keysets[k].token_value for k in offer.keysets if k in keyring.keysets]

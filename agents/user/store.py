@@ -99,6 +99,10 @@ class WalletStore:
                         bytes(signed)))
         return out
 
+    def drop_withdrawal(self, req_id: bytes) -> None:
+        """Forget a withdrawal the bank refused: its secrets can never become coins."""
+        self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
+
     def finish_withdrawal(self, req_id: bytes, coins: list[WalletCoin]) -> None:
         """Store the finalized coins and forget the secrets, in one transaction."""
         self._db.execute("BEGIN IMMEDIATE")

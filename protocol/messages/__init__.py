@@ -1,5 +1,6 @@
 """Every m2mpay message: frozen, slotted, self-validating dataclasses with strict CBOR codecs."""
 
+from ._fields import IDENT, MAX_TOKENS
 from ._schema import Message
 from .bank import (
     MAX_WITHDRAW_BATCH,
@@ -16,9 +17,12 @@ from .bank import (
 )
 from .coins import (
     COIN_DOMAIN,
+    MAX_REVOKED,
+    PURPOSE_ANNOUNCE,
     Authorization,
     CertificateBody,
     Coin,
+    KeyDelegation,
     KeysAnnouncement,
     KeysetInfo,
     coin_message,
@@ -26,10 +30,24 @@ from .coins import (
 )
 from .payment import Closed, Due, Offer, OpenSession, Pay, Receipt, SessionOpened
 
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` is a valid name of an account, vendor, bank or category (1-32 of [a-z0-9-_.])."""
+    try:
+        IDENT.check(text)
+    except ValueError:
+        return False
+    return True
+
+
 __all__ = [
     "COIN_DOMAIN",
+    "MAX_TOKENS",
+    "MAX_REVOKED",
     "MAX_WITHDRAW_BATCH",
     "OPS",
+    "PURPOSE_ANNOUNCE",
     "Authorization",
     "BlockAnswer",
     "BlockRequest",
@@ -38,6 +56,7 @@ __all__ = [
     "Coin",
     "Due",
     "ErrorAnswer",
+    "KeyDelegation",
     "KeysAnnouncement",
     "KeysetInfo",
     "Message",
@@ -53,5 +72,6 @@ __all__ = [
     "WithdrawAnswer",
     "WithdrawRequest",
     "coin_message",
+    "is_name",
     "keyset_id",
 ]

@@ -233,6 +233,9 @@ def apply_settle(
         raise RemoteProtocolError("session is not the coin's current one", ErrorCode.SESSION_CLOSED)
     status = _step(record.status, CoinEvent.CHECKPOINT if keep_open else CoinEvent.SETTLE)
     _check_chain(record, index, token)
+    if keep_open and index == record.start:
+        # A checkpoint that credits nothing would only add a stored answer per request.
+        raise RemoteProtocolError("checkpoint credits nothing new", ErrorCode.NO_PROGRESS)
     moved = dataclasses.replace(record, position=index, last=token)
     credited, credits = _credit(moved, index, "checkpoint" if keep_open else "settle")
     return Outcome(dataclasses.replace(credited, status=status), lapsed.credits + credits)

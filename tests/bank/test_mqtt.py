@@ -50,10 +50,10 @@ async def online(world: BankWorld, mosquitto: str) -> AsyncIterator[tuple[BankWo
 
 async def test_keys_announcement_is_retained_and_signed(online: tuple[BankWorld, BankClient]) -> None:
     world, client = online
-    announcement = verify_announcement(await client.keys(), world.keys.fingerprint)
+    announcement = verify_announcement(await client.keys(), world.keys.fingerprint, world.clock.now)
     assert announcement.bank == BANK and {k.id for k in announcement.keysets} == set(world.keys.keyring.keysets)
     with pytest.raises(RemoteProtocolError):
-        verify_announcement(await client.keys(), "00" * 32)  # another CA
+        verify_announcement(await client.keys(), "00" * 32, world.clock.now)  # another CA
 
 
 async def test_withdraw_block_settle_checkpoint_lapse_status(online: tuple[BankWorld, BankClient]) -> None:
@@ -86,9 +86,9 @@ async def test_same_coin_two_vendors_100_times(online: tuple[BankWorld, BankClie
             _, _, b = world.session(second, wc)
             answers = await asyncio.gather(client.request("block", a), other.request("block", b))
             won = 0
-            for raw in answers:
+            for request, raw in zip((a, b), answers, strict=True):
                 try:
-                    world.open(raw, "block", BlockAnswer)
+                    world.open(raw, "block", BlockAnswer, request=request)
                     won += 1
                 except RemoteProtocolError as exc:
                     assert exc.code is ErrorCode.COIN_BLOCKED
@@ -117,7 +117,7 @@ async def test_lost_answer_retry_debits_once(online: tuple[BankWorld, BankClient
     async with asyncio.timeout(5):
         while admin.balance(world.store, "alice") == 10_000:
             await asyncio.sleep(0.02)
-    answer = world.open(await client.request("withdraw", data), "withdraw", WithdrawAnswer)
+    answer = world.open(await client.request("withdraw", data), "withdraw", WithdrawAnswer, request=data)
     assert isinstance(answer, WithdrawAnswer) and answer.balance == 10_000 - 300
     assert len(answer.blind_sigs) == 3 and admin.balance(world.store, "alice") == 10_000 - 300
 
@@ -135,7 +135,7 @@ async def test_request_without_response_topic_is_dropped_and_bank_keeps_serving(
     raw.disconnect()
     # the service still answers, and garbage with a Response Topic gets a signed refusal
     with pytest.raises(RemoteProtocolError) as info:
-        world.open(await client.request("block", b"garbage"), "block", BlockAnswer)
+        world.open(await client.request("block", b"garbage"), "block", BlockAnswer, request=b"garbage")
     assert info.value.code is ErrorCode.BAD_REQUEST
     (coin,) = await world.withdraw(world.user("alice"))
     assert coin.remaining == 100

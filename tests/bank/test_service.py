@@ -57,7 +57,8 @@ async def test_withdraw_retry_debits_once_and_replay_is_refused(world: BankWorld
     assert admin.balance(world.store, "alice") == 10_000 - 200
     other = dataclasses.replace(pending.request, blinded=pending.request.blinded[:1])
     with pytest.raises(RemoteProtocolError) as info_:
-        world.open(await world.send("withdraw", user.sign(other, "withdraw")), "withdraw", BlockAnswer)
+        signed = user.sign(other, "withdraw")
+        world.open(await world.send("withdraw", signed), "withdraw", BlockAnswer, request=signed)
     assert info_.value.code is ErrorCode.REPLAY and admin.balance(world.store, "alice") == 9_800
 
 
@@ -70,9 +71,9 @@ async def test_same_coin_two_vendors_at_once(world: BankWorld) -> None:
         _, _, b = world.session(second, wc)
         answers = await asyncio.gather(world.send("block", a), world.send("block", b))
         outcomes = []
-        for raw in answers:
+        for request, raw in zip((a, b), answers, strict=True):
             try:
-                world.open(raw, "block", BlockAnswer)
+                world.open(raw, "block", BlockAnswer, request=request)
                 outcomes.append("ok")
             except RemoteProtocolError as exc:
                 outcomes.append(exc.code.wire)
@@ -92,8 +93,8 @@ async def test_status_for_its_vendor(world: BankWorld) -> None:
     user, vendor = world.user("alice"), world.vendor("meter")
     (wc,) = await world.withdraw(user)
     wc, session = await world.block(vendor, wc)
-    raw = await world.send("status", vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status"))
-    status = world.open(raw, "status", StatusAnswer)
+    ask = vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status")
+    status = world.open(await world.send("status", ask), "status", StatusAnswer, request=ask)
     assert isinstance(status, StatusAnswer)
     assert status.known and status.position == 99 and status.session == session.session
 
@@ -120,17 +121,19 @@ async def test_unsigned_or_wrongly_signed_requests(world: BankWorld) -> None:
     _, session, signed = world.session(vendor, wc)
     forged = dataclasses.replace(vendor, key=Ed25519PrivateKey.generate())
     request = cose.decode_sign1(signed)
-    raw = await world.send("block", forged.sign(BlockRequest.decode(request.payload), "block"))
+    forgery = forged.sign(BlockRequest.decode(request.payload), "block")
+    raw = await world.send("block", forgery)
     with pytest.raises(RemoteProtocolError) as info:
-        world.open(raw, "block", BlockAnswer)
+        world.open(raw, "block", BlockAnswer, request=forgery)
     assert info.value.code is ErrorCode.BAD_SIGNATURE and world.audit().coins == 0
     balance = admin.balance(world.store, "alice")
     other = world.user("bob")
     pending = wallet.prepare_withdrawal("alice", world.keys.keyring.keysets[world.keyset],
                                         world.keys.keyring.rsa_keys[world.keyset], 1)
-    raw = await world.send("withdraw", other.sign(pending.request, "withdraw"))  # bob signs for alice
+    by_bob = other.sign(pending.request, "withdraw")  # bob signs for alice
+    raw = await world.send("withdraw", by_bob)
     with pytest.raises(RemoteProtocolError):
-        world.open(raw, "withdraw", BlockAnswer)
+        world.open(raw, "withdraw", BlockAnswer, request=by_bob)
     assert admin.balance(world.store, "alice") == balance
 
 
@@ -154,9 +157,10 @@ async def test_retired_keyset_is_refused_for_withdrawal(world: BankWorld) -> Non
         assert retired not in keys.keyring.keysets
         service = BankService(keys, store, clock=world.clock)
         pending = wallet.prepare_withdrawal("alice", info, public, 1)
-        raw = await service.handle("withdraw", user.sign(pending.request, "withdraw"))
+        signed = user.sign(pending.request, "withdraw")
+        raw = await service.handle("withdraw", signed)
         with pytest.raises(RemoteProtocolError) as refused:
-            world.open(raw, "withdraw", BlockAnswer)
+            world.open(raw, "withdraw", BlockAnswer, request=signed)
         assert refused.value.code is ErrorCode.UNKNOWN_KEYSET and admin.balance(store, "alice") == 10_000
     finally:
         store.close()

@@ -6,14 +6,15 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 
-def m2mpay(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+def m2mpay(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([sys.executable, "-m", "agents.cli", *map(str, args)], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=120, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"m2mpay {args} failed: {result.stdout}{result.stderr}")
     return result
@@ -84,7 +85,7 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
 
         async def fetch_keys() -> str:
             async with BankClient(url, "bank-p", "alice") as client:
-                return verify_announcement(await client.keys(timeout=30), fingerprint).bank
+                return verify_announcement(await client.keys(timeout=30), fingerprint, int(time.time())).bank
 
         assert asyncio.run(fetch_keys()) == "bank-p"
     finally:
@@ -144,15 +145,17 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
 
         key = Device.load(tmp_path / "alice.json").key
         async with BankClient(mosquitto, "bank-w", f"alice-{time.monotonic_ns()}") as client:
-            announcement = verify_announcement(await client.keys(timeout=30), creds["ca_fingerprint"])
+            announcement = verify_announcement(await client.keys(timeout=30), creds["ca_fingerprint"],
+                                               int(time.time()))
             keyring = Keyring.from_announcement(announcement)
             keyset = min(keyring.keysets, key=lambda k: keyring.keysets[k].value)
             info, public = keyring.keysets[keyset], keyring.rsa_keys[keyset]
             pendings = [wallet.prepare_withdrawal("alice", info, public, 2) for _ in range(12)]
-            raws = await asyncio.gather(*(client.request("withdraw", envelope.sign_request(
-                p.request, key, "alice", "bank-w", "withdraw")) for p in pendings))
-            for pending, raw in zip(pendings, raws):
-                answer = envelope.open_answer(raw, keyring.answer_key, "bank-w", "withdraw", WithdrawAnswer)
+            signed = [envelope.sign_request(p.request, key, "alice", "bank-w", "withdraw") for p in pendings]
+            raws = await asyncio.gather(*(client.request("withdraw", s) for s in signed))
+            for pending, request, raw in zip(pendings, signed, raws, strict=True):
+                answer = envelope.open_answer(raw, keyring.answer_key, "bank-w", "withdraw", WithdrawAnswer,
+                                              request=request)
                 wallet.complete_withdrawal(pending, answer, info, public)
             return len(pendings) * 2 * info.value  # coins × what each is worth
 

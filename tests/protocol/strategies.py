@@ -7,7 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from protocol.messages import KeysetInfo, Message, keyset_id
+from protocol.messages import MAX_TOKENS, KeysetInfo, Message, keyset_id
 from protocol.messages._schema import Bool, Bytes, Kind, ListOf, Nested, Optional, Text, UInt
 
 _IDENT = "abcdefghijklmnopqrstuvwxyz0123456789-_."
@@ -35,7 +35,7 @@ def for_kind(kind: Kind[Any]) -> st.SearchStrategy[Any]:
 
 @st.composite
 def _keyset(draw: st.DrawFn) -> KeysetInfo:
-    n = draw(st.integers(1, 1 << 20))
+    n = draw(st.integers(1, MAX_TOKENS))
     value = n * draw(st.integers(1, 1000))
     withdraw_until = draw(st.integers(0, 1 << 39))
     spend_until = withdraw_until + draw(st.integers(0, 1 << 20))

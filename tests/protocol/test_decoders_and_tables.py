@@ -23,8 +23,8 @@ SEAL = X25519PrivateKey.generate()
 DECODERS = {
     "cose": lambda b: cose.decode_sign1(b),
     "certificate": lambda b: certificates.verify_certificate(b, CA.public_key(), "bank", 0),
-    "announcement": lambda b: certificates.verify_announcement(b, "00" * 32),
-    "answer": lambda b: envelope.open_answer(b, CA.public_key(), "bank", "block", BlockAnswer),
+    "announcement": lambda b: certificates.verify_announcement(b, "00" * 32, 0),
+    "answer": lambda b: envelope.open_answer(b, CA.public_key(), "bank", "block", BlockAnswer, request=b"request"),
     "sealed": lambda b: sealing.open_sealed(b, SEAL, sealing.info_for_bank("bank")),
 }
 

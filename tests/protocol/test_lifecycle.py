@@ -63,7 +63,7 @@ def withdraw(bank: MemoryBank, count: int = 1, *, keyset: str | None = None, see
     pending = wallet.prepare_withdrawal(f"user{seed}", ks.info, ks.public, count, det_rng(seed))
     data = envelope.sign_request(pending.request, key, f"user{seed}", BANK, "withdraw")
     answer = envelope.open_answer(bank.handle("withdraw", data), bank.answer_key.public_key(), BANK,
-                                  "withdraw", WithdrawAnswer)
+                                  "withdraw", WithdrawAnswer, request=data)
     return wallet.complete_withdrawal(pending, answer, ks.info, ks.public)
 
 
@@ -81,8 +81,9 @@ def authorize(bank: MemoryBank, wc: wallet.WalletCoin, offer: Offer, now: int = 
 
 
 def block(bank: MemoryBank, vendor: Vendor, request: BlockRequest, now: int = NOW) -> BlockAnswer:
-    answer = bank.handle("block", vendor.sign(request, "block"), now)
-    return envelope.open_answer(answer, bank.answer_key.public_key(), BANK, "block", BlockAnswer)
+    signed = vendor.sign(request, "block")
+    return envelope.open_answer(bank.handle("block", signed, now), bank.answer_key.public_key(), BANK, "block",
+                                BlockAnswer, request=signed)
 
 
 def open_session(bank: MemoryBank, vendor: Vendor, wc: wallet.WalletCoin, now: int = NOW,
@@ -104,15 +105,18 @@ def pay(session: VendorSession, wc: wallet.WalletCoin, tokens: int, now: int = N
 def settle(bank: MemoryBank, vendor: Vendor, session: VendorSession, *, keep_open: bool = False,
            now: int = NOW) -> SettleAnswer:
     request = session.settle_request(os.urandom(16), keep_open=keep_open)
-    raw = bank.handle("settle", vendor.sign(request, "settle"), now)
-    answer = envelope.open_answer(raw, bank.answer_key.public_key(), BANK, "settle", SettleAnswer)
+    signed = vendor.sign(request, "settle")
+    answer = envelope.open_answer(bank.handle("settle", signed, now), bank.answer_key.public_key(), BANK, "settle",
+                                  SettleAnswer, request=signed)
     session.settled(answer)
     return answer
 
 
-def refusal(raw: bytes, bank: MemoryBank, op: str) -> ErrorCode:
+def refusal(bank: MemoryBank, op: str, request: bytes, now: int = NOW) -> ErrorCode:
+    """The code of the bank's signed refusal of ``request``."""
     with pytest.raises(RemoteProtocolError) as info:
-        envelope.open_answer(raw, bank.answer_key.public_key(), BANK, op, BlockAnswer)
+        envelope.open_answer(bank.handle(op, request, now), bank.answer_key.public_key(), BANK, op, BlockAnswer,
+                             request=request)
     return info.value.code
 
 
@@ -182,7 +186,7 @@ def test_status(bank: MemoryBank) -> None:
     wc, session = open_session(bank, vendor, wc)
     ask = vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status")
     status = envelope.open_answer(bank.handle("status", ask), bank.answer_key.public_key(), BANK, "status",
-                                  StatusAnswer)
+                                  StatusAnswer, request=ask)
     assert status.known and status.position == 99 and status.blocked_until == T
 
 
@@ -196,18 +200,18 @@ def test_withdraw_retry_debits_once_and_other_request_under_same_id_is_replay(ba
     assert bank.handle("withdraw", data) == bank.handle("withdraw", data)
     assert bank.balances["alice"] == 800
     other = dataclasses.replace(pending.request, blinded=pending.request.blinded[:1])
-    raw = bank.handle("withdraw", envelope.sign_request(other, key, "alice", BANK, "withdraw"))
-    assert refusal(raw, bank, "withdraw") is ErrorCode.REPLAY and bank.balances["alice"] == 800
+    reused = envelope.sign_request(other, key, "alice", BANK, "withdraw")
+    assert refusal(bank, "withdraw", reused) is ErrorCode.REPLAY and bank.balances["alice"] == 800
 
 
 def test_withdraw_refusals(bank: MemoryBank) -> None:
     key = bank.open_account("bob", 150)
     ks = bank.keysets[small_keyset(bank)]
     pending = wallet.prepare_withdrawal("bob", ks.info, ks.public, 2, det_rng(8))
-    raw = bank.handle("withdraw", envelope.sign_request(pending.request, key, "bob", BANK, "withdraw"))
-    assert refusal(raw, bank, "withdraw") is ErrorCode.INSUFFICIENT_FUNDS
+    signed = envelope.sign_request(pending.request, key, "bob", BANK, "withdraw")
+    assert refusal(bank, "withdraw", signed) is ErrorCode.INSUFFICIENT_FUNDS
     forged = envelope.sign_request(pending.request, Ed25519PrivateKey.generate(), "bob", BANK, "withdraw")
-    assert refusal(bank.handle("withdraw", forged), bank, "withdraw") is ErrorCode.BAD_SIGNATURE
+    assert refusal(bank, "withdraw", forged) is ErrorCode.BAD_SIGNATURE
     assert bank.balances["bob"] == 150
 
 
@@ -221,7 +225,7 @@ def _open(bank: MemoryBank, vendor: Vendor, wc: wallet.WalletCoin, **offer: int)
 
 
 def _block_code(bank: MemoryBank, vendor: Vendor, request: BlockRequest, now: int = NOW) -> ErrorCode:
-    return refusal(bank.handle("block", vendor.sign(request, "block"), now), bank, "block")
+    return refusal(bank, "block", vendor.sign(request, "block"), now)
 
 
 def _raw_block(session: VendorSession, request: OpenSession, **changes: object) -> BlockRequest:
@@ -320,8 +324,7 @@ def test_coin_blocked_by_another_vendor_then_late_settlement_refused(bank: Memor
     wc2 = wc_after.expire(T + 1)
     _, s2 = open_session(bank, second, wc2, now=T + 1)
     request = session.settle_request(os.urandom(16), keep_open=False)
-    raw = bank.handle("settle", first.sign(request, "settle"), T + 2)
-    assert refusal(raw, bank, "settle") is ErrorCode.SESSION_CLOSED
+    assert refusal(bank, "settle", first.sign(request, "settle"), T + 2) is ErrorCode.SESSION_CLOSED
     assert bank.balances[first.account] == 1  # what the bank saw, credited at lapse
 
 
@@ -345,12 +348,14 @@ def test_forged_bank_answer_is_refused(bank: MemoryBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc)
-    raw = bank.handle("block", vendor.sign(session.open(request, os.urandom(16), NOW), "block"))
+    signed = vendor.sign(session.open(request, os.urandom(16), NOW), "block")
+    raw = bank.handle("block", signed)
     with pytest.raises(RemoteProtocolError) as info:
-        envelope.open_answer(raw, Ed25519PrivateKey.generate().public_key(), BANK, "block", BlockAnswer)
+        envelope.open_answer(raw, Ed25519PrivateKey.generate().public_key(), BANK, "block", BlockAnswer,
+                             request=signed)
     assert info.value.code is ErrorCode.BAD_SIGNATURE
     with pytest.raises(RemoteProtocolError):  # an answer for another operation
-        envelope.open_answer(raw, bank.answer_key.public_key(), BANK, "settle", SettleAnswer)
+        envelope.open_answer(raw, bank.answer_key.public_key(), BANK, "settle", SettleAnswer, request=signed)
 
 
 def test_vendor_refuses_bad_tokens_and_repeats_receipts(bank: MemoryBank) -> None:

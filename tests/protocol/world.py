@@ -16,13 +16,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from protocol import blindrsa, cose, envelope, hashchain
-from protocol.certificates import issue_certificate, sign_announcement, verify_announcement, ca_fingerprint
+from protocol.certificates import (
+    ca_fingerprint,
+    issue_certificate,
+    issue_delegation,
+    sign_announcement,
+    verify_announcement,
+)
 from protocol.errors import RemoteProtocolError
 from protocol.messages import (
     OPS,
     BlockAnswer,
     CertificateBody,
     ErrorAnswer,
+    KeyDelegation,
     KeysAnnouncement,
     KeysetInfo,
     Message,
@@ -85,6 +92,7 @@ class MemoryBank:
 
     keysets: dict[str, Keyset]
     ca: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
+    online: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)  # signs the announcement
     answer_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     sealing: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
     window: BlockWindow = field(default_factory=BlockWindow)
@@ -98,19 +106,22 @@ class MemoryBank:
     sessions: int = 0
 
     def announcement(self) -> bytes:
+        delegation = issue_delegation(KeyDelegation(
+            bank=BANK, key=cose.public_key_bytes(self.online.public_key()), purpose="announce", nbf=NOW - 3600,
+            exp=NOW + 365 * 86400), self.ca)
         ann = KeysAnnouncement(
-            bank=BANK, issued=NOW, ca_key=cose.public_key_bytes(self.ca.public_key()),
+            bank=BANK, issued=NOW, ca_key=cose.public_key_bytes(self.ca.public_key()), delegation=delegation,
             answer_key=cose.public_key_bytes(self.answer_key.public_key()),
             sealing_key=self.sealing.public_key().public_bytes_raw(),
-            keysets=tuple(k.info for k in self.keysets.values()))
-        return sign_announcement(ann, self.ca)
+            keysets=tuple(k.info for k in self.keysets.values()), revoked=())
+        return sign_announcement(ann, self.online)
 
     @property
     def fingerprint(self) -> str:
         return ca_fingerprint(cose.public_key_bytes(self.ca.public_key()))
 
     def keyring(self) -> Keyring:
-        return Keyring.from_announcement(verify_announcement(self.announcement(), self.fingerprint))
+        return Keyring.from_announcement(verify_announcement(self.announcement(), self.fingerprint, NOW))
 
     def open_account(self, name: str, balance: int) -> Ed25519PrivateKey:
         key = Ed25519PrivateKey.generate()
@@ -139,12 +150,12 @@ class MemoryBank:
             if stored is not None:
                 return stored
             answer = self._dispatch(op, signed, request, now)
-            encoded = envelope.sign_answer(answer, self.answer_key, BANK, op)
+            encoded = envelope.sign_answer(answer, self.answer_key, BANK, op, request_digest=digest)
             self.answers[key] = envelope.StoredAnswer(digest, encoded)  # type: ignore[index]
             return encoded
         except RemoteProtocolError as exc:
             error = ErrorAnswer(code=exc.code.wire, message=exc.message[:200], req_id=req_id)
-            return envelope.sign_answer(error, self.answer_key, BANK, op)
+            return envelope.sign_answer(error, self.answer_key, BANK, op, request_digest=envelope.request_digest(data))
 
     def _dispatch(self, op: str, signed: cose.Sign1, request: Message, now: int) -> Message:
         keyring = self.keyring()

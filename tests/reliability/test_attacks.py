@@ -21,7 +21,7 @@ pytestmark = pytest.mark.asyncio
 async def _refusal(world: BankWorld, op: str, data: bytes) -> ErrorCode:
     raw = await world.send(op, data)
     with pytest.raises(RemoteProtocolError) as info:
-        world.open(raw, op, WithdrawAnswer)
+        world.open(raw, op, WithdrawAnswer, request=data)
     return info.value.code
 
 
@@ -31,7 +31,8 @@ async def test_multiplicative_forgery_from_small_blinded_values(world: BankWorld
     info, public = world.keys.keyring.keysets[world.keyset], world.keys.keyring.rsa_keys[world.keyset]
     small = [(2).to_bytes(public.size, "big"), (3).to_bytes(public.size, "big")]
     request = WithdrawRequest(account="mallory", keyset=info.id, blinded=tuple(small), req_id=os.urandom(16))
-    answer = world.open(await world.send("withdraw", user.sign(request, "withdraw")), "withdraw", WithdrawAnswer)
+    signed = user.sign(request, "withdraw")
+    answer = world.open(await world.send("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
     assert isinstance(answer, WithdrawAnswer)  # the bank signs blindly: it cannot tell
     s2, s3 = (int.from_bytes(s, "big") for s in answer.blind_sigs)
     n, e = public.n, public.e
@@ -85,8 +86,8 @@ async def test_the_bank_cannot_link_a_spend_to_its_withdrawal(world: BankWorld) 
     seen_blinded = [m for p in pendings for m in p.request.blinded]
     coins = []
     for pending in pendings:
-        raw = await world.send("withdraw", user.sign(pending.request, "withdraw"))
-        answer = world.open(raw, "withdraw", WithdrawAnswer)
+        signed = user.sign(pending.request, "withdraw")
+        answer = world.open(await world.send("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
         coins += wallet.complete_withdrawal(pending, answer, info, public)  # type: ignore[arg-type]
     for wc in coins:
         wc, session = await world.block(vendor, wc)

@@ -48,12 +48,12 @@ async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) ->
             vendor = vendors[i % len(vendors)]
             wc, session, signed = world.session(vendor, wc)
             session.blocked(envelope.open_answer(await client.request("block", signed), answer_key, BANK,  # type: ignore[arg-type]
-                                                 "block", BlockAnswer))
+                                                 "block", BlockAnswer, request=signed))
             wc, pay = wallet.reveal(wc, 3)
             session.pay(pay, clock.now)
             request = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
             answer = envelope.open_answer(await client.request("settle", request), answer_key, BANK, "settle",
-                                          SettleAnswer)
+                                          SettleAnswer, request=request)
             return answer.credited  # type: ignore[attr-defined, no-any-return]
 
         kill_times: list[float] = []

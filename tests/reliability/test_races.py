@@ -56,10 +56,10 @@ async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tup
             requests = [world.session(vendor, wc)[2] for vendor in vendors]
             raws = await asyncio.gather(*(c.request("block", r) for c, r in zip(clients, requests, strict=True)))
             outcomes = []
-            for raw in raws:
+            for request, raw in zip(requests, raws, strict=True):
                 try:
                     outcomes.append(envelope.open_answer(raw, keys.answer_key.public_key(), BANK, "block",
-                                                         BlockAnswer))
+                                                         BlockAnswer, request=request))
                 except Exception as exc:  # the loser's signed refusal
                     outcomes.append(exc)
             won = [o for o in outcomes if isinstance(o, BlockAnswer)]

@@ -20,8 +20,9 @@ from agents.policy.config import PolicyConfig
 from agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
 from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
 from agents.vendor.server import load_credentials, run_vendor
-from protocol import cbor, sealing
+from protocol import cbor, envelope, sealing
 from protocol.certificates import cert_hash
+from protocol.errors import ErrorCode
 from protocol.messages import Offer, OpenSession, SessionOpened
 from protocol.rules import wallet
 
@@ -162,3 +163,28 @@ async def test_autonomous_agent_refills_and_takes_the_cheapest_allowed_offer(
     refills = [entry for entry in log if entry["action"] == "refill"]
     assert refills[0]["reason"] == "refill" and refills[1]["reason"] == "enough_value"
     assert admin.balance(world.store, "alice") == 10_000 - 100
+
+
+async def test_refused_withdrawal_is_final_and_does_not_block_the_wallet(world: BankWorld, mosquitto: str,
+                                                                         tmp_path: Path) -> None:
+    """The bank keeps its refusals: a wallet that resent a refused withdrawal would be refused forever."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        world.user("bob", deposit=50)
+        user = UserAgent(tmp_path / "wallet", PolicyConfig.from_dict({}), clock=world.clock)
+        credentials = UserCredentials.load(tmp_path / "bob.json")
+        async with BankClient(mosquitto, BANK, f"bob-{uuid.uuid4().hex[:6]}") as bank:
+            with pytest.raises(envelope.Refusal) as refused:
+                await user.withdraw(bank, credentials, 1)  # a coin is worth 100
+            assert refused.value.code is ErrorCode.INSUFFICIENT_FUNDS
+            assert user.store.pending_withdrawals() == []  # forgotten, secrets and all
+            admin.deposit(world.store, "bob", 100, world.clock.now)
+            (coin,) = await user.withdraw(bank, credentials, 1)
+        assert coin.remaining == 100 and admin.balance(world.store, "bob") == 50
+        user.close()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -38,7 +38,7 @@ def test_withdrawal_survives_a_crash_and_debits_once(bank: MemoryBank, tmp_path:
     ((again, same_bytes),) = store.pending_withdrawals()
     assert same_bytes == signed and again == pending
     answer = envelope.open_answer(bank.handle("withdraw", same_bytes), bank.answer_key.public_key(), BANK,
-                                  "withdraw", WithdrawAnswer)
+                                  "withdraw", WithdrawAnswer, request=same_bytes)
     coins = wallet.complete_withdrawal(again, answer, ks.info, ks.public)
     store.finish_withdrawal(pending.request.req_id, coins)
     assert bank.balances["alice"] == 800 and store.pending_withdrawals() == []
@@ -51,9 +51,9 @@ def test_write_ahead_never_reuses_a_position(bank: MemoryBank, tmp_path: Path) -
     key = bank.open_account("bob", 1_000)
     ks = next(iter(bank.keysets.values()))
     pending = wallet.prepare_withdrawal("bob", ks.info, ks.public, 1, det_rng(4))
-    answer = envelope.open_answer(bank.handle("withdraw", envelope.sign_request(pending.request, key, "bob", BANK,
-                                                                                "withdraw")),
-                                  bank.answer_key.public_key(), BANK, "withdraw", WithdrawAnswer)
+    signed = envelope.sign_request(pending.request, key, "bob", BANK, "withdraw")
+    answer = envelope.open_answer(bank.handle("withdraw", signed), bank.answer_key.public_key(), BANK, "withdraw",
+                                  WithdrawAnswer, request=signed)
     (wc,) = wallet.complete_withdrawal(pending, answer, ks.info, ks.public)
     store = WalletStore(tmp_path / "wallet")
     store.save(wc)

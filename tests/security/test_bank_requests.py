@@ -1,0 +1,261 @@
+"""Findings about the bank's request handling, as a device with bad intent would meet them.
+
+- Critical: one PUBLISH whose Response Topic is a wildcard stopped ``bank serve``.
+- Answers went to whatever reply topic a request named, even another device's.
+- A retried block was checked against the clock before its stored answer was looked up.
+- ``status`` told any vendor any coin's position and other vendors' deadlines.
+- Signed refusals were not bound to the request they refuse.
+- Metrics labels took the peer-chosen operation name.
+- A checkpoint that credits nothing stored one more answer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+import pytest
+import pytest_asyncio
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agents.bank import admin
+from agents.bank.metrics import BankMetrics
+from agents.bank.server import serve
+from agents.bank.service import BankService, Reply
+from agents.mqtt import BankClient, broker_address
+from protocol.certificates import verify_announcement
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import BlockAnswer, SettleAnswer, StatusAnswer, StatusRequest, WithdrawAnswer
+from protocol.rules import wallet
+from tests.bank.conftest import BANK, BankWorld
+
+pytestmark = pytest.mark.asyncio
+
+
+@dataclass
+class Served:
+    world: BankWorld
+    client: BankClient
+    task: asyncio.Task[None]
+    url: str
+
+
+@pytest_asyncio.fixture
+async def served(world: BankWorld, mosquitto: str) -> AsyncIterator[Served]:
+    """The world's bank served over the session's Mosquitto; requests go through the broker."""
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, sweep_interval=None, ready=ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}", timeout=2, retries=2) as client:
+            world.send = client.request
+            yield Served(world, client, task, mosquitto)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@dataclass
+class RawDevice:
+    """A plain paho client: publishes whatever it likes and records what reaches its topics."""
+
+    url: str
+    received: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        host, port = broker_address(self.url)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}",
+                                  protocol=mqtt.MQTTv5)
+        self.client.on_message = lambda _c, _u, m: self.received.setdefault(m.topic, []).append(bytes(m.payload))
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def subscribe(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)[0]
+
+    def request(self, op: str, payload: bytes, reply_to: str, correlation: bytes = b"c") -> None:
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic = reply_to
+        props.CorrelationData = correlation
+        self.client.publish(f"m2mpay/{BANK}/req/{op}", payload, qos=1, properties=props).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def raw_device(mosquitto: str) -> Iterator[RawDevice]:
+    device = RawDevice(mosquitto)
+    yield device
+    device.close()
+
+
+async def _eventually(check: Callable[[], bool], seconds: float = 3.0) -> bool:
+    """Poll ``check`` until it holds or ``seconds`` pass; whether it held."""
+    async with asyncio.timeout(seconds + 1):
+        deadline = asyncio.get_running_loop().time() + seconds
+        while not check():
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.02)
+    return True
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("reply_to", [f"m2mpay/{BANK}/resp/+", f"m2mpay/{BANK}/resp/#",
+                                      f"m2mpay/{BANK}/resp/a/b", f"m2mpay/{BANK}/resp/", f"m2mpay/{BANK}/resp/x\u0000y",
+                                      f"m2mpay/{BANK}/resp/{'a' * 40}", "m2mpay/other-bank/resp/alice"])
+async def test_wildcard_reply_topic_does_not_stop_bank(served: Served, raw_device: RawDevice, reply_to: str) -> None:
+    """One PUBLISH with a wildcard (or otherwise unusable) Response Topic is dropped; the bank serves on."""
+    user = served.world.user("alice")
+    pending = wallet.prepare_withdrawal("alice", served.world.keys.keyring.keysets[served.world.keyset],
+                                        served.world.keys.keyring.rsa_keys[served.world.keyset], 1)
+    for payload in (user.sign(pending.request, "withdraw"), b"garbage"):
+        # paho may refuse to send some of these (ValueError), and Mosquitto drops the connection of
+        # a client that sends a NUL in a topic (the next publish then fails: RuntimeError)
+        with contextlib.suppress(ValueError, RuntimeError):
+            raw_device.request("withdraw", payload, reply_to)
+    (coin,) = await served.world.withdraw(user)  # a genuine request after them is answered
+    assert coin.remaining == 100
+    assert not served.task.done()
+
+
+@pytest.mark.network
+async def test_answer_goes_only_to_signer_reply_topic(served: Served, raw_device: RawDevice) -> None:
+    """A request signed by alice that names bob's topic gets no answer there."""
+    world = served.world
+    user = world.user("alice")
+    raw_device.subscribe(f"m2mpay/{BANK}/resp/#")
+    pending = wallet.prepare_withdrawal("alice", world.keys.keyring.keysets[world.keyset],
+                                        world.keys.keyring.rsa_keys[world.keyset], 1)
+    signed = user.sign(pending.request, "withdraw")
+    await asyncio.sleep(0.2)  # the subscription is in place
+    raw_device.request("withdraw", signed, f"m2mpay/{BANK}/resp/bob")
+    raw_device.request("withdraw", signed, f"m2mpay/{BANK}/resp/alice", correlation=b"mine")
+    assert await _eventually(lambda: f"m2mpay/{BANK}/resp/alice" in raw_device.received)
+    await asyncio.sleep(0.3)  # time for an answer to bob to arrive, if one were sent
+    assert f"m2mpay/{BANK}/resp/bob" not in raw_device.received
+    (answer,) = raw_device.received[f"m2mpay/{BANK}/resp/alice"]
+    assert world.open(answer, "withdraw", WithdrawAnswer, request=signed).req_id == pending.request.req_id
+
+
+@pytest.mark.network
+async def test_no_single_request_ends_serve_loop(served: Served, raw_device: RawDevice,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever answering one request raises costs that request only."""
+    genuine = BankService.reply
+
+    async def faulty(self: BankService, op: str, data: bytes, *, defer_sync: bool = False) -> Reply:
+        if data == b"boom":
+            raise RuntimeError("a bug reached by one request")
+        return await genuine(self, op, data, defer_sync=defer_sync)
+
+    monkeypatch.setattr(BankService, "reply", faulty)
+    raw_device.request("status", b"boom", f"m2mpay/{BANK}/resp/{served.client.client_id}")
+    (coin,) = await served.world.withdraw(served.world.user("alice"))
+    assert coin.remaining == 100 and not served.task.done()
+
+
+async def test_retried_block_gets_stored_answer_after_window(world: BankWorld) -> None:
+    """A retry after the deadline window moved on still gets the block's first answer."""
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session, signed = world.session(vendor, wc)
+    first = await world.send("block", signed)
+    assert isinstance(world.open(first, "block", BlockAnswer, request=signed), BlockAnswer)
+    world.clock.now += 595  # 5 s before T: a new block with this deadline would be refused (window)
+    again = await world.send("block", signed)
+    assert again == first
+
+
+async def test_status_only_for_coins_the_vendor_blocked(world: BankWorld) -> None:
+    """Another vendor learns nothing about a coin: the answer is that of a coin never seen."""
+    user, meter, other = world.user("alice"), world.vendor("meter"), world.vendor("charger")
+    (wc,) = await world.withdraw(user)
+    wc, _ = await world.block(meter, wc)
+
+    async def status(vendor_name: str) -> StatusAnswer:
+        vendor = meter if vendor_name == "meter" else other
+        ask = vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status")
+        return world.open(await world.send("status", ask), "status", StatusAnswer, request=ask)
+
+    mine, theirs = await status("meter"), await status("charger")
+    assert mine.known and mine.position == 99 and mine.blocked_until is not None
+    assert (theirs.known, theirs.position, theirs.blocked_until, theirs.session, theirs.spent) == (
+        False, None, None, None, False)
+
+
+async def test_signed_refusal_bound_to_its_request(world: BankWorld) -> None:
+    """The bank's refusal of one request does not verify as the answer to another."""
+    user = world.user("alice", deposit=50)
+    info, public = world.keys.keyring.keysets[world.keyset], world.keys.keyring.rsa_keys[world.keyset]
+    first = user.sign(wallet.prepare_withdrawal("alice", info, public, 1).request, "withdraw")
+    second = user.sign(wallet.prepare_withdrawal("alice", info, public, 1).request, "withdraw")
+    refusal = await world.send("withdraw", first)
+    with pytest.raises(RemoteProtocolError) as own:
+        world.open(refusal, "withdraw", WithdrawAnswer, request=first)
+    assert own.value.code is ErrorCode.INSUFFICIENT_FUNDS
+    with pytest.raises(RemoteProtocolError) as foreign:
+        world.open(refusal, "withdraw", WithdrawAnswer, request=second)
+    assert foreign.value.code is ErrorCode.BAD_SIGNATURE
+
+
+async def test_metrics_label_only_known_ops(world: BankWorld) -> None:
+    """2,000 made-up operation names add one label set, not 2,000."""
+    world.service.metrics = metrics = BankMetrics()
+    for i in range(2_000):
+        await world.service.handle(f"op{i}", b"x")
+    await world.service.handle("block", b"x")
+    assert {op for op, _ in metrics.requests} == {"other", "block"}
+    assert metrics.requests[("other", "unknown_op")] == 2_000
+
+
+async def test_noop_checkpoint_refused(world: BankWorld) -> None:
+    """A checkpoint with nothing new to credit is refused and stores nothing."""
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, session = await world.block(vendor, wc)
+    wc, pay = wallet.reveal(wc, 2)
+    session.pay(pay, world.clock.now)
+    assert (await world.settle(vendor, session, keep_open=True)).credited == 3
+    stored = world.store.run_sync(lambda tx: tx.one("SELECT COUNT(*) FROM answers"))
+    for _ in range(5):
+        request = vendor.sign(session.settle_request(os.urandom(16), keep_open=True), "settle")
+        with pytest.raises(RemoteProtocolError) as info:
+            world.open(await world.send("settle", request), "settle", SettleAnswer, request=request)
+        assert info.value.code is ErrorCode.NO_PROGRESS
+    assert world.store.run_sync(lambda tx: tx.one("SELECT COUNT(*) FROM answers")) == stored
+    assert (await world.settle(vendor, session)).credited == 0  # the final settlement still closes it
+
+
+@pytest.mark.network
+async def test_revocation_reaches_devices_without_restart(world: BankWorld, mosquitto: str) -> None:
+    """A vendor revoked while the bank runs is listed in the retained announcement within a sweep."""
+    world.vendor("meter")
+    ready = asyncio.Event()
+    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, sweep_interval=0.2, ready=ready))
+    try:
+        async with asyncio.timeout(10):
+            await ready.wait()
+        admin.revoke_vendor(world.store, "meter", world.clock.now)
+        async with asyncio.timeout(5):
+            while True:
+                async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}") as client:
+                    announcement = verify_announcement(await client.keys(), world.keys.fingerprint, world.clock.now)
+                if announcement.revoked == ("meter",):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
