@@ -115,7 +115,8 @@ def verify_sign1(
     msg = data if isinstance(data, Sign1) else decode_sign1(data)
     public = key if isinstance(key, Ed25519PublicKey) else key(msg.kid)
     if public is None:
-        raise RemoteProtocolError("unknown signer", ErrorCode.BAD_SIGNATURE)
+        # The same words as a wrong signature: a refusal must not tell who has an account.
+        raise RemoteProtocolError("signature does not verify", ErrorCode.BAD_SIGNATURE)
     try:
         public.verify(msg.signature, msg.to_be_signed(external_aad))
     except InvalidSignature as exc:

@@ -59,9 +59,18 @@ def sign_request(message: Message, key: Ed25519PrivateKey, signer: str, bank: st
 
 
 class Refusal(RemoteProtocolError):
-    """A refusal the bank signed over this very request: final for it (a retry of the same bytes
-    gets the same refusal). A :class:`RemoteProtocolError` that is not a ``Refusal`` means the
-    answer could not be verified, and the request is still unanswered."""
+    """A refusal the bank signed over this very request. A :class:`RemoteProtocolError` that is
+    not a ``Refusal`` means the answer could not be verified, and the request is still unanswered.
+
+    :attr:`final` tells a refusal of the request itself (a retry of the same bytes gets the same
+    refusal) from the bank's own trouble (``internal``, ``unavailable``): after those the request
+    may have been carried out or not, and only a retry of the same bytes can tell.
+    """
+
+    @property
+    def final(self) -> bool:
+        """Whether the request itself was refused (not the bank's own trouble)."""
+        return self.code not in (ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE)
 
 
 def sign_answer(message: Message, key: Ed25519PrivateKey, bank: str, op: str, *, request_digest: bytes) -> bytes:

@@ -44,9 +44,27 @@ def open_account(keys: BankKeys, store: Store, name: str, out: Path, now: int) -
     """Open a user account and write its credentials (account, key, bank, CA fingerprint)."""
     _check_name(name)
     key = Ed25519PrivateKey.generate()
-    store.run_sync(lambda tx: tx.create_account(name, "user", cose.public_key_bytes(key.public_key()), now))
+
+    def create(tx: Tx) -> None:
+        _name_free(tx, name)
+        tx.create_account(name, "user", cose.public_key_bytes(key.public_key()), now)
+
+    store.run_sync(create)
     _write_private_json(out, {"account": name, "key": _private_hex(key), "bank": keys.bank,
                               "ca_fingerprint": keys.fingerprint})
+
+
+def _name_free(tx: Tx, name: str) -> None:
+    """Refuse a name some account or vendor already has.
+
+    Users and vendors share one name space: a signer's answers come back on
+    ``m2mpay/{bank}/resp/{name}`` and are remembered under ``(name, req_id)``, so a user named like
+    a vendor could read that vendor's answers (whose session ids open its CoAP sessions).
+    """
+    taken = tx.one("SELECT 1 FROM accounts WHERE name = ? UNION ALL SELECT 1 FROM vendors WHERE vendor = ?",
+                   (name, name))
+    if taken is not None:
+        raise ValueError(f"the name {name!r} is taken by an account or a vendor")
 
 
 def deposit(store: Store, name: str, amount: int, now: int) -> int:
@@ -56,7 +74,8 @@ def deposit(store: Store, name: str, amount: int, now: int) -> int:
 
     def pay_in(tx: Tx) -> int:
         account = tx.account(name, lock=True)
-        if account is None or account[0] == "system":
+        if account is None or account[0] != "user":
+            # Only user accounts keep a running balance; vendors are paid by settlements only
             raise KeyError(name)
         tx.transfer("world", name, amount, "deposit", None, now, running=(name,))
         return account[2] + amount
@@ -82,6 +101,8 @@ def enroll_vendor(keys: BankKeys, store: Store, name: str, category: str, out: P
     cert = issue_certificate(body, ca_key)
 
     def enroll(tx: Tx) -> None:
+        _name_free(tx, name)
+        _name_free(tx, account)
         tx.create_account(account, "vendor", public, now)
         tx.execute("INSERT INTO vendors (vendor, account, category, public_key, cert) VALUES (?, ?, ?, ?, ?)",
                    (name, account, category, public, cert))

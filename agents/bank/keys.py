@@ -199,6 +199,10 @@ def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
     write_private(data_dir / "bank.json", json.dumps({"bank": bank, "db": url}, indent=2) + "\n")
 
 
+def _all_keysets(tx: Tx) -> list[KeysetInfo]:
+    return [KeysetInfo.decode(bytes(r[0])) for r in tx.all("SELECT info FROM keysets ORDER BY id")]
+
+
 def _active_keysets(tx: Tx) -> list[KeysetInfo]:
     return [KeysetInfo.decode(bytes(r[0])) for r in tx.all("SELECT info FROM keysets WHERE retired = 0 ORDER BY id")]
 
@@ -258,7 +262,9 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
         infos = store.run_sync(_active_keysets)
         revoked = store.run_sync(lambda tx: revoked_vendors(tx, now))
         signers = {}
-        for info in infos:
+        # Retired keysets too: a withdrawal paid for before the retirement is still signed when
+        # its device retries (no new one is accepted: the keyring knows only active keysets).
+        for info in store.run_sync(_all_keysets):
             private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None)
             if not isinstance(private, rsa.RSAPrivateKey):
                 raise ValueError(f"keyset {info.id}: not an RSA key")

@@ -8,6 +8,8 @@ once, in every worker), and the running bank republishes its keys announcement w
 
 from __future__ import annotations
 
+import logging
+
 from protocol import cose
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.messages import MAX_REVOKED, CertificateBody
@@ -15,6 +17,8 @@ from protocol.messages import MAX_REVOKED, CertificateBody
 from .store import Tx
 
 __all__ = ["is_revoked", "refuse_revoked", "revoke", "revoked_vendors"]
+
+log = logging.getLogger(__name__)
 
 
 def revoke(tx: Tx, vendor: str, now: int) -> bool:
@@ -44,7 +48,8 @@ def revoked_vendors(tx: Tx, now: int) -> tuple[str, ...]:
     """The revoked vendors whose certificate has not expired at ``now``, sorted: what the
     announcement lists. A vendor whose certificate expired is refused by every device anyway."""
     names = []
-    for vendor, cert in tx.all("SELECT vendor, cert FROM vendors WHERE revoked IS NOT NULL ORDER BY vendor"):
+    rows = tx.all("SELECT vendor, cert FROM vendors WHERE revoked IS NOT NULL ORDER BY revoked DESC, vendor")
+    for vendor, cert in rows:
         try:
             expires = CertificateBody.decode(cose.decode_sign1(bytes(cert)).payload).exp
         except ProtocolError:
@@ -52,6 +57,9 @@ def revoked_vendors(tx: Tx, now: int) -> tuple[str, ...]:
         if expires is None or expires > now:
             names.append(str(vendor))
     if len(names) > MAX_REVOKED:
-        raise ValueError(f"{len(names)} revoked vendors with valid certificates: the announcement lists at "
-                         f"most {MAX_REVOKED}")
-    return tuple(names)
+        # Never a reason to stop the bank: it refuses every revoked vendor itself whatever the
+        # list says; devices learn of the most recent revocations, which matter most.
+        log.error("%d revoked vendors with valid certificates: the announcement lists the %d most recent",
+                  len(names), MAX_REVOKED)
+        names = names[:MAX_REVOKED]
+    return tuple(sorted(names))

@@ -182,8 +182,15 @@ async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankServic
     A revocation is refused at once by every worker (it is read in each block and settlement);
     this tells the devices, so wallets stop paying the vendor, without a restart.
     """
+    warned = 0.0
     while True:
         await asyncio.sleep(interval)
+        now = int(service.clock())
+        if keys.delegation.exp - now < 30 * 86400 and now - warned >= 3600:
+            # Devices refuse an announcement past its delegation: the bank would look dead to them
+            log.error("the announcement key's delegation expires at %d (in %d s): run 'm2mpay bank delegate' "
+                      "where the CA key is, then restart the bank", keys.delegation.exp, keys.delegation.exp - now)
+            warned = now
         if await _refresh(keys, service, state):
             await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
 
@@ -222,10 +229,11 @@ async def serve(keys: BankKeys, service: BankService, url: str, *,
     while True:
         try:
             async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
-                # Every process announces the revocations in force when it (re)connects: a worker
-                # started before a revocation must not put the older list back.
-                await _refresh(keys, service, state)
-                await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
+                if sweep_interval is not None:
+                    # One process announces (the one that sweeps): another worker, started before
+                    # a revocation, must never put an older list back.
+                    await _refresh(keys, service, state)
+                    await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
                 # Retain Handling 2: a request some device left retained is not handed to a new
                 # worker (Mosquitto 2.0.11 does that for shared subscriptions; later ones don't).
                 await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+",

@@ -17,6 +17,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -26,10 +27,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agents.bank import admin
+from agents.bank.keys import load_bank, retire_keyset
 from agents.bank.metrics import BankMetrics
 from agents.bank.server import serve
 from agents.bank.service import BankService, Reply
 from agents.mqtt import BankClient, broker_address
+from protocol import envelope
 from protocol.certificates import verify_announcement
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.messages import BlockAnswer, SettleAnswer, StatusAnswer, StatusRequest, WithdrawAnswer
@@ -259,3 +262,61 @@ async def test_revocation_reaches_devices_without_restart(world: BankWorld, mosq
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_withdrawal_paid_before_its_keyset_retired_is_still_signed(world: BankWorld, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A debit whose signing failed is finished by the retry even after the keyset's retirement and
+    a restart, and the wallet's rule keeps such a withdrawal (an ``internal`` refusal is not final)."""
+    user = world.user("alice")
+    keyset = world.keyset
+    info, public = world.keys.keyring.keysets[keyset], world.keys.keyring.rsa_keys[keyset]
+    pending = wallet.prepare_withdrawal("alice", info, public, 2)
+    signed = user.sign(pending.request, "withdraw")
+
+    genuine = world.keys.signers[keyset]
+
+    class Broken:
+        """The keyset's signer, failing where the RSA work is done."""
+
+        size, public_key = genuine.size, genuine.public_key
+
+        def sign(self, _blinded: bytes) -> bytes:
+            raise RuntimeError("a fault in the signer")
+
+    monkeypatch.setitem(world.keys.signers, keyset, Broken())
+    with pytest.raises(envelope.Refusal) as first:
+        world.open(await world.send("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
+    assert first.value.code is ErrorCode.INTERNAL and not first.value.final
+    assert admin.balance(world.store, "alice") == 10_000 - 200  # the debit is made
+    monkeypatch.undo()
+    retire_keyset(world.store, keyset)
+    keys, store = load_bank(tmp_path / "bank", world.clock.now)
+    try:
+        assert keyset not in keys.keyring.keysets  # no new withdrawal from it
+        service = BankService(keys, store, clock=world.clock)
+        answer = world.open(await service.handle("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
+        assert len(wallet.complete_withdrawal(pending, answer, info, public)) == 2
+    finally:
+        store.close()
+
+
+async def test_names_shared_by_users_and_vendors_refused(world: BankWorld) -> None:
+    """A user named like a vendor would share its reply topic and its stored answers."""
+    world.vendor("meter")
+    world.user("alice")
+    with pytest.raises(ValueError, match="taken"):
+        world.user("meter")
+    with pytest.raises(ValueError, match="taken"):
+        world.user("v-meter")  # the vendor's account
+    with pytest.raises(ValueError, match="taken"):
+        world.vendor("alice")
+
+
+async def test_deposit_only_into_user_accounts(world: BankWorld) -> None:
+    """A deposit into a vendor's account would leave books no audit can pass."""
+    world.vendor("meter")
+    for name in ("v-meter", "outstanding", "world"):
+        with pytest.raises(KeyError):
+            admin.deposit(world.store, name, 100, world.clock.now)
+    assert world.audit().ok
