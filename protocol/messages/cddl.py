@@ -1,0 +1,182 @@
+"""The wire schema of every message in CDDL (RFC 8610), generated from the messages themselves.
+
+docs/PROTOCOL.md carries the output of :func:`render` between two markers, and a test fails when
+the two differ: the document cannot drift from the code. Each field's meaning and unit comes from
+:data:`NOTES`; a field without one is an error, so a new field cannot go undocumented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from . import bank, coins, payment
+from ._schema import VERSION, Bool, Bytes, Kind, ListOf, Message, Nested, Optional, Text, UInt
+
+__all__ = ["MESSAGES", "NOTES", "render"]
+
+MESSAGES: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
+    ("Coins and keys", (coins.KeysetInfo, coins.Coin, coins.KeyDelegation, coins.KeysAnnouncement,
+                        coins.CertificateBody, coins.Authorization)),
+    ("Bank requests and answers (MQTT, inside COSE_Sign1)", (
+        bank.WithdrawRequest, bank.WithdrawAnswer, bank.BlockRequest, bank.BlockAnswer, bank.SettleRequest,
+        bank.SettleAnswer, bank.StatusRequest, bank.StatusAnswer, bank.ErrorAnswer)),
+    ("Vendor resources (CoAP, content-format 60)", (
+        payment.Offer, payment.OpenSession, payment.SessionOpened, payment.Due, payment.Pay, payment.Receipt,
+        payment.Closed)),
+)
+"""Every message, grouped as the document presents them."""
+
+_TIME = "Unix time, seconds"
+_MONEY = "money, minor units of the keyset's currency"
+_INDEX = "chain position (0..n)"
+NOTES: dict[str, str] = {
+    # by field name; "Message.field" overrides for a field whose meaning differs in one message
+    "account": "user account name",
+    "CertificateBody.account": "the vendor's account at the bank, which its settlements credit",
+    "answer_key": "Ed25519 public key (raw 32 bytes) that signs the bank's answers",
+    "balance": "account balance after the withdrawal; " + _MONEY,
+    "bank": "bank id",
+    "blind_sigs": "RFC 9474 blind signatures, one per blinded message, in order",
+    "blinded": "RFC 9474 blinded messages (each the modulus' length)",
+    "blocked_until": "the block's deadline T; " + _TIME,
+    "ca_key": "the CA's Ed25519 public key (raw); hex SHA-256 of it is the fingerprint devices are provisioned with",
+    "category": "vendor category (parking, ev, ...)",
+    "cert": "a vendor certificate: COSE_Sign1 of CertificateBody by the CA",
+    "Authorization.cert": "SHA-256 of the vendor certificate the authorization is for",
+    "code": "stable error code (see Errors)",
+    "coin": "the coin being blocked",
+    "credited": "tokens credited to the vendor by this settlement",
+    "Closed.credited": "tokens the bank credited for the session",
+    "currency": "ISO 4217 code of the keyset's money",
+    "deadline": "the block's deadline T; " + _TIME,
+    "delegation": "COSE_Sign1 of KeyDelegation by the CA: the key that signs this announcement",
+    "exp": "end of validity (exclusive); " + _TIME,
+    "id": "keyset id: \"ks-\" + first 16 hex digits of SHA-256(CBOR([\"m2mpay/keyset/1\", value, n, "
+          "currency, withdraw_until, spend_until, public_key]))",
+    "index": _INDEX + " of the token",
+    "Receipt.index": "position of the last token the vendor holds",
+    "Closed.index": "position the session was settled at",
+    "issued": "when the announcement was signed; " + _TIME,
+    "keep_open": "true: a checkpoint (the block stays); false: the final settlement",
+    "key": "Ed25519 public key, raw 32 bytes",
+    "keyset": "keyset id",
+    "keysets": "keysets in force",
+    "Offer.keysets": "keyset ids the vendor accepts",
+    "known": "whether the bank has seen the coin (for a coin the asking vendor did not block last: false)",
+    "last": "the token at the coin's position, H^position(S)",
+    "message": "human-readable reason, never secret; at most 200 characters",
+    "n": "tokens per coin (chain length), at most 65,536",
+    "name": "the vendor's display name",
+    "nbf": "start of validity; " + _TIME,
+    "nonce": "the offer's nonce (16 bytes), binding an authorization to one offer",
+    "open": "whether the block is still open after this settlement",
+    "paid": "tokens received in the session so far, the blocking token included",
+    "position": _INDEX + ": tokens left on the coin",
+    "prefix": "RFC 9474 message randomizer (32 bytes)",
+    "price": "tokens per unit of service",
+    "public_key": "RSA public key, SubjectPublicKeyInfo DER (e = 65537, 2048 bits or more)",
+    "purpose": "what the delegated key may sign: announce",
+    "reason": "why the vendor asks (a few words)",
+    "remaining": "value left on the coin; " + _MONEY,
+    "req_id": "16 random bytes: the idempotency key, with the signer",
+    "ErrorAnswer.req_id": "the refused request's req_id, when it could be read",
+    "revoked": "vendor ids the bank has revoked (certificates still unexpired)",
+    "sealed": "HPKE (RFC 9180) enc || ct of the Authorization, for the bank's sealing key",
+    "sealing_key": "X25519 public key (raw) that opens sealed authorizations",
+    "seq": "notification sequence number",
+    "service": "what the vendor sells",
+    "session": "session id (16 bytes)",
+    "sig": "RSA-PSS (SHA-384, salt 48) signature on prefix || CBOR([\"m2mpay/coin/1\", keyset, tip])",
+    "spend_until": "last time coins of the keyset may be spent; " + _TIME,
+    "spent": "whether every token of the coin is revealed and no block is open",
+    "start": "position up to which the session is credited",
+    "tip": "the coin's chain tip H^n(S), its identity",
+    "token": "the token H^index(S) (32 bytes)",
+    "tokens": "tokens the vendor asks for",
+    "unit": "unit of service the price is per",
+    "value": "coin value M; " + _MONEY,
+    "vendor": "vendor id",
+    "withdraw_until": "last time coins of the keyset may be withdrawn; " + _TIME,
+}
+
+
+def _rule(cls: type[Message]) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "-", cls.__name__).lower()
+
+
+def _range(low: int, high: int) -> str:
+    return str(low) if low == high else f"({low}..{high})"
+
+
+def _type(kind: Kind[Any]) -> str:
+    if isinstance(kind, Bytes):
+        return f"bstr .size {_range(kind.min_len, kind.max_len)}"
+    if isinstance(kind, Text):
+        if kind.ident:
+            return f"name{kind.max_len}"
+        return f"tstr .size {_range(kind.min_len, kind.max_len)}"
+    if isinstance(kind, UInt):
+        return f"uint .le {kind.maximum}" if kind.minimum == 0 else f"{kind.minimum}..{kind.maximum}"
+    if isinstance(kind, Bool):
+        return "bool"
+    if isinstance(kind, Nested):
+        return _rule(kind.cls)
+    if isinstance(kind, ListOf):
+        return f"[{kind.min_items}*{kind.max_items} {_type(kind.inner)}]"
+    raise TypeError(f"no CDDL for {type(kind).__name__}")
+
+
+def _note(cls: type[Message], name: str) -> str:
+    note = NOTES.get(f"{cls.__name__}.{name}") or NOTES.get(name)
+    if note is None:
+        raise KeyError(f"{cls.__name__}.{name} has no note in protocol.messages.cddl.NOTES")
+    return note
+
+
+def _message(cls: type[Message], *, versioned: bool) -> list[str]:
+    lines = [f"{_rule(cls)} = {{"]
+    if versioned:
+        lines.append(f"  v: {VERSION},")
+    fields = dataclasses.fields(cls)
+    for i, f in enumerate(fields):
+        kind = f.metadata["kind"]
+        optional = isinstance(kind, Optional)
+        entry = f"  {'? ' if optional else ''}{f.name}: {_type(kind.inner if optional else kind)}"
+        comma = "," if i < len(fields) - 1 else ""
+        lines.append(f"{entry}{comma}".ljust(48) + f" ; {_note(cls, f.name)}")
+    lines.append("}")
+    return lines
+
+
+def _nested() -> set[type[Message]]:
+    """Messages carried inside another (without their own ``v``)."""
+    found: set[type[Message]] = set()
+    for _, group in MESSAGES:
+        for cls in group:
+            for f in dataclasses.fields(cls):
+                kind = f.metadata["kind"]
+                while isinstance(kind, (ListOf, Optional)):
+                    kind = kind.inner
+                if isinstance(kind, Nested):
+                    found.add(kind.cls)
+    return found
+
+
+def render() -> str:
+    """The CDDL of every message, as the Markdown that docs/PROTOCOL.md carries."""
+    nested = _nested()
+    out = ["```cddl",
+           "; A name: 1 to N characters of [a-z0-9-_.].",
+           *(f'name{n} = tstr .regexp "[a-z0-9_.-]{{1,{n}}}"' for n in (32,)),
+           "```"]
+    for title, group in MESSAGES:
+        out += ["", f"**{title}**", "", "```cddl"]
+        for cls in group:
+            carried = " (carried inside another message: no v)" if cls in nested else ""
+            out.append(f"; {cls.__name__}: at most {cls.MAX_SIZE:,} bytes{carried}")
+            out += _message(cls, versioned=cls not in nested)
+            out.append("")
+        out[-1] = "```"
+    return "\n".join(out) + "\n"
