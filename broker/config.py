@@ -16,6 +16,11 @@ broker, overwritten rather than added to. Mosquitto 2.0.13 and later send no ret
 a shared subscription; 2.0.11 (Debian 12) does, so a bank worker must subscribe with Retain
 Handling 2 (or drop messages flagged retained) for such a leftover never to be served as a request.
 
+TLS: version 1.2 at least, and on 1.2 only ECDHE-ECDSA suites with AEAD ciphers (``TLS12_CIPHERS``:
+no CBC, no RSA key exchange; the PKI's keys are P-256); TLS 1.3 suites are all AEAD. Client
+certificates are checked against the CA's CRL (``crlfile``, ``ca.crl`` beside ``ca.crt`` unless
+given), which Mosquitto reads at start-up.
+
 Limits, all per client: ``MAX_PACKET_BYTES`` for any packet (a larger one ends the connection),
 and ``MAX_INFLIGHT_BYTES`` + ``MAX_QUEUED_BYTES`` of answers waiting for a slow or offline
 client. An MQTT v5 client's Receive Maximum overrides ``max_inflight_messages`` in Mosquitto
@@ -36,6 +41,8 @@ __all__ = [
     "MAX_QUEUED_BYTES",
     "MAX_QUEUED_MESSAGES",
     "REQUEST_OPS",
+    "TLS12_CIPHERS",
+    "TLS_MIN_VERSION",
     "BrokerConfig",
     "render_acl",
     "render_config",
@@ -63,6 +70,11 @@ protocol survives: a device repeats a request and the bank answers a repeat from
 SESSION_EXPIRY = "1d"  # a persistent session unused this long is dropped with its queue
 MAX_KEEPALIVE_S = 60  # a v5 client asking for more (or for none) is told 60: dead links go within 90 s
 
+TLS_MIN_VERSION = "tlsv1.2"
+TLS12_CIPHERS = ":".join(("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                          "ECDHE-ECDSA-CHACHA20-POLY1305"))
+"""The suites a TLS 1.2 client may use: forward secret, authenticated encryption, ECDSA certificates."""
+
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # written into topics and the ACL file: no '/', '+', '#', newline
 
 
@@ -84,6 +96,8 @@ class BrokerConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tls_crl: Path | None = None
+    """The CA's CRL (default: ``ca.crl`` beside ``tls_ca``, as ``broker pki`` writes it)."""
     run_as_root: bool = False
     insecure_acl: bool = False
     """Allow a bank's ACL without TLS, where it keys on self-asserted usernames and protects nothing."""
@@ -146,11 +160,14 @@ def render_config(cfg: BrokerConfig) -> str:
     ]
     if cfg.run_as_root:
         lines.append("user root")
-    if cfg.tls_cert is not None:
+    if cfg.tls_cert is not None and cfg.tls_ca is not None:
         lines += [
             f"cafile {cfg.tls_ca}",
             f"certfile {cfg.tls_cert}",
             f"keyfile {cfg.tls_key}",
+            f"crlfile {cfg.tls_crl or cfg.tls_ca.parent / 'ca.crl'}",  # devices revoked with 'broker pki revoke'
+            f"tls_version {TLS_MIN_VERSION}",
+            f"ciphers {TLS12_CIPHERS}",
             "require_certificate true",
             "use_identity_as_username true",
             "use_username_as_clientid true",

@@ -36,11 +36,18 @@ def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     run.add_argument("--tls", type=Path, help="PKI directory from 'broker pki': TLS with client certificates")
     run.add_argument("--insecure-acl", action="store_true", help=_INSECURE_ACL_HELP)
     run.set_defaults(handler=_broker_run)
-    pki = broker.add_parser("pki", help="create a CA, the broker's certificate and one per client")
-    pki.add_argument("--dir", type=Path, required=True)
+    pki = broker.add_parser("pki", help="create a CA, the broker's certificate and one per client, "
+                                        "or 'pki revoke NAME'")
+    pki.add_argument("--dir", type=Path, help="the PKI directory (required)")
     pki.add_argument("--client", action="append", default=[], help="a client's name (its MQTT username); repeat")
-    pki.add_argument("--server-name", action="append", default=[], help="the broker's DNS name or IP; repeat")
+    pki.add_argument("--server-name", action="append", default=[],
+                     help="the broker's DNS name or IP; repeat (re-issues the broker's certificate)")
     pki.set_defaults(handler=_broker_pki)
+    revoke = pki.add_subparsers(dest="pki_action", metavar="revoke").add_parser(
+        "revoke", help="list a client's certificate in the CRL (restart Mosquitto afterwards)")
+    revoke.add_argument("name", help="the client's name")
+    revoke.add_argument("--dir", type=Path, default=argparse.SUPPRESS, help="the PKI directory")
+    revoke.set_defaults(handler=_broker_pki_revoke)
     config = broker.add_parser("config", help="print a production Mosquitto config (TLS, ACL)")
     config.add_argument("--port", type=int, default=8883)
     config.add_argument("--data", type=Path, required=True, help="persistence directory (the ACL file goes here)")
@@ -48,6 +55,10 @@ def add_broker_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     config.add_argument("--tls", type=Path, help="PKI directory from 'broker pki' (needed unless --insecure-acl)")
     config.add_argument("--insecure-acl", action="store_true", help=_INSECURE_ACL_HELP)
     config.add_argument("--host", default="0.0.0.0")
+    config.add_argument("--dropin", action="store_true",
+                        help="a conf.d drop-in for the system's Mosquitto: its mosquitto.conf keeps persistence")
+    config.add_argument("--root", type=Path,
+                        help="write the ACL below this directory as if it were / (paths in the config stay as given)")
     config.set_defaults(handler=_broker_config)
 
 
@@ -153,7 +164,7 @@ def _acl_refused(args: argparse.Namespace) -> bool:
 def _broker_run(args: argparse.Namespace) -> int:
     from broker.launcher import Mosquitto
 
-    if _acl_refused(args):
+    if _acl_refused(args) or _crl_missing(args.tls):
         return 2
     with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls,
                    insecure_acl=args.insecure_acl) as broker:
@@ -165,12 +176,42 @@ def _broker_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crl_missing(tls: Path | None, on_disk: Path | None = None) -> bool:
+    """A PKI from before revocation has no CRL, which the config names: say how to write one."""
+    from broker.pki import CRL_NAME
+
+    if tls is None or (on_disk or tls).joinpath(CRL_NAME).exists():
+        return False
+    print(f"m2mpay broker: no {tls / CRL_NAME} (a PKI from before revocation): run "
+          f"'m2mpay broker pki --dir {tls}' to write it", file=sys.stderr)
+    return True
+
+
 def _broker_pki(args: argparse.Namespace) -> int:
     from broker.pki import make_pki
 
-    make_pki(args.dir, tuple(args.client), tuple(args.server_name) or ("localhost", "127.0.0.1"))
-    print(f"PKI in {args.dir}: ca.crt, broker.crt/.key" + "".join(f", {c}.crt/.key" for c in args.client))
+    if args.dir is None:
+        print("m2mpay broker pki: --dir DIR is required", file=sys.stderr)
+        return 2
+    make_pki(args.dir, tuple(args.client), tuple(args.server_name) or None)
+    print(f"PKI in {args.dir}: ca.crt, ca.crl, broker.crt/.key" + "".join(f", {c}.crt/.key" for c in args.client))
     return 0
+
+
+def _broker_pki_revoke(args: argparse.Namespace) -> int:
+    from broker.pki import CRL_NAME, revoke
+
+    if args.dir is None:
+        print("m2mpay broker pki revoke: --dir DIR is required", file=sys.stderr)
+        return 2
+    serial = revoke(args.dir, args.name)
+    print(f"{args.name}'s certificate (serial {serial:x}) is listed in {args.dir / CRL_NAME}; restart Mosquitto "
+          "(systemctl restart mosquitto) to refuse it")
+    return 0
+
+
+# Mosquitto refuses a second persistence_location; a drop-in leaves persistence to mosquitto.conf
+_MAIN_CONF_ONLY = ("persistence", "persistence_location")
 
 
 def _broker_config(args: argparse.Namespace) -> int:
@@ -178,13 +219,26 @@ def _broker_config(args: argparse.Namespace) -> int:
 
     if _acl_refused(args):
         return 2
-    tls = args.tls.resolve() if args.tls is not None else None
+    root: Path | None = args.root
+    if root is not None and not (args.data.is_absolute() and (args.tls is None or args.tls.is_absolute())):
+        print("m2mpay broker config: with --root, give --data and --tls as absolute paths", file=sys.stderr)
+        return 2
+
+    def on_disk(path: Path) -> Path:
+        return path if root is None else root / path.relative_to("/")
+
+    tls = args.tls if root is not None else args.tls.resolve() if args.tls is not None else None
+    if _crl_missing(tls, on_disk(tls) if tls is not None else None):
+        return 2
     cfg = BrokerConfig(port=args.port, data_dir=args.data, host=args.host, bank=args.bank,
                        tls_ca=tls / "ca.crt" if tls else None, tls_cert=tls / "broker.crt" if tls else None,
                        tls_key=tls / "broker.key" if tls else None, insecure_acl=args.insecure_acl)
-    args.data.mkdir(parents=True, exist_ok=True)
-    (args.data / "acl").write_text(render_acl(args.bank, cfg.bank_users))
-    print(render_config(cfg), end="")
+    on_disk(args.data).mkdir(parents=True, exist_ok=True)
+    (on_disk(args.data) / "acl").write_text(render_acl(args.bank, cfg.bank_users))
+    lines = render_config(cfg).splitlines()
+    if args.dropin:
+        lines = [line for line in lines if line.split(" ", 1)[0] not in _MAIN_CONF_ONLY]
+    print("\n".join(lines))
     return 0
 
 

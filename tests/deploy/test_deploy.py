@@ -27,8 +27,8 @@ def test_unit_is_hardened_and_accepted_by_systemd(unit: Path) -> None:
     text = unit.read_text()
     for directive in HARDENING:
         assert directive in text, f"{unit.name} lacks {directive}"
-    if "vendor" in unit.name or "user" in unit.name:
-        assert "LoadCredential=" in text  # keys are handed over by systemd, not read from a shared path
+    assert "LoadCredential=" in text  # keys are handed over by systemd, not read from a shared path
+    assert "mqtt://" not in text  # the broker is spoken to with TLS and a certificate only
     tool = shutil.which("systemd-analyze")
     assert tool, "systemd-analyze is needed to check the units"
     result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
@@ -37,16 +37,60 @@ def test_unit_is_hardened_and_accepted_by_systemd(unit: Path) -> None:
     assert complaints == [], complaints  # only the not-yet-installed binary may be missing
 
 
+def _debian_root(tmp_path: Path) -> Path:
+    """A root with the mosquitto package's configuration, as Debian installs it."""
+    from .conftest import DEBIAN_MOSQUITTO_CONF
+
+    (tmp_path / "etc" / "mosquitto" / "conf.d").mkdir(parents=True)
+    (tmp_path / "etc" / "mosquitto" / "mosquitto.conf").write_text(DEBIAN_MOSQUITTO_CONF)
+    return tmp_path
+
+
+def _tree(root: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.lstat().st_mode, p.lstat().st_mtime_ns) for p in [root, *root.rglob("*")]}
+
+
 @pytest.mark.parametrize("role", ["bank", "vendor", "user"])
-def test_installer_dry_run_changes_nothing(role: str) -> None:
-    before = {p: p.exists() for p in (Path("/opt/m2mpay"), Path("/etc/m2mpay"),
+def test_installer_dry_run_changes_nothing(role: str, tmp_path: Path) -> None:
+    system = {p: p.exists() for p in (Path("/opt/m2mpay"), Path("/etc/m2mpay"), Path("/var/lib/private"),
                                       Path(f"/etc/systemd/system/m2mpay-{role}.service"))}
-    result = subprocess.run(["bash", str(DEPLOY / "pi" / "install.sh"), "--role", role, "--dry-run"],
-                            capture_output=True, text=True, timeout=60)
+    root = _debian_root(tmp_path)
+    before = _tree(root)
+    result = subprocess.run(["bash", str(DEPLOY / "pi" / "install.sh"), "--role", role, "--root", str(root),
+                             "--dry-run"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert f"+ systemctl enable m2mpay-{role}.service" in result.stdout
+    assert f"+ systemctl --quiet --root={root} enable m2mpay-{role}.service" in result.stdout
     assert "dry run: nothing changed" in result.stdout
-    assert {p: p.exists() for p in before} == before
+    assert _tree(root) == before
+    assert {p: p.exists() for p in system} == system
+
+
+@pytest.mark.parametrize("conf", ["listener 1883 127.0.0.1\n", "allow_anonymous true\n", "port 1883\n",
+                                  "max_connections 100\n", "password_file /etc/mosquitto/passwd\n", "no-include"])
+def test_installer_refuses_a_broker_open_without_certificates(conf: str, tmp_path: Path) -> None:
+    """The bank's broker must accept only certified TLS clients: another listener, anonymous access or
+    a mosquitto.conf that ignores conf.d stops the install with one line, before anything changes."""
+    root = _debian_root(tmp_path)
+    main = root / "etc" / "mosquitto" / "mosquitto.conf"
+    if conf == "no-include":
+        main.write_text(main.read_text().replace("include_dir", "#include_dir"))
+    else:
+        (root / "etc" / "mosquitto" / "conf.d" / "old.conf").write_text(conf)
+    before = _tree(root)
+    result = subprocess.run(["bash", str(DEPLOY / "pi" / "install.sh"), "--role", "bank", "--root", str(root),
+                             "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "mosquitto" in result.stderr
+    assert _tree(root) == before
+
+
+@pytest.mark.parametrize("args", [["--role"], ["--role", "bank", "--wheel", "nothing.whl"], ["--role", "bank", "--root"],
+                                  ["--role", "bank", "--root", "/nonexistent"], ["--role", "bank", "--bank-id", "a/b"],
+                                  ["--role", "bank", "--root", "/tmp", "--start"], ["--role", "bank", "--frobnicate"]])
+def test_installer_usage_mistakes(args: list[str]) -> None:
+    result = subprocess.run(["bash", str(DEPLOY / "pi" / "install.sh"), *args, "--dry-run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_installer_refuses_unknown_role() -> None:
@@ -63,8 +107,16 @@ def test_example_configurations_load() -> None:
     assert user.policy.price.ceiling("parking") == 5 and user.policy.refill.coins == 2
 
 
+def test_examples_speak_tls_only() -> None:
+    user = RunConfig.load(DEPLOY / "examples" / "user.toml")
+    assert user.broker.startswith("mqtts://") and user.tls == DEPLOY / "examples" / "tls"
+    for env in ("bank.env", "vendor.env"):
+        assert "M2MPAY_BROKER=mqtts://" in (DEPLOY / "examples" / env).read_text()
+
+
 def test_user_run_config_tls_and_unknown_keys(tmp_path: Path) -> None:
-    base = (DEPLOY / "examples" / "user.toml").read_text()
+    base = "\n".join(line for line in (DEPLOY / "examples" / "user.toml").read_text().splitlines()
+                     if not line.startswith("tls ="))
     (tmp_path / "user.toml").write_text('tls = "pki"\n' + base)
     assert RunConfig.load(tmp_path / "user.toml").tls == tmp_path / "pki"
     (tmp_path / "bad.toml").write_text('walet = "typo"\n' + base)
