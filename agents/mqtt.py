@@ -1,7 +1,11 @@
 """MQTT v5 request/response between devices and the bank, over aiomqtt (DESIGN.md §6).
 
-The one seam where paho/aiomqtt exceptions become ours (:class:`TransportError` and its
-:class:`BankUnavailable`). Every wait is bounded. A request is published to
+The one seam where aiomqtt, paho and socket exceptions become ours: :func:`_seam` turns
+``MqttError`` and ``OSError`` into :class:`TransportError` (the foreign error as ``__cause__``),
+an answer that does not come in time is :class:`AnswerTimeout`, and a request that got no answer
+after every retry :class:`BankUnavailable`. A caller of :class:`BankClient` sees nothing else
+(besides cancellation); a refusal is never a transport error — it is an answer, signed by the
+bank, which the caller opens. Every wait is bounded. A request is published to
 ``m2mpay/{bank}/req/{op}`` with a Response Topic and Correlation Data; the pending future is
 removed in ``finally`` whatever happens. An unanswered request is retried with the *same bytes*:
 the bank answers a repeat from its store.
@@ -19,7 +23,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -37,6 +41,7 @@ from protocol.messages import is_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "AnswerTimeout",
     "BankClient",
     "BankUnavailable",
     "TlsLogin",
@@ -58,8 +63,21 @@ class TransportError(Exception):
     """The network between us and the bank failed."""
 
 
+class AnswerTimeout(TransportError):
+    """No answer within one attempt's wait."""
+
+
 class BankUnavailable(TransportError):
     """No answer from the bank after every retry."""
+
+
+@contextlib.contextmanager
+def _seam(what: str) -> Iterator[None]:
+    """Where the broker connection's foreign errors become :class:`TransportError`, cause kept."""
+    try:
+        yield
+    except (aiomqtt.MqttError, OSError) as exc:
+        raise TransportError(f"{what}: {exc}") from exc
 
 
 def broker_address(url: str) -> tuple[str, int]:
@@ -203,17 +221,18 @@ class BankClient:
                 # connection would otherwise hold this loop for aiomqtt's default 10 s, and a
                 # connection that stopped carrying packets is noticed within 1.5 × keepalive
                 # (paho's default keepalive is 60 s).
-                async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S,
-                                   timeout=_HANDSHAKE_S) as client:
-                    self._reply_topics.add(self.reply_topic)
-                    for topic in sorted(self._reply_topics):
-                        await client.subscribe(topic, qos=1)
-                    await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
-                    self._client, backoff = client, 0.1
-                    self._connected.set()
-                    await self._read(client)
-            except aiomqtt.MqttError as exc:
-                log.warning("connection to %s lost (%s); reconnecting", self.url, exc)
+                with _seam(f"connection to {self.url}"):
+                    async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S,
+                                       timeout=_HANDSHAKE_S) as client:
+                        self._reply_topics.add(self.reply_topic)
+                        for topic in sorted(self._reply_topics):
+                            await client.subscribe(topic, qos=1)
+                        await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
+                        self._client, backoff = client, 0.1
+                        self._connected.set()
+                        await self._read(client)
+            except TransportError as exc:
+                log.warning("%s; reconnecting", exc)
             finally:
                 self._connected.clear()
                 self._client = None
@@ -243,22 +262,48 @@ class BankClient:
         except TimeoutError as exc:
             raise BankUnavailable("no keys announcement from the bank") from exc
 
-    async def request(self, op: str, data: bytes, *, timeout: float | None = None) -> bytes:
-        """Send a signed request and return the bank's signed answer; retries with the same bytes."""
+    def _running(self) -> None:
         if self._supervisor is None:
             raise TransportError("not connected")
+        if self._supervisor.done() and not self._supervisor.cancelled():
+            # Only a bug stops the supervisor (transport errors are retried): say so at once
+            # rather than let every request wait for a connection that will not come.
+            raise TransportError("the connection supervisor stopped") from self._supervisor.exception()
+
+    async def request(self, op: str, data: bytes, *, timeout: float | None = None) -> bytes:
+        """Send a signed request and return the bank's signed answer; retries with the same bytes.
+
+        Raises only :class:`TransportError` (:class:`BankUnavailable` after every retry).
+        """
+        self._running()
         wait = timeout or self.timeout
         reply_topic = self._reply_topic_for(data)
+        last: TransportError | None = None
         for attempt in range(self.retries):
-            correlation = os.urandom(16)
-            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-            self._pending[correlation] = future
             try:
-                async with asyncio.timeout(wait):
+                return await self._attempt(op, data, reply_topic, wait)
+            except AnswerTimeout as exc:
+                last = exc
+                log.warning("%s (attempt %d)", exc, attempt + 1)
+            except TransportError as exc:
+                last = exc
+                log.warning("connection lost during %s (attempt %d): %s", op, attempt + 1, exc)
+                # The supervisor has not noticed yet: give it time to reconnect rather than
+                # spend every attempt on a connection that is already gone.
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+        raise BankUnavailable(f"no answer to {op} after {self.retries} attempts") from last
+
+    async def _attempt(self, op: str, data: bytes, reply_topic: str, wait: float) -> bytes:
+        correlation = os.urandom(16)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[correlation] = future
+        try:
+            async with asyncio.timeout(wait):
+                with _seam(f"sending {op}"):
                     await self._connected.wait()
                     client = self._client
                     if client is None:
-                        raise aiomqtt.MqttError("between connections")
+                        raise TransportError("between connections")
                     if reply_topic not in self._reply_topics:
                         await client.subscribe(reply_topic, qos=1)
                         self._reply_topics.add(reply_topic)
@@ -266,17 +311,11 @@ class BankClient:
                     props.ResponseTopic = reply_topic
                     props.CorrelationData = correlation
                     await client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
-                    return await future
-            except TimeoutError:
-                log.warning("no answer to %s within %.1f s (attempt %d)", op, wait, attempt + 1)
-            except aiomqtt.MqttError:
-                log.warning("connection lost during %s (attempt %d)", op, attempt + 1)
-                # The supervisor has not noticed yet: give it time to reconnect rather than
-                # spend every attempt on a connection that is already gone.
-                await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
-            finally:
-                self._pending.pop(correlation, None)
-        raise BankUnavailable(f"no answer to {op} after {self.retries} attempts")
+                return await future
+        except TimeoutError as exc:  # from asyncio.timeout: the wait is over, nothing else
+            raise AnswerTimeout(f"no answer to {op} within {wait:.1f} s") from exc
+        finally:
+            self._pending.pop(correlation, None)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

@@ -1,37 +1,52 @@
 """The vendor's logic between CoAP and the bank: offers, sessions, tokens, settlements.
 
-Transports stay outside: the CoAP resources call :class:`VendorAgent` with decoded messages;
-the agent talks to the bank through a :class:`~agents.mqtt.BankClient`. Durable state lives in
-:class:`~agents.vendor.store.VendorStore`; on start the agent sends every unanswered settlement
-again (same bytes, same ``req_id``) and settles the sessions a crash left open.
+The rules are the core's (:mod:`protocol.rules.vendor`, :mod:`protocol.rules.settlement`): the
+agent moves bytes, writes what the core hands it before committing it, and starts the attempts
+the core says are due. Transports stay outside: the CoAP resources call :class:`VendorAgent` with
+decoded messages; the agent talks to the bank through a :class:`~agents.mqtt.BankClient`, which
+raises only our :class:`~agents.mqtt.TransportError`. :meth:`VendorAgent._exchange` is where an
+exchange's outcome becomes the core's input: the bank's verified answer, its signed refusal, or
+:class:`~protocol.rules.settlement.NoAnswer` (a transport failure, or an answer that does not
+verify) — never final.
+
+Settlements run in the background (:meth:`VendorAgent.tend`, called by the settler): a close
+writes the final settlement to the outbox, starts its first attempt and waits at most
+``close_wait`` for it; the user gets the receipt, ``pending`` while the bank has not answered.
+After a restart :meth:`VendorAgent.restore` reads back the sessions still open or closing; those
+left open are closed at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol import envelope
-from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     BlockAnswer,
     Closed,
     Due,
+    Message,
     Offer,
     OpenSession,
     Pay,
     Receipt,
     SessionOpened,
     SettleAnswer,
-    SettleRequest,
+    StatusAnswer,
 )
 from protocol.rules.keyring import Keyring
-from protocol.rules.vendor import VendorSession
+from protocol.rules.settlement import NoAnswer, RetryPolicy, Settlement, SettlementEvent, SettlementState
+from protocol.rules.vendor import Change, SessionEvent, SessionState, VendorSession
 
 from ..mqtt import BankClient, TransportError
 from .config import VendorConfig
@@ -41,6 +56,7 @@ from .store import OutboxEntry, StoredSession, VendorStore
 __all__ = ["Credentials", "VendorAgent"]
 
 log = logging.getLogger(__name__)
+A = TypeVar("A", BlockAnswer, SettleAnswer, StatusAnswer)
 
 
 @dataclass(frozen=True)
@@ -68,13 +84,21 @@ class VendorAgent:
     deliver: Callable[[bytes, int], None] = lambda session, units: None
     """The service itself: called with a session id and the units just paid for."""
     sessions: dict[bytes, VendorSession] = field(default_factory=dict)
+    """Sessions open, or closing until the bank answers their settlement."""
     on_due: Callable[[bytes, Due], None] = lambda session, due: None
     on_closed: Callable[[bytes], None] = lambda session: None
-    """Called when a session ends (closed, or settled on recovery): its observers are let go."""
+    """Called when a session stops taking tokens (closed or closing): its observers are let go."""
+    monotonic: Callable[[], float] = time.monotonic
+    """The clock retries are scheduled on (``clock`` is protocol time, in which ``T`` is)."""
+    draw: Callable[[], float] = random.random
+    """Spreads retries in time (see :class:`~protocol.rules.settlement.RetryPolicy`)."""
+    unanswered: int = 0
+    """Settlement attempts (and status queries) that got no usable answer, since start."""
     offers: OfferBook = field(init=False, repr=False)
     """Offers are stateless (a MAC in the nonce); only opened ones are remembered, until they expire."""
-    _settling: set[bytes] = field(default_factory=set, init=False, repr=False)
-    """req_ids of settlements whose answer a close or checkpoint is waiting for."""
+    _flights: dict[bytes, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
+    """The attempt in flight of each outbox entry, by req_id."""
+    _finished: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         pricing = self.config.pricing
@@ -83,24 +107,41 @@ class VendorAgent:
                       keysets=tuple(sorted(self.keyring.keysets)))
         self.offers = OfferBook(offer_secret(self.credentials.key), terms)
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """When unanswered settlements are sent again."""
+        s = self.config.settlement
+        return RetryPolicy(first=s.retry_first, cap=s.retry_cap, margin=self.config.session.settle_margin,
+                           urgent_cap=s.urgent_cap)
+
     def now(self) -> int:
+        """Protocol time, Unix seconds."""
         return int(self.clock())
+
+    # --- the bank --------------------------------------------------------------------------
+    def _sign(self, message: Message, op: str) -> bytes:
+        return envelope.sign_request(message, self.credentials.key, self.credentials.vendor, self.credentials.bank, op)
+
+    async def _exchange(self, op: str, signed: bytes, kind: type[A]) -> tuple[A | envelope.Refusal | NoAnswer, bytes]:
+        """One request to the bank and what came of it, with the bank's signed bytes."""
+        try:
+            raw = await self.bank.request(op, signed)
+        except TransportError as exc:
+            return NoAnswer(f"{exc} ({type(exc.__cause__ or exc).__name__})"), b""
+        try:
+            return envelope.open_answer(raw, self.keyring.answer_key, self.credentials.bank, op, kind,
+                                        request=signed), raw
+        except envelope.Refusal as refusal:
+            return refusal, raw
+        except RemoteProtocolError as exc:
+            # Not the bank's answer to these bytes (forged, corrupt, another request's): the
+            # request is still unanswered, and only the same bytes can fetch the real answer.
+            return NoAnswer(f"an answer that does not verify ({exc.code.wire})"), b""
 
     # --- offers and opening ----------------------------------------------------------------
     def offer(self) -> Offer:
         """A fresh offer: its nonce (a MAC over its terms) names the session the user will open."""
         return self.offers.issue(self.now())
-
-    def _sign(self, message: SettleRequest | object, op: str) -> bytes:
-        return envelope.sign_request(message, self.credentials.key, self.credentials.vendor,  # type: ignore[arg-type]
-                                     self.credentials.bank, op)
-
-    async def _ask(self, op: str, data: bytes, kind: type[BlockAnswer] | type[SettleAnswer]) -> BlockAnswer | SettleAnswer:
-        try:
-            raw = await self.bank.request(op, data)
-        except TransportError as exc:
-            raise RemoteProtocolError("bank unreachable", ErrorCode.UNAVAILABLE) from exc
-        return envelope.open_answer(raw, self.keyring.answer_key, self.credentials.bank, op, kind, request=data)
 
     async def open(self, request: OpenSession) -> SessionOpened:
         """Check the offer and the coin, block the coin at the bank, and start the session."""
@@ -108,22 +149,18 @@ class VendorAgent:
         session = VendorSession(offer, self.keyring, self.credentials.vendor)
         block = session.open(request, os.urandom(16), self.now())
         self.offers.claim(offer, self.now())  # no await since admit: a concurrent twin is a replay
-        try:
-            answer = await self._ask("block", self._sign(block, "block"), BlockAnswer)
-        except RemoteProtocolError as exc:
-            session.refused()
-            if exc.code is not ErrorCode.UNAVAILABLE:
-                # Refused by the bank: nothing was blocked under this offer. Unanswered, the coin
-                # may be blocked, and the offer stays used.
-                self.offers.release(offer)
-            raise
-        assert isinstance(answer, BlockAnswer)
-        opened = session.blocked(answer)
+        result, _ = await self._exchange("block", self._sign(block, "block"), BlockAnswer)
+        if not isinstance(result, BlockAnswer):
+            error = session.open_failed(result)
+            if session.offer_reusable:
+                self.offers.release(offer)  # refused for good: nothing was blocked under this offer
+            raise error
+        opened = session.blocked(result, self.now())
         self.store.open_session(StoredSession(
-            session=answer.session, tip=answer.tip, token_value=session.token_value, start=answer.start, position=answer.position,
-            last=answer.last, deadline=answer.deadline, state="open", opened=self.now(), last_paid=self.now(),
-            credited=0))
-        self.sessions[answer.session] = session
+            session=result.session, tip=result.tip, token_value=session.token_value, start=result.start,
+            position=result.position, last=result.last, deadline=result.deadline, state="open", opened=self.now(),
+            last_paid=self.now(), credited=0))
+        self.sessions[result.session] = session  # reachable (and payable) only once on disk
         return opened
 
     # --- paying ----------------------------------------------------------------------------
@@ -137,108 +174,257 @@ class VendorAgent:
         """The meter asks for ``units`` more; observers of ``/due`` are told."""
         session = self._session(sid)
         due = session.due(units * self.config.pricing.price, reason)
-        self.on_due(sid, due)
+        self._tell(lambda: self.on_due(sid, due))
         return due
 
     def current_due(self, sid: bytes) -> Due:
+        """What an open session owes now (a closing one owes nothing more: ``session_closed``)."""
         session = self._session(sid)
+        if session.state is not SessionState.OPEN:
+            raise RemoteProtocolError("session closed", ErrorCode.SESSION_CLOSED)
         return Due(seq=session.seq, tokens=session.owed, reason="metered")
 
     def pay(self, sid: bytes, pay: Pay) -> Receipt:
         """Check a token, keep it durably, then acknowledge it."""
         session = self._session(sid)
-        before = dict(vars(session))
-        receipt = session.pay(pay, self.now())
-        if session.position != before["position"]:
-            try:
-                self.store.record_token(sid, session.position, session.last, self.now())  # before the receipt
-            except BaseException:
-                # Not on disk, so not held: forget it, or the user's retry would get a receipt
-                # for a token that a crash would lose.
-                vars(session).update(before)
-                raise
-            self.deliver(sid, (before["position"] - session.position) // self.config.pricing.price)
-        return receipt
+        result = session.prepare_pay(pay, self.now())
+        if isinstance(result, Receipt):
+            return result  # a retransmission: already on disk
+        self._apply(session, result)  # on disk before the receipt
+        self.deliver(sid, result.tokens // self.config.pricing.price)
+        return session.receipt()
+
+    # --- writing what the core decided -----------------------------------------------------
+    def _apply(self, session: VendorSession, change: Change) -> None:
+        """Write ``change``, then commit it; a failed write leaves the session as it was."""
+        try:
+            self._write(session, change)
+        except BaseException:
+            session.abort(change)
+            raise
+        session.commit(change)
+
+    def _write(self, session: VendorSession, change: Change) -> None:
+        sid = session.session_id
+        if change.event is SessionEvent.PAY:
+            self.store.record_token(sid, change.position, change.last, change.at)
+            return
+        entry, queued = change.settlement, None
+        if entry is not None and change.queues:
+            queued = OutboxEntry(req_id=entry.req_id, session=sid, keep_open=entry.keep_open, request=entry.signed,
+                                 answer=None)
+        finished: list[tuple[bytes, str, bytes | None]] = [
+            (e.req_id, SettlementState.SUPERSEDED.value, None) for e in change.superseded]
+        if entry is not None and change.settlement_state is not None:
+            finished.append((entry.req_id, change.settlement_state.value, change.answer))
+        self.store.write(sid, state=change.state.value, credited=change.credited, queued=queued, finished=finished,
+                         now=self.now())
+
+    def _queue(self, session: VendorSession, *, keep_open: bool) -> Settlement:
+        request = session.settlement_request(os.urandom(16), keep_open=keep_open)
+        change = session.prepare_settlement(request, self._sign(request, "settle"))
+        self._apply(session, change)
+        if change.settlement is None:
+            raise RuntimeError("a queued settlement without its entry")  # the core's contract
+        if not keep_open:
+            sid = session.session_id
+            self._tell(lambda: self.on_closed(sid))  # nothing more is due: let its observers go
+            log.info("closing session %s at %d: %d token(s)", sid.hex()[:8], request.index, session.paid)
+        return change.settlement
+
+    @staticmethod
+    def _tell(notify: Callable[[], None]) -> None:
+        """Tell the session's observers; a notification the network loses is not the session's loss."""
+        try:
+            notify()
+        except TransportError as exc:
+            log.warning("notification not sent: %s", exc)
 
     # --- settling --------------------------------------------------------------------------
-    async def _settle(self, entry: OutboxEntry) -> SettleAnswer:
-        self._settling.add(entry.req_id)
-        try:
-            answer = await self._ask("settle", entry.request, SettleAnswer)
-        finally:
-            self._settling.discard(entry.req_id)
-        assert isinstance(answer, SettleAnswer)
-        self.store.answered(entry.req_id, answer.encode())
-        return answer
-
     async def close(self, sid: bytes) -> Closed:
-        """Settle what the session holds and end it."""
-        session = self._session(sid)
-        request = session.settle_request(os.urandom(16), keep_open=False)
-        entry = OutboxEntry(req_id=request.req_id, session=sid, keep_open=False,
-                            request=self._sign(request, "settle"), answer=None)
-        if not any(e.req_id == entry.req_id for e in self.store.pending()):
-            self.store.enqueue(entry, self.now())
-        answer = await self._settle(entry)
-        closed = session.settled(answer)
-        assert closed is not None
-        self.store.set_state(sid, "closed", credited=closed.credited)
-        del self.sessions[sid]
-        self.on_closed(sid)
+        """Settle what the session holds and end it: the receipt, ``pending`` until the bank answers.
+
+        A close of a session that already has its final settlement (the user's retry) queues
+        nothing new; a close of one settled before, even before a restart, gets its receipt again.
+        """
+        session = self.sessions.get(sid)
+        if session is None:
+            return self._closed_before(sid)
+        if session.final is None:
+            final = self._queue(session, keep_open=False)
+        else:
+            session.close()
+            final = session.final
+        await self._wait(final, self.config.settlement.close_wait)
+        closed = session.closed()
+        self._forget(sid)
         return closed
 
-    async def checkpoint(self, sid: bytes) -> int:
-        """Settle what the session holds and keep it open (the coin stays blocked). Returns the credit."""
-        session = self._session(sid)
-        request = session.settle_request(os.urandom(16), keep_open=True)
-        entry = OutboxEntry(req_id=request.req_id, session=sid, keep_open=True,
-                            request=self._sign(request, "settle"), answer=None)
-        self.store.enqueue(entry, self.now())
-        answer = await self._settle(entry)
-        session.settled(answer)
-        self.store.set_state(sid, "open", credited=session.credited)
-        return answer.credited
+    def _closed_before(self, sid: bytes) -> Closed:
+        held = self.store.session(sid)
+        if held is None or held.state not in (SessionState.CLOSED.value, SessionState.FORFEITED.value):
+            raise RemoteProtocolError("unknown session", ErrorCode.UNKNOWN_SESSION)
+        return Closed(session=sid, credited=held.credited, index=held.position)
+
+    async def _wait(self, entry: Settlement, timeout: float) -> None:
+        """Until the bank answered ``entry`` (or refused it for good), at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while entry.live:
+            task = self._flights.get(entry.req_id)
+            if task is None:
+                self.kick()
+                task = self._flights.get(entry.req_id)
+            left = deadline - loop.time()
+            if task is None or left <= 0:
+                return  # its next attempt is not due yet: the settler sends it
+            await asyncio.wait({task}, timeout=left)
+
+    def _forget(self, sid: bytes) -> None:
+        session = self.sessions.get(sid)
+        if session is not None and session.done:
+            del self.sessions[sid]
+
+    def kick(self) -> int:
+        """Start an attempt for each outbox entry that is due and not in flight; returns how many."""
+        mono, now, started = self.monotonic(), self.now(), 0
+        for session in list(self.sessions.values()):
+            for entry, event in session.due_attempts(mono, now):
+                if len(self._flights) >= self.config.settlement.in_flight:
+                    return started
+                entry.start(event)
+                task = asyncio.create_task(self._attempt(session, entry, event),
+                                           name=f"vendor-{event.value}-{entry.req_id.hex()[:8]}")
+                self._flights[entry.req_id] = task
+                task.add_done_callback(_log_failure)
+                started += 1
+        return started
+
+    async def _attempt(self, session: VendorSession, entry: Settlement, event: SettlementEvent) -> None:
+        """One attempt (a send, or a status query past ``T``), and its outcome fed to the core."""
+        try:
+            result: SettleAnswer | StatusAnswer | envelope.Refusal | NoAnswer
+            try:
+                if event is SettlementEvent.SEND:
+                    result, raw = await self._exchange("settle", entry.signed, SettleAnswer)
+                else:
+                    ask = session.status_request(os.urandom(16))
+                    result, raw = await self._exchange("status", self._sign(ask, "status"), StatusAnswer)
+            except BaseException:
+                # Stopping (or a bug, logged by the task's callback): the entry stays queued, and
+                # on disk, to be sent again.
+                session.attempt_done(entry.req_id, NoAnswer("attempt interrupted"), raw=b"", policy=self.retry,
+                                     mono=self.monotonic(), now=self.now(), draw=self.draw())
+                raise
+            self._outcome(session, entry, result, raw)
+        finally:
+            self._flights.pop(entry.req_id, None)
+
+    def _outcome(self, session: VendorSession, entry: Settlement,
+                 result: SettleAnswer | StatusAnswer | envelope.Refusal | NoAnswer, raw: bytes) -> None:
+        sid, failures = session.session_id, entry.failures
+        change = session.attempt_done(entry.req_id, result, raw=raw, policy=self.retry, mono=self.monotonic(),
+                                      now=self.now(), draw=self.draw())
+        if change is None:
+            if entry.failures > failures:
+                self.unanswered += 1
+                reason = result.reason if isinstance(result, NoAnswer) else f"the bank: {_why(result)}"
+                log.warning("settlement %s of %s unanswered (%s); again in %.1f s (attempt %d)",
+                            entry.req_id.hex()[:8], sid.hex()[:8], reason, entry.due_at - self.monotonic(),
+                            entry.failures)
+            elif entry.cleared and entry.state is SettlementState.QUEUED:
+                log.info("session %s past T and still ours at the bank: settling late", sid.hex()[:8])
+            return
+        try:
+            self._apply(session, change)
+        except BaseException:
+            # Not written, so not known: the same bytes fetch the same answer again.
+            session.attempt_done(entry.req_id, NoAnswer("outcome not written"), raw=b"", policy=self.retry,
+                                 mono=self.monotonic(), now=self.now(), draw=self.draw())
+            raise
+        self._finished += 1
+        if change.event is SessionEvent.FORFEIT:
+            log.error("settlement of %s refused for good (%s): %d token(s) held, %d credited", sid.hex()[:8],
+                      _why(result), session.paid, session.credited)
+        elif change.event is SessionEvent.SETTLEMENT_REFUSED:
+            log.warning("settlement %s of %s refused (%s)", entry.req_id.hex()[:8], sid.hex()[:8], _why(result))
+        else:
+            log.info("%s %s: %d credited", "checkpointed" if entry.keep_open else "settled", sid.hex()[:8],
+                     session.credited)
+        self._forget(sid)
+
+    def tend(self) -> None:
+        """The settler's round: close sessions that are idle or near ``T``, checkpoint, send what is due."""
+        policy, now = self.config.session, self.now()
+        for sid, session in list(self.sessions.items()):
+            try:
+                if session.close_due(now, margin=policy.settle_margin, idle=policy.idle_timeout):
+                    self._queue(session, keep_open=False)
+                elif session.checkpoint_due(policy.checkpoint_every):
+                    self._queue(session, keep_open=True)
+            except ProtocolError as exc:
+                log.error("session %s: %s", sid.hex()[:8], exc)
+        self.kick()
+
+    def next_due(self) -> float | None:
+        """When (monotonic) the next queued attempt is due, if any."""
+        times = [t for s in self.sessions.values() if (t := s.next_due()) is not None]
+        return min(times) if times else None
 
     async def retry_pending(self) -> int:
-        """Send every unanswered settlement again, same bytes; returns how many got an answer."""
-        done = 0
-        for entry in self.store.pending():
-            if entry.req_id in self._settling:
-                continue  # a close or checkpoint is waiting for this very answer and applies it
-            try:
-                answer = await self._settle(entry)
-            except RemoteProtocolError as exc:
-                log.warning("settlement %s refused on recovery: %s", entry.req_id.hex()[:8], exc.code.wire)
-                self.store.answered(entry.req_id, b"")
+        """Send every settlement that is due and not in flight, and wait for the outcomes.
+
+        Returns how many got the bank's answer (or a refusal for good) meanwhile.
+        """
+        before = self._finished
+        while self.kick():
+            while self._flights:
+                await asyncio.wait(set(self._flights.values()))
+        return self._finished - before
+
+    def restore(self) -> int:
+        """After a restart: read back the sessions still open or closing, with their queued outbox
+        entries; close those left open (their watchers are gone). Returns how many."""
+        queued: dict[bytes, list[Settlement]] = {}
+        held_sessions = {h.session: h for h in self.store.sessions("open", "closing")}
+        for row in self.store.pending():
+            held = held_sessions.get(row.session)
+            if held is None:
+                log.error("outbox entry %s of a session that is not open: left alone", row.req_id.hex()[:8])
                 continue
-            session = self.sessions.pop(entry.session, None) if not entry.keep_open else None
-            if session is not None:
-                session.settled(answer)
-                self.on_closed(entry.session)
-            if not entry.keep_open:
-                held = self.store.session(entry.session)
-                self.store.set_state(entry.session, "closed",
-                                     credited=answer.credited + (held.credited if held else 0))
-            done += 1
-        return done
+            queued.setdefault(row.session, []).append(Settlement.read_back(row.request, held.deadline))
+        restored = 0
+        for sid, held in held_sessions.items():
+            if sid in self.sessions:
+                continue
+            session = VendorSession.restore(
+                self.credentials.vendor, session=sid, tip=held.tip, token_value=held.token_value, start=held.start,
+                position=held.position, last=held.last, deadline=held.deadline, credited=held.credited,
+                last_paid=held.last_paid, settlements=queued.get(sid, ()))
+            self.sessions[sid] = session
+            restored += 1
+            if session.state is SessionState.OPEN:
+                self._queue(session, keep_open=False)  # settle what a crash left open
+        return restored
 
     async def recover(self) -> int:
-        """After a restart: resend unanswered settlements, settle sessions left open. Returns the count."""
-        done = await self.retry_pending()
-        for held in self.store.sessions("open"):
-            if held.session in self.sessions:
-                continue
-            request = SettleRequest(tip=held.tip, session=held.session, index=held.position, token=held.last,
-                                    keep_open=False, req_id=os.urandom(16))
-            entry = OutboxEntry(req_id=request.req_id, session=held.session, keep_open=False,
-                                request=self._sign(request, "settle"), answer=None)
-            self.store.enqueue(entry, self.now())
-            try:
-                answer = await self._settle(entry)
-            except RemoteProtocolError as exc:
-                log.warning("recovered session %s not settled: %s", held.session.hex()[:8], exc.code.wire)
-                continue
-            self.store.set_state(held.session, "closed", credited=answer.credited)
-            done += 1
-        return done
+        """:meth:`restore`, then send what is due and wait; returns how many settlements got answered."""
+        self.restore()
+        return await self.retry_pending()
 
+    async def aclose(self) -> None:
+        """Stop the attempts in flight (their entries stay queued on disk)."""
+        tasks = list(self._flights.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+def _why(result: object) -> str:
+    return result.code.wire if isinstance(result, envelope.Refusal) else type(result).__name__
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s failed", task.get_name(), exc_info=task.exception())

@@ -28,7 +28,7 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--log-json", action="store_true", help="log JSON lines")
     serve.add_argument("--tls", type=Path, help="PKI directory: log in with VENDOR.crt/.key (mqtts:// URL)")
     serve.set_defaults(handler=_serve)
-    status = vendor.add_parser("status", help="sessions, tokens held, settled, outbox")
+    status = vendor.add_parser("status", help="sessions, tokens held, settling, settled, outbox")
     status.add_argument("--data", type=Path, required=True)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=_status)
@@ -62,6 +62,9 @@ def _status(args: argparse.Namespace) -> int:
                       "deadline": s.deadline} for s in sessions],
         "open": sum(s.state == "open" for s in sessions),
         "tokens_held": sum(s.paid for s in sessions if s.state == "open"),
+        "closing": sum(s.state == "closing" for s in sessions),
+        "tokens_settling": sum(s.paid for s in sessions if s.state == "closing"),
+        "forfeited": sum(s.state == "forfeited" for s in sessions),
         "settled": sum(s.credited for s in sessions),
         "outbox": len(outbox),
     }
@@ -69,7 +72,8 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"open sessions {summary['open']}, tokens held {summary['tokens_held']}, "
-              f"settled {summary['settled']}, settlements waiting {summary['outbox']}")
+              f"closing {summary['closing']} ({summary['tokens_settling']} tokens), settled {summary['settled']}, "
+              f"settlements waiting for the bank {summary['outbox']}")
         for s in summary["sessions"]:  # type: ignore[union-attr]
-            print(f"  {s['session'][:16]}  {s['state']:7} held {s['tokens_held']:5}  credited {s['credited']}")
+            print(f"  {s['session'][:16]}  {s['state']:9} held {s['tokens_held']:5}  credited {s['credited']}")
     return 0

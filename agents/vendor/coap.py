@@ -30,6 +30,7 @@ from protocol.messages import Message, OpenSession, Pay
 from .agent import VendorAgent
 from .blockwise import Blocks
 from .limits import CBOR, CoapError, CoapLimits, Gate, peer_of
+from .transport import coap_seam
 from .watchers import Watchers
 
 __all__ = ["CBOR", "CoapError", "CoapLimits", "Held", "VendorSite", "build_site", "serve_coap"]
@@ -252,9 +253,15 @@ def build_site(agent: VendorAgent, limits: CoapLimits | None = None) -> VendorSi
 @contextlib.asynccontextmanager
 async def serve_coap(agent: VendorAgent, host: str = "::1", port: int = 5683,
                      limits: CoapLimits | None = None) -> AsyncIterator[aiocoap.Context]:
-    """One aiocoap server context for the process, shut down on exit."""
-    context = await aiocoap.Context.create_server_context(build_site(agent, limits), bind=(host, port))
+    """One aiocoap server context for the process, shut down on exit.
+
+    A port that cannot be bound (or a failing shutdown) raises :class:`~agents.mqtt.TransportError`.
+    """
+    site = build_site(agent, limits)
+    with coap_seam(f"CoAP server on [{host}]:{port}"):
+        context = await aiocoap.Context.create_server_context(site, bind=(host, port))
     try:
         yield context
     finally:
-        await context.shutdown()
+        with coap_seam("CoAP server shutdown"):
+            await context.shutdown()

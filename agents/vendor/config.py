@@ -14,6 +14,16 @@ Example::
     checkpoint_every = 100    # tokens between checkpoint settlements
     settle_margin = 60        # settle at the latest this many seconds before T
     idle_timeout = 120        # settle a session nobody paid in for this long
+
+    [settlement]
+    answer_timeout = 5.0      # seconds to wait for one answer of the bank before resending it
+    attempts = 3              # sends of the same bytes in one try
+    retry_first = 1.0         # seconds before trying an unanswered settlement again; it doubles
+    retry_cap = 60.0          # the longest wait while T is far
+    urgent_cap = 5.0          # the longest wait within settle_margin of T, and after T
+    close_wait = 15.0         # how long a close waits for the bank before answering "pending"
+                              # (one try of the bank client: answer_timeout × attempts)
+    in_flight = 32            # settlements being sent at once
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ConfigError", "Pricing", "SessionPolicy", "VendorConfig"]
+__all__ = ["ConfigError", "Pricing", "SessionPolicy", "SettlementPolicy", "VendorConfig"]
 
 C = TypeVar("C")
 
@@ -82,19 +92,41 @@ class SessionPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class SettlementPolicy:
+    """How settlements reach the bank: nothing the network does ends one, only the bank's answer."""
+
+    answer_timeout: float = 5.0
+    attempts: int = 3
+    retry_first: float = 1.0
+    retry_cap: float = 60.0
+    urgent_cap: float = 5.0
+    close_wait: float = 15.0
+    in_flight: int = 32
+
+    def __post_init__(self) -> None:
+        if self.answer_timeout <= 0 or self.attempts < 1 or self.close_wait < 0 or self.in_flight < 1:
+            raise ConfigError("answer_timeout must be > 0, attempts and in_flight >= 1, close_wait >= 0")
+        if not 0 < self.retry_first <= self.retry_cap or self.urgent_cap <= 0:
+            raise ConfigError("retry_first must be > 0 and <= retry_cap, urgent_cap > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class VendorConfig:
     """A vendor's whole policy."""
 
     pricing: Pricing = field(default_factory=Pricing)
     session: SessionPolicy = field(default_factory=SessionPolicy)
+    settlement: SettlementPolicy = field(default_factory=SettlementPolicy)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VendorConfig:
-        unknown = set(data) - {"pricing", "session"}
+        """A config from parsed TOML; unknown tables and keys are refused."""
+        unknown = set(data) - {"pricing", "session", "settlement"}
         if unknown:
             raise ConfigError(f"unknown table [{sorted(unknown)[0]}]")
         return cls(pricing=_build(Pricing, data.get("pricing", {}), "pricing"),
-                   session=_build(SessionPolicy, data.get("session", {}), "session"))
+                   session=_build(SessionPolicy, data.get("session", {}), "session"),
+                   settlement=_build(SettlementPolicy, data.get("settlement", {}), "settlement"))
 
     @classmethod
     def load(cls, path: Path) -> VendorConfig:

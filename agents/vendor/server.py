@@ -1,10 +1,12 @@
 """The vendor process: CoAP site, bank connection, meter and settler, until cancelled.
 
-At start it recovers (resends unanswered settlements, settles sessions a crash left open).
-Then, in one TaskGroup: the meter asks every open session for ``price`` tokens per
-``meter_interval`` (the service hook delivers the unit once paid), and the settler closes sessions
-that went idle or are within ``settle_margin`` of their deadline, and checkpoints every
-``checkpoint_every`` tokens.
+At start it reads back what it held (sessions open or closing, their queued settlements; those
+left open are closed at once) and serves at once: the bank may be unreachable, and settlements
+are sent in the background. Then, in one TaskGroup: the meter asks every open session for
+``price`` tokens per ``meter_interval`` (the service hook delivers the unit once paid), and the
+settler closes sessions that went idle or are within ``settle_margin`` of their deadline,
+checkpoints every ``checkpoint_every`` tokens, and sends every queued settlement when the core
+says it is due (at once, then with backoff until the bank answers).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from protocol.certificates import verify_announcement
-from protocol.errors import ProtocolError
 from protocol.rules.keyring import Keyring
 from protocol.rules.vendor import SessionState
 
@@ -53,28 +54,11 @@ async def _meter(agent: VendorAgent) -> None:
 
 
 async def _settler(agent: VendorAgent, period: float = 1.0) -> None:
-    policy = agent.config.session
-    checkpointed: dict[bytes, int] = {}
     while True:
-        await asyncio.sleep(period)
-        try:
-            await agent.retry_pending()  # settlements whose answer never came
-        except ProtocolError as exc:
-            log.warning("settlement retry deferred: %s", exc.code.wire)
-        now = agent.now()
-        for held in agent.store.sessions("open"):
-            session = agent.sessions.get(held.session)
-            if session is None or session.state is not SessionState.OPEN:
-                continue
-            try:
-                if now >= held.deadline - policy.settle_margin or now - held.last_paid >= policy.idle_timeout:
-                    closed = await agent.close(held.session)
-                    log.info("settled session %s: %d credited", held.session.hex()[:8], closed.credited)
-                elif session.paid - checkpointed.get(held.session, 0) >= policy.checkpoint_every:
-                    await agent.checkpoint(held.session)
-                    checkpointed[held.session] = session.paid
-            except ProtocolError as exc:
-                log.warning("settlement of %s deferred: %s", held.session.hex()[:8], exc.code.wire)
+        agent.tend()
+        due = agent.next_due()
+        wait = period if due is None else min(period, max(0.01, due - agent.monotonic()))
+        await asyncio.sleep(wait)
 
 
 async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data_dir: Path,
@@ -84,21 +68,25 @@ async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data
     """Serve payments until cancelled."""
     store = VendorStore(data_dir / "vendor.sqlite3")
     try:
+        retry = config.settlement
         async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}",
-                              tls=tls) as bank:
+                              timeout=retry.answer_timeout, retries=retry.attempts, tls=tls) as bank:
             keyring = Keyring.from_announcement(verify_announcement(await bank.keys(timeout=30),
                                                                     credentials.ca_fingerprint, int(clock())))
             agent = VendorAgent(credentials, keyring, bank, store, config=config, clock=clock,
                                 deliver=lambda sid, units: log.info("delivered %d unit(s) in %s", units, sid.hex()[:8]))
-            recovered = await agent.recover()
-            if recovered:
-                log.info("recovered and settled %d session(s)", recovered)
-            async with serve_coap(agent, host, coap_port):
-                log.info("vendor %s serving CoAP on [%s]:%d", credentials.vendor, host, coap_port)
-                if ready is not None:
-                    ready.set()
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(_meter(agent), name="vendor-meter")
-                    group.create_task(_settler(agent, settle_period), name="vendor-settler")
+            try:
+                restored = agent.restore()
+                if restored:
+                    log.info("read back %d session(s) to settle", restored)
+                async with serve_coap(agent, host, coap_port):
+                    log.info("vendor %s serving CoAP on [%s]:%d", credentials.vendor, host, coap_port)
+                    if ready is not None:
+                        ready.set()
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(_meter(agent), name="vendor-meter")
+                        group.create_task(_settler(agent, settle_period), name="vendor-settler")
+            finally:
+                await agent.aclose()
     finally:
         store.close()

@@ -3,15 +3,19 @@
 A token is on disk before its receipt leaves the device, so a crash never loses a token the user
 was told we hold: it goes to the token log (:mod:`agents.vendor.tokenlog`, one ``fdatasync``
 of a preallocated file), which is folded into the session rows (SQLite, WAL,
-``synchronous=FULL``) when it fills, before sessions are read, and when the store opens. A settlement is written to the outbox as
-the exact signed bytes before it is sent; after a restart every unanswered entry is sent again
-with the same ``req_id``, which the bank answers from its store — a settlement is never lost
-and never credited twice.
+``synchronous=FULL``) when it fills, before sessions are read, and when the store opens. A
+settlement is written to the outbox as the exact signed bytes before it is sent, in the same
+transaction that marks its session ``closing``; after a restart every ``queued`` entry is sent
+again with the same ``req_id``, which the bank answers from its store — a settlement is never
+lost and never credited twice. An entry leaves the queue only with the bank's signed answer
+(``answered``), a refusal for good (``refused``), or when the session's final settlement covers
+it (``superseded``); the outbox's primary key is its ``req_id``, and nothing inserts one twice.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +44,21 @@ CREATE TABLE IF NOT EXISTS outbox (
     keep_open INTEGER NOT NULL,
     request BLOB NOT NULL,
     created INTEGER NOT NULL,
-    answer BLOB
+    answer BLOB,
+    state TEXT NOT NULL DEFAULT 'queued'
 );
+"""
+
+_VERSION = 1
+# Earlier versions marked a settlement the bank never answered as answered with no bytes, and
+# never sent it again. Those of sessions still open are queued again: a repeat is answered from
+# the bank's store, so this credits nothing twice.
+_TO_V1 = """
+ALTER TABLE outbox ADD COLUMN state TEXT NOT NULL DEFAULT 'queued';
+UPDATE outbox SET state = 'answered' WHERE answer IS NOT NULL AND answer != x'';
+UPDATE outbox SET state = 'queued', answer = NULL
+    WHERE answer = x'' AND session IN (SELECT session FROM sessions WHERE state = 'open');
+UPDATE outbox SET state = 'refused' WHERE answer = x'';
 """
 
 
@@ -76,6 +93,7 @@ class OutboxEntry:
     keep_open: bool
     request: bytes
     answer: bytes | None
+    state: str = "queued"
 
 
 class VendorStore:
@@ -86,13 +104,34 @@ class VendorStore:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._migrate()
         self._log = TokenLog(path.with_name(path.name + ".tokens"))
         self._positions: dict[bytes, int] = {}  # latest position per session, log included
         self._unfolded: dict[bytes, TokenRecord] = {}  # latest record per session since the last fold
         self._apply(list(self._log.records()))  # whatever a crash left in the log
 
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older file up to :data:`_VERSION`, in one transaction."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version >= _VERSION:
+            return
+        with self._transaction():
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+            if columns and "state" not in columns:
+                for statement in _TO_V1.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            else:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version = {_VERSION}")
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
     def close(self) -> None:
+        """Fold the token log and close the files."""
         self._fold()
         self._log.close()
         self._db.close()
@@ -101,16 +140,11 @@ class VendorStore:
         """Move sessions down to the records' positions, in one durable transaction."""
         if not records:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             self._db.executemany(
                 "UPDATE sessions SET position = ?, last = ?, last_paid = MAX(last_paid, ?)"
                 " WHERE session = ? AND position > ?",
                 [(r.position, r.token, r.time, r.session, r.position) for r in records])
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
     def _fold(self) -> None:
         """Write the log's news into the session rows; then the log may start again."""
@@ -143,17 +177,27 @@ class VendorStore:
         self._unfolded[session] = record
         return True
 
-    def set_state(self, session: bytes, state: str, credited: int | None = None) -> None:
-        if state == "closed":
+    def write(self, session: bytes, *, state: str, credited: int, queued: OutboxEntry | None = None,
+              finished: Iterable[tuple[bytes, str, bytes | None]] = (), now: int = 0) -> None:
+        """One durable transaction: the session's ``state`` and ``credited``, a new outbox entry
+        (``queued``, written at ``now``) and entries that leave the queue (``req_id``, state, the
+        bank's answer bytes)."""
+        if state in ("closed", "forfeited"):
             self._fold()
             self._positions.pop(session, None)
-        if credited is None:
-            self._db.execute("UPDATE sessions SET state = ? WHERE session = ?", (state, session))
-        else:
+        with self._transaction():
             self._db.execute("UPDATE sessions SET state = ?, credited = ? WHERE session = ?",
                              (state, credited, session))
+            if queued is not None:
+                self._db.execute("INSERT INTO outbox (req_id, session, keep_open, request, created, state)"
+                                 " VALUES (?, ?, ?, ?, ?, ?)",
+                                 (queued.req_id, queued.session, int(queued.keep_open), queued.request, now,
+                                  queued.state))
+            self._db.executemany("UPDATE outbox SET state = ?, answer = ? WHERE req_id = ?",
+                                 [(entry_state, answer, req_id) for req_id, entry_state, answer in finished])
 
     def session(self, session: bytes) -> StoredSession | None:
+        """One session as last written (tokens in the log included), or ``None``."""
         self._fold()
         row = self._db.execute("SELECT * FROM sessions WHERE session = ?", (session,)).fetchone()
         return None if row is None else StoredSession(*row)
@@ -168,16 +212,28 @@ class VendorStore:
             rows = self._db.execute("SELECT * FROM sessions").fetchall()
         return [StoredSession(*r) for r in rows]
 
-    def enqueue(self, entry: OutboxEntry, now: int) -> None:
-        """Write a signed settlement before sending it."""
-        self._db.execute("INSERT INTO outbox (req_id, session, keep_open, request, created) VALUES (?, ?, ?, ?, ?)",
-                         (entry.req_id, entry.session, int(entry.keep_open), entry.request, now))
-
-    def answered(self, req_id: bytes, answer: bytes) -> None:
-        self._db.execute("UPDATE outbox SET answer = ? WHERE req_id = ?", (answer, req_id))
-
     def pending(self) -> list[OutboxEntry]:
-        """Settlements sent but not answered yet, oldest first."""
-        rows = self._db.execute("SELECT req_id, session, keep_open, request, answer FROM outbox "
-                                "WHERE answer IS NULL ORDER BY created, rowid").fetchall()
-        return [OutboxEntry(bytes(r[0]), bytes(r[1]), bool(r[2]), bytes(r[3]), None) for r in rows]
+        """Settlements not answered yet (``queued``), oldest first."""
+        rows = self._db.execute("SELECT req_id, session, keep_open, request, answer, state FROM outbox "
+                                "WHERE state = 'queued' ORDER BY created, rowid").fetchall()
+        return [OutboxEntry(bytes(r[0]), bytes(r[1]), bool(r[2]), bytes(r[3]), None, str(r[5])) for r in rows]
+
+    def outbox(self, session: bytes) -> list[OutboxEntry]:
+        """Every outbox entry of ``session``, oldest first."""
+        rows = self._db.execute("SELECT req_id, session, keep_open, request, answer, state FROM outbox "
+                                "WHERE session = ? ORDER BY created, rowid", (session,)).fetchall()
+        return [OutboxEntry(bytes(r[0]), bytes(r[1]), bool(r[2]), bytes(r[3]),
+                            None if r[4] is None else bytes(r[4]), str(r[5])) for r in rows]
+
+
+class _Transaction:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, or ``ROLLBACK`` when the block raises."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._db.execute("COMMIT" if kind is None else "ROLLBACK")

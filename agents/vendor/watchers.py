@@ -18,6 +18,7 @@ from protocol.errors import ErrorCode
 from protocol.messages import Due
 
 from .limits import CBOR, CoapError, CoapLimits
+from .transport import coap_seam
 
 __all__ = ["Watchers"]
 
@@ -77,8 +78,9 @@ class Watchers:
         # one confirmable message at a time be outstanding to a peer) and stall the payment.
         payload = due.encode()
         for observation in list(self._sessions.get(sid, ())):
-            observation.trigger(aiocoap.Message(transport_tuning=aiocoap.Unreliable, code=Code.CONTENT,
-                                                payload=payload, content_format=CBOR))
+            with coap_seam("due notification"):
+                observation.trigger(aiocoap.Message(transport_tuning=aiocoap.Unreliable, code=Code.CONTENT,
+                                                    payload=payload, content_format=CBOR))
 
     def close(self, sid: bytes) -> None:
         """The session ended: end its observations with a final 4.09 ``session_closed``."""
@@ -87,4 +89,5 @@ class Watchers:
 
     def _end(self, sid: bytes, observation: Any, reason: CoapError) -> None:
         self.remove(sid, observation)
-        observation.trigger(reason.to_message())  # an unsuccessful notification ends an observation
+        with coap_seam("final notification"):
+            observation.trigger(reason.to_message())  # an unsuccessful notification ends an observation

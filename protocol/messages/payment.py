@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._fields import AMOUNT, COSE_BLOB, IDENT, NONCE, POSITION, SESSION_ID, TIME, TOKEN
-from ._schema import Bytes, ListOf, Message, Nested, Text, UInt, field, message
+from ._schema import Bool, Bytes, ListOf, Message, Nested, Optional, Text, UInt, field, message
 from .coins import Coin
 
 __all__ = ["Closed", "Due", "Offer", "OpenSession", "Pay", "Receipt", "SessionOpened"]
@@ -73,8 +73,14 @@ class Receipt(Message):
 
 @message
 class Closed(Message):
-    """``POST /sessions/{id}/close``: what the bank credited and the final chain index."""
+    """``POST /sessions/{id}/close``: what the bank credited and the final chain index.
+
+    ``pending`` (true, or absent) says the bank has not answered the final settlement yet: the
+    session is over and every token paid is the vendor's, ``credited`` is what was credited so far,
+    and the coin stays blocked for this vendor until the settlement lands or ``T`` passes.
+    """
 
     session: bytes = field(SESSION_ID)
     credited: int = field(AMOUNT)
     index: int = field(POSITION)
+    pending: bool | None = field(Optional(Bool()), default=None)

@@ -196,16 +196,19 @@ class MemoryBank:
                                 open=rec.status is rules.BlockStatus.OPEN)
         if op == "status":
             assert isinstance(request, StatusRequest)
-            verify_signed(signed, BANK, op, self.vendor_keys.get)
+            vendor = verify_signed(signed, BANK, op, self.vendor_keys.get)
             found = self.coins.get(request.tip)
             if found is not None:
                 lapsed = rules.apply_lapse(found, now)
                 self._commit(lapsed)
                 found = lapsed.record
+            if found is not None and found.vendor != vendor:
+                found = None  # as the bank: a vendor learns only about coins it blocked last
             state = rules.coin_state(found, now)
             return StatusAnswer(req_id=request.req_id, tip=request.tip, known=found is not None,
                                 position=None if found is None else found.position, spent=state == "spent",
-                                blocked_until=found.deadline if found and state == "blocked" else None)
+                                blocked_until=found.deadline if found and state == "blocked" else None,
+                                session=found.session if found is not None else None)
         raise AssertionError(op)
 
     def _commit(self, outcome: rules.Outcome) -> None:

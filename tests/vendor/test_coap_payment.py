@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import uuid
@@ -12,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiocoap
+import aiocoap.error
 import pytest
 import pytest_asyncio
 from aiocoap.numbers.codes import Code
 
 from agents.bank import admin
 from agents.bank.server import serve
-from agents.mqtt import BankClient
+from agents.mqtt import BankClient, TransportError, answer_properties, connect
 from agents.vendor.agent import Credentials, VendorAgent
 from agents.vendor.coap import CBOR, serve_coap
 from agents.vendor.store import VendorStore
@@ -195,3 +197,64 @@ async def test_retry_of_pending_settlements_leaves_a_close_in_progress_alone(sce
     assert closed.credited == 5 == admin.balance(world.store, "meter")
     held = scene.agent.store.session(opened.session)
     assert held is not None and held.state == "closed" and held.credited == 5
+
+
+@contextlib.asynccontextmanager
+async def _forger(url: str, bank: str) -> AsyncIterator[None]:
+    """A responder on ``bank``'s request topics that answers everything with random bytes."""
+    async with connect(url, f"forger-{uuid.uuid4().hex[:6]}") as client:
+        await client.subscribe(f"m2mpay/{bank}/req/+", qos=1)
+
+        async def answer() -> None:
+            async for message in client.messages:
+                props = message.properties
+                await client.publish(props.ResponseTopic, os.urandom(64), qos=1,  # type: ignore[union-attr]
+                                     properties=answer_properties(props.CorrelationData))  # type: ignore[union-attr]
+
+        task = asyncio.create_task(answer())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_open_whose_answer_does_not_verify_keeps_the_offer_used(scene: Scene, mosquitto: str,
+                                                                      tmp_path: Path) -> None:
+    """An answer to the block that does not verify leaves the block unanswered — the coin may be
+    blocked — so the user gets 5.03 and the offer opens nothing else (it used to be freed)."""
+    world = scene.world
+    first, second = await world.withdraw(world.user("alice"), 2)
+    async with _forger(mosquitto, "forger"), \
+            BankClient(mosquitto, "forger", f"meter-{uuid.uuid4().hex[:6]}", timeout=2.0, retries=1) as bank:
+        agent = VendorAgent(scene.credentials, world.keys.keyring, bank, VendorStore(tmp_path / "forged.sqlite3"),
+                            clock=world.clock)
+        port = _free_udp_port()
+        try:
+            async with serve_coap(agent, "::1", port):
+                forged = Scene(world, agent, f"coap://[::1]:{port}", scene.client, tmp_path / "forged.sqlite3",
+                               scene.credentials)
+                offer = Offer.decode((await forged.call(Code.GET, "/offer")).payload)
+                response = await forged.call(Code.POST, "/sessions", _open_body(forged, first, offer))
+                assert response.code == Code.SERVICE_UNAVAILABLE and cbor.decode(response.payload)["code"] == "unavailable"
+                response = await forged.call(Code.POST, "/sessions", _open_body(forged, second, offer))
+                assert response.code == Code.CONFLICT and cbor.decode(response.payload)["code"] == "replay"
+                assert not agent.sessions
+        finally:
+            agent.store.close()
+
+
+def _open_body(scene: Scene, wc: wallet.WalletCoin, offer: Offer) -> bytes:
+    wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
+                                now=scene.world.clock.now)
+    sealed = sealing.seal(auth.encode(), scene.world.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+    return OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce).encode()
+
+
+async def test_coap_bind_failure_is_our_transport_error(scene: Scene) -> None:
+    """aiocoap and socket errors leave the CoAP side as TransportError, the foreign one as cause."""
+    with pytest.raises(TransportError) as info:
+        async with serve_coap(scene.agent, "192.0.2.1", _free_udp_port()):  # an address this host does not have
+            pass
+    assert isinstance(info.value.__cause__, (OSError, aiocoap.error.Error))

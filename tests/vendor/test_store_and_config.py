@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -48,17 +49,50 @@ def test_tokens_and_outbox_survive_a_restart(tmp_path: Path) -> None:
     assert not store.record_token(sid, 95, token, 1_011)  # a retransmission changes nothing
     assert not store.record_token(sid, 97, os.urandom(32), 1_012)  # never move back up the chain
     entry = OutboxEntry(req_id=os.urandom(16), session=sid, keep_open=False, request=b"signed", answer=None)
-    store.enqueue(entry, 1_020)
+    store.write(sid, state="closing", credited=0, queued=entry, now=1_020)  # one transaction
     store.close()  # the process dies here, before the bank answered
 
     again = VendorStore(tmp_path / "vendor.sqlite3")
     held = again.session(sid)
-    assert held is not None and (held.position, held.last, held.paid) == (95, token, 5)
+    assert held is not None and (held.position, held.last, held.paid, held.state) == (95, token, 5, "closing")
     assert again.pending() == [entry]
-    again.answered(entry.req_id, b"answer")
-    again.set_state(sid, "closed", credited=5)
-    assert again.pending() == [] and again.sessions("open") == []
+    with pytest.raises(sqlite3.IntegrityError):  # a req_id is the outbox's key: never inserted twice
+        again.write(sid, state="closing", credited=0, queued=entry, now=1_021)
+    assert again.pending() == [entry] and again.session(sid).state == "closing"  # type: ignore[union-attr]
+    again.write(sid, state="closed", credited=5, finished=[(entry.req_id, "answered", b"answer")])
+    assert again.pending() == [] and again.sessions("open", "closing") == []
     assert again.sessions("closed")[0].credited == 5
+    assert again.outbox(sid) == [OutboxEntry(entry.req_id, sid, False, b"signed", b"answer", "answered")]
+
+
+def test_outbox_of_an_older_version_is_brought_up_to_date(tmp_path: Path) -> None:
+    """Earlier versions marked a settlement the bank never answered as answered with no bytes and
+    never sent it again: after the upgrade those of sessions still open are queued again."""
+    path = tmp_path / "vendor.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(_OLD_SCHEMA)
+    abandoned, settled, refused = os.urandom(16), os.urandom(16), os.urandom(16)
+    rows = [(abandoned, "open", b""), (settled, "closed", b"answer"), (refused, "closed", b"")]
+    for sid, state, answer in rows:
+        old.execute("INSERT INTO sessions VALUES (?, ?, 1, 100, 90, ?, 2000, ?, 1000, 1000, 0)",
+                    (sid, os.urandom(32), os.urandom(32), state))
+        old.execute("INSERT INTO outbox VALUES (?, ?, 0, ?, 1000, ?)", (sid[::-1], sid, b"signed", answer))
+    old.commit()
+    old.close()
+    store = VendorStore(path)
+    assert [(e.session, e.state) for e in store.pending()] == [(abandoned, "queued")]
+    assert store.outbox(settled)[0].state == "answered" and store.outbox(refused)[0].state == "refused"
+    store.close()
+    assert [e.session for e in VendorStore(path).pending()] == [abandoned]  # migrated once
+
+
+_OLD_SCHEMA = """
+CREATE TABLE sessions (session BLOB PRIMARY KEY, tip BLOB NOT NULL, token_value INTEGER NOT NULL,
+    start INTEGER NOT NULL, position INTEGER NOT NULL, last BLOB NOT NULL, deadline INTEGER NOT NULL,
+    state TEXT NOT NULL, opened INTEGER NOT NULL, last_paid INTEGER NOT NULL, credited INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE outbox (req_id BLOB PRIMARY KEY, session BLOB NOT NULL REFERENCES sessions(session),
+    keep_open INTEGER NOT NULL, request BLOB NOT NULL, created INTEGER NOT NULL, answer BLOB);
+"""
 
 
 def test_tokens_only_in_the_log_survive_a_crash(tmp_path: Path) -> None:
