@@ -30,6 +30,7 @@ from broker.launcher import Mosquitto, free_port, free_udp_port
 from ..bank import admin
 from ..bank.keys import init_bank, load_bank
 from ..mqtt import BankClient
+from ..policy.config import UNLIMITED, PolicyConfig
 from ..user.agent import UserAgent, UserCredentials
 
 __all__ = ["population"]
@@ -111,7 +112,11 @@ async def population(users: int, vendors: int, seconds: float, coins: int = 3) -
                     "[pricing]\nprice = 1\nmeter_interval = 0.02\n[session]\nidle_timeout = 10\n")
             bank = _process("bank", "serve", "--data", work / "bank", "--broker", broker.url)
             processes.append(bank)
-            agents = [UserAgent(work / "wallets" / f"u{i}") for i in range(users)]
+            # A throughput run, not a budget test: the default policy's budgets would refuse most of it.
+            spend_freely = PolicyConfig.from_dict({
+                "budget": {"per_hour": UNLIMITED, "per_day": UNLIMITED, "per_session": UNLIMITED},
+                "vendors": {"max_per_day": UNLIMITED}, "categories": {"max_per_day": UNLIMITED}})
+            agents = [UserAgent(work / "wallets" / f"u{i}", spend_freely) for i in range(users)]
             async with BankClient(broker.url, BANK, f"bench-{uuid.uuid4().hex[:6]}") as client:
                 await client.keys(timeout=30)
                 await asyncio.sleep(1.0)  # settled after start-up: the idle figure

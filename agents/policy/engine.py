@@ -3,9 +3,13 @@
 The wallet asks before it spends: which offer to take (:meth:`PolicyEngine.choose_offer`), whether
 an offer is acceptable at all (:meth:`check_offer`), which coin to block for it
 (:meth:`select_coin`), whether to pay the next tokens a vendor asks for (:meth:`may_pay`), and
-whether to refill (:meth:`refill`). Past spending comes in as a list of :class:`Spend`; every
-answer is a :class:`Decision` with a stable ``reason`` code, a human sentence and the figures
-behind it, ready to append to the decision log as one JSON line.
+whether to refill (:meth:`refill`). Past spending comes in as a list of :class:`Spend`, and what
+the wallet spends meanwhile is added with :meth:`record`; every answer is a :class:`Decision`
+with a stable ``reason`` code, a human sentence and the figures behind it, ready to append to
+the decision log as one JSON line.
+
+Money is judged in the coin actually paid with: an :class:`OfferView` carries the token value
+of that coin, and the same offer paid with a coin of larger tokens costs more.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from protocol.rules.wallet import session_tokens
 
 from .config import PolicyConfig
 
@@ -41,6 +47,7 @@ class OfferView:
     price: int
     """Tokens per unit."""
     token_value: int
+    """Minor units per token of the coin this view is judged for."""
     deadline: int
 
     @property
@@ -63,6 +70,7 @@ class CoinView:
 
     @property
     def fresh(self) -> bool:
+        """Never shown to any vendor."""
         return self.position == self.n
 
 
@@ -96,19 +104,27 @@ class PolicyEngine:
         self.config = config
         self.history = list(history)
 
+    def record(self, spend: Spend) -> None:
+        """Count money that has just left the wallet in every later decision."""
+        self.history.append(spend)
+
     def _spent(self, now: int, window: int, *, vendor: str | None = None, category: str | None = None) -> int:
         return sum(s.amount for s in self.history if now - s.ts < window
                    and (vendor is None or s.vendor == vendor) and (category is None or s.category == category))
 
     def check_offer(self, offer: OfferView, units: int, now: int) -> Decision:
-        """Is this vendor, category, price and deadline acceptable for ``units`` units?"""
+        """Is this vendor, category, price and deadline acceptable for ``units`` units?
+
+        The money judged is the whole session's: ``units`` at the offer's price plus the blocking
+        token (:func:`~protocol.rules.wallet.session_tokens`), in the view's token value.
+        """
         c = self.config
         if offer.vendor in c.vendors.deny or (c.vendors.allow and offer.vendor not in c.vendors.allow):
             return _no("vendor_denied", f"vendor {offer.vendor} is not allowed", vendor=offer.vendor)
         if offer.category in c.categories.deny or (c.categories.allow and offer.category not in c.categories.allow):
             return _no("category_denied", f"category {offer.category} is not allowed", category=offer.category)
         ceiling = c.price.ceiling(offer.category)
-        if offer.unit_price > ceiling:
+        if ceiling is not None and offer.unit_price > ceiling:
             return _no("price_too_high", f"{offer.unit_price} per unit exceeds {ceiling}",
                        unit_price=offer.unit_price, ceiling=ceiling)
         if offer.deadline > now + c.deadline.max_ahead + c.deadline.clock_skew:
@@ -117,7 +133,7 @@ class PolicyEngine:
         if offer.deadline <= now + c.deadline.clock_skew:
             return _no("deadline_passed", "the offer's deadline has passed (or our clocks disagree)",
                        deadline=offer.deadline, now=now)
-        return self.may_pay(offer, 0, units * offer.unit_price, now)
+        return self.may_pay(offer, 0, session_tokens(units, offer.price) * offer.token_value, now)
 
     def may_pay(self, offer: OfferView, session_spent: int, amount: int, now: int) -> Decision:
         """May ``amount`` more go to this vendor, ``session_spent`` already having gone in this session?"""
@@ -132,7 +148,7 @@ class PolicyEngine:
              f"the daily limit for {offer.category}"),
         )
         for reason, total, limit, what in checks:
-            if total > limit:
+            if limit is not None and total > limit:
                 return _no(reason, f"{total} would exceed {what} ({limit})", total=total, limit=limit,
                            vendor=offer.vendor, amount=amount)
         return _yes("within_policy", f"{amount} to {offer.vendor} is within policy", vendor=offer.vendor,
@@ -140,8 +156,8 @@ class PolicyEngine:
 
     def choose_offer(self, offers: Sequence[OfferView], units: int, now: int) -> tuple[OfferView | None, Decision]:
         """The cheapest offer the policy allows (ties: the earlier in the list)."""
-        refusals = []
-        allowed = []
+        refusals: list[tuple[OfferView, Decision]] = []
+        allowed: list[tuple[OfferView, Decision]] = []
         for offer in offers:
             decision = self.check_offer(offer, units, now)
             (allowed if decision.allowed else refusals).append((offer, decision))
@@ -152,15 +168,19 @@ class PolicyEngine:
         return best, _yes("cheapest_allowed", f"{best.vendor} at {best.unit_price} per unit",
                           vendor=best.vendor, unit_price=best.unit_price, candidates=len(offers))
 
-    def select_coin(self, coins: Sequence[CoinView], amount: int, vendor: str) -> tuple[CoinView | None, Decision]:
-        """The coin to block for ``amount`` at ``vendor`` under the configured strategy."""
+    def select_coin(self, coins: Sequence[CoinView], tokens: int, vendor: str) -> tuple[CoinView | None, Decision]:
+        """The coin to block for a session of ``tokens`` tokens at ``vendor`` under the configured strategy.
+
+        Coins are measured in tokens, not money: the caller passes only coins whose token value
+        the policy accepts for this offer, and a coin covers the session if it holds ``tokens``.
+        """
         strategy = self.config.coins.strategy
         usable = [c for c in coins if c.remaining > 0]
         if strategy == "fresh_per_vendor":  # a coin shown to another vendor would link the sessions
             usable = [c for c in usable if c.fresh or c.vendors <= {vendor}]
         if not usable:
             return None, _no("no_coin", "no usable coin in the wallet", strategy=strategy)
-        covering = [c for c in usable if c.remaining >= amount]
+        covering = [c for c in usable if c.position >= tokens]
         if strategy == "largest_first":
             choice = max(usable, key=lambda c: c.remaining)
         elif strategy == "drain_partial":
@@ -169,16 +189,23 @@ class PolicyEngine:
         else:  # best_fit, and fresh_per_vendor after filtering
             choice = min(covering, key=lambda c: c.remaining) if covering else max(usable, key=lambda c: c.remaining)
         return choice, _yes(strategy, f"coin {choice.tip.hex()[:8]} with {choice.remaining} left",
-                            remaining=choice.remaining, amount=amount)
+                            remaining=choice.remaining, tokens=tokens, token_value=choice.token_value)
 
     def refill(self, wallet_value: int, coin_value: int, online: bool, refilled_today: int) -> tuple[int, Decision]:
-        """How many coins to withdraw now (0 when the policy says no)."""
+        """How many coins to withdraw now (0 when the policy says no).
+
+        ``refilled_today`` is what the wallet withdrew since the start of the device's calendar
+        day, as kept on disk: restarts do not reset it, midnight does.
+        """
         r = self.config.refill
         if wallet_value >= r.below:
             return 0, _no("enough_value", f"wallet holds {wallet_value}, refill below {r.below}")
         if not online:
             return 0, _no("offline", "refill waits until the bank is reachable")
-        room = (r.daily_cap - refilled_today) // coin_value if coin_value else 0
+        if r.daily_cap is None:
+            room = r.coins
+        else:
+            room = (r.daily_cap - refilled_today) // coin_value if coin_value else 0
         count = min(r.coins, max(room, 0))
         if count <= 0:
             return 0, _no("refill_cap", f"daily refill cap {r.daily_cap} reached", refilled_today=refilled_today)

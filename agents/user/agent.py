@@ -2,15 +2,17 @@
 
 Withdrawing checks the bank's keys announcement against the CA fingerprint the device was
 provisioned with and keeps it, so paying needs no bank. Paying: fetch the offer, check the
-vendor's certificate against the bank CA, ask the policy, pick a coin, write ahead, seal, open,
-answer the vendor's Observe notifications with tokens as far as the policy allows, close. Every
-policy decision is appended to ``decisions.jsonl`` in the wallet directory.
+vendor's certificate against the bank CA, ask the policy (in the money of the coin it would pay
+with), pick a coin, write ahead, seal, and hand the session to :class:`~agents.user.paying.Payment`.
+Every policy decision is appended to ``decisions.jsonl`` in the wallet directory; spending and
+withdrawals live in the wallet's database. One process holds a wallet at a time
+(:class:`~agents.user.lock.WalletLock`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -22,36 +24,29 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import cbor, envelope, sealing
+from protocol import envelope, sealing
 from protocol.certificates import cert_hash, verify_announcement, verify_certificate
-from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.messages import Closed, Due, Offer, OpenSession, Receipt, SessionOpened, WithdrawAnswer
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.messages import MAX_WITHDRAW_BATCH, KeysetInfo, Offer, OpenSession, WithdrawAnswer
 from protocol.rules import wallet
 from protocol.rules.keyring import Keyring
 
-from ..files import append_private
+from ..files import append_private, private_dir
 from ..mqtt import BankClient
 from ..policy.config import PolicyConfig
-from ..policy.engine import CoinView, Decision, OfferView, PolicyEngine, Spend
+from ..policy.engine import DAY, CoinView, Decision, OfferView, PolicyEngine, Spend
+from .coap import call
+from .errors import PolicyRefusal, UsageError
+from .lock import WalletLock
+from .outcome import PaymentResult, Stop
+from .paying import Payment
 from .store import WalletStore
 
-# CoAP retransmits a confirmable request for up to MAX_TRANSMIT_SPAN (45 s, RFC 7252 §4.8.2); a
-# shorter wait gives up on a lossy link while the exchange would still have succeeded.
-_EXCHANGE_WAIT = 45.0
-
-__all__ = ["PaymentResult", "PolicyRefusal", "UserAgent", "UserCredentials"]
+__all__ = ["PaymentResult", "PolicyRefusal", "Stop", "UserAgent", "UserCredentials", "WithdrawOutcome"]
 
 log = logging.getLogger(__name__)
 _KEYS_FILE = "bank-keys.cose"
-_CBOR = 60
-
-
-class PolicyRefusal(Exception):
-    """The policy said no; the wallet is unchanged."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(decision.message)
-        self.decision = decision
+_OLD_SPENDING_LOG = "spending.jsonl"
 
 
 @dataclass(frozen=True)
@@ -65,48 +60,88 @@ class UserCredentials:
 
     @classmethod
     def load(cls, path: Path) -> UserCredentials:
+        """Read a credentials file."""
         data = json.loads(path.read_text())
         return cls(account=data["account"], key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
                    bank=data["bank"], ca_fingerprint=data["ca_fingerprint"])
 
 
 @dataclass(frozen=True)
-class PaymentResult:
-    vendor: str
-    tokens: int
-    credited: int
+class WithdrawOutcome:
+    """What one ``withdraw`` brought: the coins asked for, and what earlier requests came to."""
+
+    coins: list[wallet.WalletCoin]
+    """The coins of this request: exactly as many as asked for."""
+    recovered: list[wallet.WalletCoin]
+    """Coins of earlier requests whose answer had not arrived (resent first, same bytes)."""
+    refused: list[envelope.Refusal]
+    """Earlier requests the bank refused: dropped with their secrets, nothing was debited."""
 
 
 class UserAgent:
-    """One wallet directory and its policy."""
+    """One wallet directory and its policy (the conservative default when none is given).
+
+    With ``exclusive`` (the default) the wallet is locked for this process until :meth:`close`;
+    a second process gets :class:`~agents.user.errors.WalletBusy`.
+    """
 
     def __init__(self, directory: Path, policy: PolicyConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, exclusive: bool = True) -> None:
         self.directory = directory
-        self.store = WalletStore(directory)
+        private_dir(directory)
+        self._lock = WalletLock(directory) if exclusive else None
+        try:
+            self.store = WalletStore(directory)
+        except BaseException:
+            self._release()
+            raise
         self.policy = policy or PolicyConfig()
         self.clock = clock
         meta = directory / "wallet.json"
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
+        if exclusive:
+            self._import_spending_log()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def close(self) -> None:
+        """Close the store and let another process have the wallet."""
         self.store.close()
+        self._release()
 
     def now(self) -> int:
+        """The device's clock, in whole seconds."""
         return int(self.clock())
 
     def _log(self, action: str, decision: Decision) -> None:
         append_private(self.directory / "decisions.jsonl", decision.to_json(action, self.now()) + "\n")
 
-    def _history(self) -> list[Spend]:
-        path = self.directory / "spending.jsonl"
-        if not path.exists():
-            return []
-        return [Spend(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    def spending(self, since: int = 0) -> list[Spend]:
+        """Money that left the wallet since ``since``: every token from when it may have left."""
+        return self.store.spends(since)
 
-    def _spent(self, spend: Spend) -> None:
-        append_private(self.directory / "spending.jsonl", json.dumps(
-            {"ts": spend.ts, "vendor": spend.vendor, "category": spend.category, "amount": spend.amount}) + "\n")
+    def _import_spending_log(self) -> None:
+        """Move an older wallet's ``spending.jsonl`` into the database; a torn line is skipped."""
+        path = self.directory / _OLD_SPENDING_LOG
+        if not path.exists():
+            return
+        spends, torn = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+                spends.append(Spend(ts=int(data["ts"]), vendor=str(data["vendor"]), category=str(data["category"]),
+                                    amount=int(data["amount"])))
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+        self.store.import_spends(spends, source=_OLD_SPENDING_LOG)
+        path.rename(path.with_name(_OLD_SPENDING_LOG + ".imported"))
+        if torn:
+            log.warning("%d unreadable line(s) of %s skipped (a write cut short)", torn, path)
 
     def keyring(self) -> Keyring:
         """The bank's keys as verified at the last withdrawal (no network needed)."""
@@ -119,29 +154,60 @@ class UserAgent:
     # --- withdrawing -----------------------------------------------------------------------
     async def withdraw(self, bank: BankClient, credentials: UserCredentials, count: int,
                        keyset: str | None = None) -> list[wallet.WalletCoin]:
-        """Resend any unfinished withdrawal, then withdraw ``count`` coins."""
+        """Resend any unfinished withdrawal, then withdraw ``count`` coins; every coin that came."""
+        outcome = await self.withdraw_outcome(bank, credentials, count, keyset)
+        return outcome.recovered + outcome.coins
+
+    async def withdraw_outcome(self, bank: BankClient, credentials: UserCredentials, count: int,
+                               keyset: str | None = None) -> WithdrawOutcome:
+        """Resend any unfinished withdrawal, then withdraw ``count`` coins (0: only resend).
+
+        A refusal by the bank is final for its request: the request and its blinding secrets
+        are dropped, and the refusal is raised (this request's) or reported in the outcome (an
+        earlier one's). Only a transport failure, or the bank's own trouble, keeps a request to
+        be sent again, byte for byte.
+        """
+        if not 0 <= count <= MAX_WITHDRAW_BATCH:
+            raise UsageError(f"coins must be between 0 and {MAX_WITHDRAW_BATCH} per withdrawal")
         announcement = await bank.keys()
         keyring = Keyring.from_announcement(verify_announcement(announcement, credentials.ca_fingerprint,
                                                                 self.now()))
         (self.directory / _KEYS_FILE).write_bytes(announcement)
         self.meta = {"ca_fingerprint": credentials.ca_fingerprint, "bank": credentials.bank}
         (self.directory / "wallet.json").write_text(json.dumps(self.meta))
-        coins: list[wallet.WalletCoin] = []
+        recovered: list[wallet.WalletCoin] = []
+        refused: list[envelope.Refusal] = []
         for pending, signed in self.store.pending_withdrawals():
             try:
-                coins += await self._complete(bank, keyring, pending, signed)
-            except envelope.Refusal as refusal:  # already forgotten; the new withdrawal goes ahead
+                recovered += await self._complete(bank, keyring, pending, signed)
+            except envelope.Refusal as refusal:
+                if not refusal.final:
+                    raise  # the bank's own trouble: kept, and resent first next time
                 log.warning("an earlier withdrawal was refused by the bank: %s (%s)", refusal.code.wire,
                             refusal.message)
+                refused.append(refusal)  # already forgotten; the new withdrawal goes ahead
+        coins: list[wallet.WalletCoin] = []
         if count > 0:
-            info = keyring.withdrawable(keyset, self.now()) if keyset else min(
-                (k for k in keyring.keysets.values() if k.withdraw_until >= self.now()), key=lambda k: k.value)
+            info = self._withdrawable(keyring, keyset)
             pending = wallet.prepare_withdrawal(credentials.account, info, keyring.rsa_keys[info.id], count)
             signed = envelope.sign_request(pending.request, credentials.key, credentials.account, credentials.bank,
                                            "withdraw")
-            self.store.begin_withdrawal(pending, signed, self.now())  # before it leaves
-            coins += await self._complete(bank, keyring, pending, signed)
-        return coins
+            # Before it leaves, with its value: the daily refill cap counts it from now on.
+            self.store.begin_withdrawal(pending, signed, self.now(), value=count * info.value)
+            coins = await self._complete(bank, keyring, pending, signed)
+        return WithdrawOutcome(coins=coins, recovered=recovered, refused=refused)
+
+    def _withdrawable(self, keyring: Keyring, keyset: str | None) -> KeysetInfo:
+        now = self.now()
+        if keyset is None:
+            open_ = [k for k in keyring.keysets.values() if k.withdraw_until >= now]
+            if not open_:
+                raise RemoteProtocolError("no keyset is open for withdrawal", ErrorCode.KEYSET_EXPIRED)
+            return min(open_, key=lambda k: k.value)
+        try:
+            return keyring.withdrawable(keyset, now)
+        except RemoteProtocolError as exc:
+            raise UsageError(f"keyset {keyset}: {exc.message}") from exc
 
     async def _complete(self, bank: BankClient, keyring: Keyring, pending: wallet.PendingWithdrawal,
                         signed: bytes) -> list[wallet.WalletCoin]:
@@ -149,10 +215,12 @@ class UserAgent:
         try:
             answer = envelope.open_answer(raw, keyring.answer_key, keyring.bank, "withdraw", WithdrawAnswer,
                                           request=signed)
-        except envelope.Refusal:
-            # Signed over this request: final (the bank keeps refusals too), so resending it
-            # would only get the same refusal, ahead of every later withdrawal.
-            self.store.drop_withdrawal(pending.request.req_id)
+        except envelope.Refusal as refusal:
+            # Signed over this request and final (the bank keeps refusals too): resending it
+            # would only get the same refusal, ahead of every later withdrawal. An `internal`
+            # refusal is not final: the debit may be made, and the same bytes get the coins.
+            if refusal.final:
+                self.store.drop_withdrawal(pending.request.req_id)
             raise
         info = keyring.keyset(pending.request.keyset)
         coins = wallet.complete_withdrawal(pending, answer, info, keyring.rsa_keys[info.id])
@@ -160,33 +228,21 @@ class UserAgent:
         return coins
 
     # --- paying ----------------------------------------------------------------------------
-    async def _call(self, ctx: aiocoap.Context, code: Code, uri: str, body: bytes | None = None) -> bytes:
-        msg = aiocoap.Message(code=code, uri=uri, payload=body or b"")
-        if body is not None:
-            msg.opt.content_format = _CBOR
-        async with asyncio.timeout(_EXCHANGE_WAIT):
-            response = await ctx.request(msg).response
-        if not response.code.is_successful():
-            code, text = ErrorCode.INTERNAL, f"vendor answered {response.code}"
-            with contextlib.suppress(ProtocolError):
-                error = cbor.decode(response.payload)
-                if isinstance(error, dict):
-                    code = ErrorCode.from_wire(str(error.get("code")))
-                    text = str(error.get("message", text))[:200]
-            raise RemoteProtocolError(text, code)
-        return bytes(response.payload)
-
     async def discover(self, ctx: aiocoap.Context, base: str) -> Offer:
         """Find the vendor's offer through ``/.well-known/core`` (``rt=m2mpay.offer``) and fetch it."""
-        links = (await self._call(ctx, Code.GET, base + "/.well-known/core")).decode("utf-8", "replace")
+        links = (await call(ctx, Code.GET, base + "/.well-known/core")).decode("utf-8", "replace")
         path = next((part.split(">")[0].lstrip("<") for part in links.split(",")
                      if 'rt="m2mpay.offer"' in part or "rt=m2mpay.offer" in part), None)
         if path is None or not path.startswith("/"):
             raise RemoteProtocolError("no m2mpay offer at this address", ErrorCode.UNKNOWN_OP)
-        return Offer.decode(await self._call(ctx, Code.GET, base + path))
+        return Offer.decode(await call(ctx, Code.GET, base + path))
 
     def offer_view(self, offer: Offer) -> OfferView:
-        """What the policy needs to know of an offer, its certificate checked against the bank CA."""
+        """What the policy needs to know of an offer, its certificate checked against the bank CA.
+
+        Its token value is the smallest among the keysets the vendor accepts: good for comparing
+        offers; a payment judges again with the coin it actually uses.
+        """
         keyring = self.keyring()
         cert = verify_certificate(offer.cert, keyring.ca_key, keyring.bank, self.now())
         keyring.refuse_revoked(cert.vendor)  # as of the announcement kept at the last withdrawal
@@ -198,69 +254,56 @@ class UserAgent:
         return OfferView(vendor=cert.vendor, category=cert.category, price=offer.price, token_value=min(values),
                          deadline=offer.deadline)
 
-    async def pay(self, ctx: aiocoap.Context, base: str, units: int) -> PaymentResult:
-        """Buy ``units`` units from the vendor at ``base`` (``coap://host:port``)."""
-        keyring = self.keyring()
-        offer = await self.discover(ctx, base)
-        view = self.offer_view(offer)
-        token_value = view.token_value
-        engine = PolicyEngine(self.policy, self._history())
-        decision = engine.check_offer(view, units, self.now())
-        self._log("offer", decision)
-        if not decision.allowed:
-            raise PolicyRefusal(decision)
-        now = self.now()
+    def _choose(self, engine: PolicyEngine, offer: Offer, view: OfferView, units: int,
+                now: int) -> tuple[wallet.WalletCoin, frozenset[str], OfferView]:
+        """The coin to pay with and the offer as judged in that coin's money; or ``PolicyRefusal``."""
         held = [(wc.expire(now), vendors) for wc, vendors in self.store.coins()
                 if wc.coin.keyset in offer.keysets and wc.available(now)]
+        values = sorted({wc.token_value for wc, _ in held}) or [view.token_value]
+        judged = {v: engine.check_offer(dataclasses.replace(view, token_value=v), units, now) for v in values}
+        allowed = [v for v in values if judged[v].allowed]
+        if not allowed:
+            self._log("offer", judged[values[0]])  # the smallest tokens: the nearest to being allowed
+            raise PolicyRefusal(judged[values[0]])
         views = [CoinView(tip=wc.coin.tip, remaining=wc.remaining, token_value=wc.token_value, n=wc.n,
-                          position=wc.position, vendors=vendors) for wc, vendors in held]
-        chosen, decision = engine.select_coin(views, units * view.unit_price + token_value, view.vendor)
+                          position=wc.position, vendors=vendors) for wc, vendors in held if wc.token_value in allowed]
+        chosen, decision = engine.select_coin(views, wallet.session_tokens(units, offer.price), view.vendor)
+        self._log("offer", judged[allowed[0] if chosen is None else chosen.token_value])
         self._log("coin", decision)
         if chosen is None:
             raise PolicyRefusal(decision)
         wc, shown = next((w, v) for w, v in held if w.coin.tip == chosen.tip)
+        return wc, shown, dataclasses.replace(view, token_value=wc.token_value)
+
+    async def pay(self, ctx: aiocoap.Context, base: str, units: int) -> PaymentResult:
+        """Buy ``units`` units from the vendor at ``base`` (``coap://host:port``).
+
+        Raises before anything is spent: ``UsageError`` (units not positive), ``PolicyRefusal``,
+        a vendor's refusal or ``VendorUnreachable``. Once the blocking token is written ahead the
+        result says how the session ended (:class:`~agents.user.outcome.Stop`), unless the
+        session never opened (the refusal or ``VendorUnreachable`` is raised).
+        """
+        if units < 1:
+            raise UsageError("units must be a positive whole number")
+        keyring = self.keyring()
+        offer = await self.discover(ctx, base)
+        view = self.offer_view(offer)
+        now = self.now()
+        engine = PolicyEngine(self.policy, self.store.spends(since=now - DAY))
+        wc, shown, view = self._choose(engine, offer, view, units, now)
         wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
                                     now=now)
         shown = shown | {view.vendor}
-        self.store.save(wc, shown)  # written ahead: the blocking token may leave now
+        blocking = Spend(now, view.vendor, view.category, wc.value_of(1))
+        self.store.save(wc, shown, blocking)  # written ahead with its money: the blocking token may leave now
+        engine.record(blocking)
         sealed = sealing.seal(auth.encode(), keyring.sealing_key, sealing.info_for_bank(keyring.bank))
         request = OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce)
-        try:
-            opened = SessionOpened.decode(await self._call(ctx, Code.POST, base + "/sessions", request.encode()))
-        except (RemoteProtocolError, TimeoutError):
-            self.store.save(wc.event(wallet.WalletEvent.LOST), shown)  # may be blocked: leave it until T
-            raise
-        spent = token_value
-        self._spent(Spend(self.now(), view.vendor, view.category, token_value))
-        sid = opened.session.hex()
-        wanted = units * offer.price
-        paid_tokens = 0
-        observation = ctx.request(aiocoap.Message(code=Code.GET, uri=f"{base}/sessions/{sid}/due", observe=0))
-        try:
-            await asyncio.wait_for(observation.response, _EXCHANGE_WAIT)
-            notes = aiter(observation.observation)
-            while paid_tokens < wanted and wc.position > 0:
-                due = Due.decode((await asyncio.wait_for(anext(notes), 60)).payload)
-                tokens = min(due.tokens, wanted - paid_tokens, wc.position)
-                if tokens <= 0:
-                    continue
-                amount = tokens * token_value
-                decision = engine.may_pay(view, spent, amount, self.now())
-                self._log("pay", decision)
-                if not decision.allowed:
-                    break
-                wc, pay = wallet.reveal(wc, tokens)
-                self.store.save(wc, shown)  # written ahead
-                Receipt.decode(await self._call(ctx, Code.POST, f"{base}/sessions/{sid}/pay", pay.encode()))
-                self._spent(Spend(self.now(), view.vendor, view.category, amount))
-                spent += amount
-                paid_tokens += tokens
-        finally:
-            if not observation.observation.cancelled:
-                observation.observation.cancel()
-        closed = Closed.decode(await self._call(ctx, Code.POST, f"{base}/sessions/{sid}/close", b""))
-        self.store.save(wc.event(wallet.WalletEvent.CLOSED), shown)
-        return PaymentResult(vendor=view.vendor, tokens=paid_tokens + 1, credited=closed.credited)
+        payment = Payment(store=self.store, policy=self.policy, engine=engine, view=view, coin=wc, shown=shown,
+                          base=base, units=units, clock=self.now, decide=self._log, spent=blocking.amount)
+        # One deadline for the whole session: the policy's, or the vendor's T if that is sooner.
+        seconds = min(self.policy.session.max_duration, max(offer.deadline - now, 0))
+        return await payment.run(ctx, request, asyncio.get_running_loop().time() + seconds)
 
     def public_coins(self) -> list[dict[str, object]]:
         """Public parts only: never the seed or the traversal state."""

@@ -1,87 +1,145 @@
-"""``m2mpay user …`` commands."""
+"""``m2mpay user …`` commands.
+
+Every command's error goes through one place (:func:`_guarded`): one line on stderr saying what
+happened, and the exit status from :func:`agents.user.errors.exit_status` — usage 2, policy
+refusal 3, bank or vendor refusal 4, unreachable 5, interrupted 130, internal 70. ``user pay``
+exits 0 only when every unit asked for was delivered.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
+import sys
+import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiocoap
 
-from ..mqtt import BankClient, TlsLogin
+from protocol import envelope
+
+from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig
-from .agent import PolicyRefusal, UserAgent, UserCredentials
+from .agent import UserAgent, UserCredentials, WithdrawOutcome
+from .errors import EXIT, PaymentIncomplete, Refused, UsageError, describe, exit_status
+from .outcome import PaymentResult
 
 __all__ = ["add_user_commands"]
 
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Run a command; any error becomes one line on stderr and its exit status."""
+
+    def run(args: argparse.Namespace) -> int:
+        # A command speaks through its one line; the library's warnings (a close that failed, a
+        # retry) are for `user run`'s log, which sets up handlers of its own.
+        logging.getLogger("agents").addHandler(logging.NullHandler())
+        try:
+            return handler(args)
+        except (Exception, KeyboardInterrupt) as exc:
+            status = exit_status(exc)
+            print(f"m2mpay: {describe(exc)}", file=sys.stderr)
+            if status == EXIT["internal"]:  # a bug, not a user's mistake: keep what finds it
+                traceback.print_exception(exc, file=sys.stderr)
+            return status
+
+    return run
+
 
 def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``user withdraw|pay|wallet|run|decisions``."""
     user = commands.add_parser("user", help="a user device's wallet").add_subparsers(dest="action", required=True)
     withdraw = user.add_parser("withdraw", help="withdraw coins from the bank")
     withdraw.add_argument("--wallet", type=Path, required=True)
     withdraw.add_argument("--credentials", type=Path, required=True)
     withdraw.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    withdraw.add_argument("--coins", type=int, required=True)
+    withdraw.add_argument("--coins", type=int, required=True,
+                          help="coins to withdraw (0: only finish earlier withdrawals)")
     withdraw.add_argument("--keyset", help="keyset id (default: the smallest denomination)")
     withdraw.add_argument("--tls", type=Path, help="PKI directory: log in with ACCOUNT.crt/.key (mqtts:// URL)")
-    withdraw.set_defaults(handler=_withdraw)
+    withdraw.set_defaults(handler=_guarded(_withdraw))
     pay = user.add_parser("pay", help="pay a vendor")
     pay.add_argument("--wallet", type=Path, required=True)
     pay.add_argument("vendor", help="coap://HOST:PORT")
     pay.add_argument("--units", type=int, default=1)
-    pay.add_argument("--policy", type=Path, help="policy.toml")
-    pay.set_defaults(handler=_pay)
+    pay.add_argument("--policy", type=Path, help="policy.toml (default: the conservative default policy)")
+    pay.set_defaults(handler=_guarded(_pay))
     show = user.add_parser("wallet", help="coins (public parts only)")
     show.add_argument("--wallet", type=Path, required=True)
     show.add_argument("--json", action="store_true")
-    show.set_defaults(handler=_wallet)
+    show.set_defaults(handler=_guarded(_wallet))
     run = user.add_parser("run", help="the autonomous agent: refill, choose offers, pay")
     run.add_argument("--config", type=Path, required=True, help="user.toml")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
-    run.set_defaults(handler=_run)
+    run.set_defaults(handler=_guarded(_run))
     log = user.add_parser("decisions", help="the policy's decision log")
     log.add_argument("--wallet", type=Path, required=True)
-    log.set_defaults(handler=_decisions)
+    log.set_defaults(handler=_guarded(_decisions))
 
 
 def _withdraw(args: argparse.Namespace) -> int:
+    if args.coins < 0:
+        raise UsageError("--coins must not be negative")
     credentials = UserCredentials.load(args.credentials)
     agent = UserAgent(args.wallet)
 
-    async def run() -> int:
+    async def run() -> WithdrawOutcome:
         tls = TlsLogin.from_dir(args.tls, credentials.account) if args.tls else None
         async with BankClient(args.broker, credentials.bank, f"{credentials.account}-{uuid.uuid4().hex[:6]}",
                               tls=tls) as bank:
-            return len(await agent.withdraw(bank, credentials, args.coins, args.keyset))
+            return await agent.withdraw_outcome(bank, credentials, args.coins, args.keyset)
 
     try:
-        print(f"withdrew {asyncio.run(run())} coin(s)")
+        outcome = asyncio.run(run())
+    except envelope.Refusal as refusal:
+        if refusal.final:
+            raise Refused(f"the bank refused the withdrawal: {refusal.code.wire} ({refusal.message}); nothing was "
+                          "debited and the request is dropped") from refusal
+        raise TransportError(f"the bank could not answer ({refusal.code.wire}); the withdrawal is kept and sent "
+                             "again by the next 'user withdraw'") from refusal
+    except TransportError as exc:
+        kept = len(agent.store.pending_withdrawals())
+        if kept:
+            raise TransportError(f"{exc}; {kept} withdrawal(s) kept, sent again by the next 'user withdraw'") from exc
+        raise
     finally:
         agent.close()
+    print(f"withdrew {len(outcome.coins)} coin(s)")
+    if outcome.recovered:
+        print(f"also {len(outcome.recovered)} coin(s) of an earlier withdrawal whose answer had not arrived")
+    for earlier in outcome.refused:
+        print(f"m2mpay: an earlier withdrawal was refused by the bank and dropped: {earlier.code.wire}: "
+              f"{earlier.message}", file=sys.stderr)
     return 0
 
 
 def _pay(args: argparse.Namespace) -> int:
-    agent = UserAgent(args.wallet, PolicyConfig.load(args.policy) if args.policy else None)
+    if args.units < 1:
+        raise UsageError("--units must be a positive whole number")
+    policy = PolicyConfig.load(args.policy) if args.policy else None
+    agent = UserAgent(args.wallet, policy)
 
-    async def run() -> str:
+    async def run() -> PaymentResult:
         ctx = await aiocoap.Context.create_client_context()
         try:
-            result = await agent.pay(ctx, args.vendor.rstrip("/"), args.units)
+            return await agent.pay(ctx, args.vendor.rstrip("/"), args.units)
         finally:
             await ctx.shutdown()
-        return f"paid {result.vendor} {result.tokens} token(s); credited {result.credited}"
 
     try:
-        print(asyncio.run(run()))
-        return 0
-    except PolicyRefusal as refusal:
-        print(f"refused by policy: {refusal.decision.reason}: {refusal.decision.message}")
-        return 3
+        result = asyncio.run(run())
     finally:
         agent.close()
+    print(result.summary())
+    if not result.complete:
+        raise PaymentIncomplete(result)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -89,17 +147,14 @@ def _run(args: argparse.Namespace) -> int:
     from .run import RunConfig, run_user
 
     setup_logging(args.log_json)
-    try:
-        payments = asyncio.run(run_user(RunConfig.load(args.config)))
-    except KeyboardInterrupt:
-        return 0
+    payments = asyncio.run(run_user(RunConfig.load(args.config)))
     for p in payments:
-        print(f"paid {p.vendor} {p.tokens} token(s); credited {p.credited}")
+        print(p.summary() if p.complete else f"{p.summary()} ({p.why()})")
     return 0
 
 
 def _wallet(args: argparse.Namespace) -> int:
-    agent = UserAgent(args.wallet)
+    agent = UserAgent(args.wallet, exclusive=False)  # reading only: beside a paying process
     try:
         coins = agent.public_coins()
     finally:
@@ -107,7 +162,7 @@ def _wallet(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(coins, indent=2))
     else:
-        print(f"{len(coins)} coin(s), {sum(int(c['remaining']) for c in coins)} in all")  # type: ignore[call-overload]
+        print(f"{len(coins)} coin(s), {sum(int(str(c['remaining'])) for c in coins)} in all")
         for c in coins:
             print(f"  {c['keyset']}  {str(c['tip'])[:16]}  position {c['position']:>6}  remaining {c['remaining']}"
                   f"  {c['status']}")

@@ -15,17 +15,23 @@ Configuration (TOML)::
 
 Each round: refill if the policy says so and the bank is reachable; ask every vendor for its
 offer; take the cheapest one the policy allows; pay there. Every decision goes to the log.
+
+No peer ends the loop: a vendor that refuses, stalls or never answers costs that round's payment
+(logged; the payment's own deadline bounds it), a bank that refuses or cannot be reached costs
+that round's refill. The daily refill cap counts the withdrawals kept in the wallet's database
+since the device's local midnight, so neither a restart nor a long run gets around it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +41,19 @@ from protocol.errors import ProtocolError
 
 from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig
-from ..policy.engine import PolicyEngine
-from .agent import PaymentResult, PolicyRefusal, UserAgent, UserCredentials
+from ..policy.engine import DAY, PolicyEngine
+from .agent import PaymentResult, UserAgent, UserCredentials
+from .errors import PolicyRefusal, UsageError, VendorUnreachable
 
-__all__ = ["RunConfig", "run_user"]
+__all__ = ["RunConfig", "day_start", "run_user"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """``user.toml``: where the wallet is, whom to pay, how much, how often, under which policy."""
+
     wallet: Path
     credentials: Path
     broker: str
@@ -52,12 +61,17 @@ class RunConfig:
     units: int = 1
     rounds: int = 1
     interval: float = 10.0
-    policy: PolicyConfig = PolicyConfig()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     tls: Path | None = None
     """PKI directory for a certificate login (``mqtts://`` broker); the account name picks the files."""
 
+    def __post_init__(self) -> None:
+        if self.units < 1 or self.rounds < 0 or self.interval < 0:
+            raise UsageError("units must be at least 1, rounds and interval not negative")
+
     @classmethod
     def load(cls, path: Path) -> RunConfig:
+        """Read ``user.toml``; paths in it are relative to its directory."""
         data: dict[str, Any] = tomllib.loads(path.read_text())
         allowed = {"wallet", "credentials", "broker", "vendors", "units", "rounds", "interval", "policy", "tls"}
         unknown = set(data) - allowed
@@ -71,61 +85,84 @@ class RunConfig:
                    tls=base / data["tls"] if "tls" in data else None)
 
 
-async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredentials, refilled: int) -> int:
+def day_start(now: int) -> int:
+    """The device's last local midnight at or before ``now`` (Unix seconds): the refill cap's day."""
+    local = datetime.datetime.fromtimestamp(now)  # naive local time: timestamp() below follows DST
+    return int(local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+
+
+async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredentials) -> None:
     value = sum(wc.remaining for wc, _ in agent.store.coins())
+    refilled = agent.store.withdrawn_since(day_start(agent.now()))
+    engine = PolicyEngine(config.policy)
     try:
         tls = TlsLogin.from_dir(config.tls, credentials.account) if config.tls else None
         async with BankClient(config.broker, credentials.bank, f"{credentials.account}-{uuid.uuid4().hex[:6]}",
                               timeout=5, tls=tls) as bank:
-            coin_value = 0
-            if agent.meta:
-                keyring = agent.keyring()
-                coin_value = min(k.value for k in keyring.keysets.values())
-            else:  # a new wallet: learn the keys first
+            if not agent.meta:  # a new wallet: learn the keys first
                 await agent.withdraw(bank, credentials, 0)
-                coin_value = min(k.value for k in agent.keyring().keysets.values())
-            count, decision = PolicyEngine(config.policy).refill(value, coin_value, True, refilled)
+            coin_value = min(k.value for k in agent.keyring().keysets.values())
+            count, decision = engine.refill(value, coin_value, True, refilled)
             agent._log("refill", decision)
             if count:
-                coins = await agent.withdraw(bank, credentials, count)
-                return refilled + sum(wc.n * wc.token_value for wc in coins)
-    except TransportError:
-        _, decision = PolicyEngine(config.policy).refill(value, 1, False, refilled)
+                await agent.withdraw(bank, credentials, count)
+    except TransportError as exc:
+        _, decision = engine.refill(value, 1, False, refilled)
         agent._log("refill", decision)
-    return refilled
+        log.info("no refill: bank unreachable (%s)", exc)
+    except ProtocolError as exc:  # refused, or an answer that does not verify: next round tries again
+        log.warning("refill failed: %s (%s)", exc.code.wire, exc.message)
 
 
-async def run_user(config: RunConfig, clock: Callable[[], float] = time.time) -> list[PaymentResult]:
-    """Run the configured rounds (forever when ``rounds`` is 0); returns the payments made."""
+async def _round(agent: UserAgent, config: RunConfig, ctx: aiocoap.Context) -> PaymentResult | None:
+    found = []
+    for base in config.vendors:
+        try:
+            found.append((base, agent.offer_view(await agent.discover(ctx, base))))
+        except (ProtocolError, VendorUnreachable) as exc:
+            log.info("no usable offer at %s: %s", base, exc)
+    engine = PolicyEngine(config.policy, agent.spending(since=agent.now() - DAY))
+    best, decision = engine.choose_offer([view for _, view in found], config.units, agent.now())
+    agent._log("choose", decision)
+    if best is None:
+        return None
+    base = next(b for b, view in found if view is best)
+    try:
+        result = await agent.pay(ctx, base, config.units)
+    except PolicyRefusal as refusal:
+        log.info("policy refused: %s", refusal.decision.message)
+        return None
+    except (ProtocolError, VendorUnreachable) as exc:
+        log.warning("payment at %s failed before the session opened: %s", base, exc)
+        return None
+    if not result.complete:
+        log.warning("payment at %s incomplete: %s", base, result.why())
+    return result
+
+
+async def run_user(config: RunConfig, clock: Callable[[], float] = time.time,
+                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[PaymentResult]:
+    """Run the configured rounds (forever when ``rounds`` is 0); returns the payments made.
+
+    ``clock`` and ``sleep`` are the device's time (tests pass simulated ones).
+    """
     credentials = UserCredentials.load(config.credentials)
     agent = UserAgent(config.wallet, config.policy, clock=clock)
-    ctx = await aiocoap.Context.create_client_context()
     payments: list[PaymentResult] = []
-    refilled, round_ = 0, 0
     try:
-        while config.rounds == 0 or round_ < config.rounds:
-            round_ += 1
-            refilled = await _refill(agent, config, credentials, refilled)
-            found = []
-            for base in config.vendors:
-                try:
-                    found.append((base, agent.offer_view(await agent.discover(ctx, base))))
-                except (ProtocolError, TimeoutError, aiocoap.error.Error) as exc:
-                    log.info("no usable offer at %s: %s", base, exc)
-            engine = PolicyEngine(config.policy, agent._history())
-            best, decision = engine.choose_offer([view for _, view in found], config.units, agent.now())
-            agent._log("choose", decision)
-            if best is not None:
-                base = next(b for b, view in found if view is best)
-                try:
-                    payments.append(await agent.pay(ctx, base, config.units))
-                except PolicyRefusal as refusal:
-                    log.info("policy refused: %s", refusal.decision.message)
-                except ProtocolError as exc:
-                    log.warning("payment at %s failed: %s", base, exc.code.wire)
-            if config.rounds == 0 or round_ < config.rounds:
-                await asyncio.sleep(config.interval)
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            round_ = 0
+            while config.rounds == 0 or round_ < config.rounds:
+                round_ += 1
+                await _refill(agent, config, credentials)
+                result = await _round(agent, config, ctx)
+                if result is not None:
+                    payments.append(result)
+                if config.rounds == 0 or round_ < config.rounds:
+                    await sleep(config.interval)
+        finally:
+            await ctx.shutdown()
     finally:
-        await ctx.shutdown()
         agent.close()
     return payments

@@ -1,22 +1,28 @@
-"""The wallet's durable store: coins with their secrets, and withdrawals awaiting an answer.
+"""The wallet's durable store: coins with their secrets, spending, and withdrawals.
 
 The file is created with mode 0600: it holds every coin's seed and traversal state. The wallet
-writes ahead: :meth:`WalletStore.save` commits a coin's new position (synchronous=FULL) before the
-agent lets the matching token leave the device. A withdrawal is stored with its blinding secrets
-and the exact signed request *before* it is sent, so after a crash it is sent again byte for
-byte — the bank answers from its store and debits once.
+writes ahead: :meth:`WalletStore.save` commits a coin's new position *and the money it moves*
+(one transaction, synchronous=FULL) before the agent lets the matching token leave the device, so
+the spending the policy sees is exactly what left the wallet, receipt or not. A withdrawal is
+stored with its blinding secrets, the exact signed request and its value *before* it is sent, so
+after a crash it is sent again byte for byte (the bank answers from its store and debits once),
+and the daily refill cap counts it whatever happens to the process.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from protocol import cbor
 from protocol.messages import Coin, WithdrawRequest
 from protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
+
+from ..policy.engine import Spend
 
 __all__ = ["WalletStore"]
 
@@ -39,6 +45,22 @@ CREATE TABLE IF NOT EXISTS withdrawals (
     pending BLOB NOT NULL,         -- secret: seeds, prefixes, blinding secrets
     created INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS spends (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    vendor TEXT NOT NULL,
+    category TEXT NOT NULL,
+    amount INTEGER NOT NULL        -- minor units: tokens written ahead times their coin's token value
+);
+CREATE INDEX IF NOT EXISTS spends_ts ON spends (ts);
+CREATE TABLE IF NOT EXISTS imported (
+    source TEXT PRIMARY KEY        -- spending imported from an older wallet's file, once
+);
+CREATE TABLE IF NOT EXISTS withdrawn (
+    req_id BLOB PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    value INTEGER NOT NULL         -- minor units asked for; kept unless the bank refused the request
+);
 """
 _STATE_LIMIT = 1 << 20
 
@@ -57,11 +79,33 @@ class WalletStore:
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
+        """Close the database."""
         self._db.close()
 
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     # --- coins -----------------------------------------------------------------------------
-    def save(self, wc: WalletCoin, vendors: frozenset[str] = frozenset()) -> None:
-        """Commit a coin's state; call it before any token it covers leaves the device."""
+    def save(self, wc: WalletCoin, vendors: frozenset[str] = frozenset(), spend: Spend | None = None) -> None:
+        """Commit a coin's state, and the money its new position moved, in one transaction.
+
+        Call it before any token it covers leaves the device: a token is counted as spent from
+        the moment it may leave, whether or not a receipt ever comes back.
+        """
+        with self._transaction():
+            self._save(wc, vendors)
+            if spend is not None:
+                self._db.execute("INSERT INTO spends (ts, vendor, category, amount) VALUES (?, ?, ?, ?)",
+                                 (spend.ts, spend.vendor, spend.category, spend.amount))
+
+    def _save(self, wc: WalletCoin, vendors: frozenset[str]) -> None:
         self._db.execute(
             "INSERT INTO coins (tip, coin, n, token_value, position, seed, traversal, status, blocked_until, vendors)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tip) DO UPDATE SET position = excluded.position,"
@@ -78,16 +122,41 @@ class WalletStore:
         return [(_coin(row), frozenset(v for v in row[8].split(",") if v)) for row in rows]
 
     def coin(self, tip: bytes) -> WalletCoin | None:
+        """One coin by its tip."""
         row = self._db.execute("SELECT coin, n, token_value, position, seed, traversal, status, blocked_until,"
                                " vendors FROM coins WHERE tip = ?", (tip,)).fetchone()
         return None if row is None else _coin(row)
 
+    # --- spending --------------------------------------------------------------------------
+    def spends(self, since: int = 0) -> list[Spend]:
+        """Money that left the wallet at or after ``since``, oldest first."""
+        rows = self._db.execute("SELECT ts, vendor, category, amount FROM spends WHERE ts >= ? ORDER BY id",
+                                (since,)).fetchall()
+        return [Spend(ts=int(r[0]), vendor=str(r[1]), category=str(r[2]), amount=int(r[3])) for r in rows]
+
+    def import_spends(self, spends: Iterable[Spend], *, source: str) -> None:
+        """Add spending kept elsewhere before (an older wallet's log), once per ``source``."""
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM imported WHERE source = ?", (source,)).fetchone():
+                return  # imported already; a crash came before the file was moved aside
+            self._db.execute("INSERT INTO imported VALUES (?)", (source,))
+            self._db.executemany("INSERT INTO spends (ts, vendor, category, amount) VALUES (?, ?, ?, ?)",
+                                 [(s.ts, s.vendor, s.category, s.amount) for s in spends])
+
     # --- withdrawals -----------------------------------------------------------------------
-    def begin_withdrawal(self, pending: PendingWithdrawal, signed: bytes, now: int) -> None:
-        """Keep the secrets and the signed request before the request is sent."""
+    def begin_withdrawal(self, pending: PendingWithdrawal, signed: bytes, now: int, *, value: int) -> None:
+        """Keep the secrets, the signed request and its value (``value``) before the request is sent."""
         blob = cbor.encode({"request": pending.request.encode(), "seeds": list(pending.seeds),
                             "prefixes": list(pending.prefixes), "secrets": list(pending.secrets)})
-        self._db.execute("INSERT INTO withdrawals VALUES (?, ?, ?, ?)", (pending.request.req_id, signed, blob, now))
+        with self._transaction():
+            self._db.execute("INSERT INTO withdrawals VALUES (?, ?, ?, ?)",
+                             (pending.request.req_id, signed, blob, now))
+            self._db.execute("INSERT INTO withdrawn VALUES (?, ?, ?)", (pending.request.req_id, now, value))
+
+    def withdrawn_since(self, since: int) -> int:
+        """Value of the withdrawals begun at or after ``since`` that the bank did not refuse."""
+        row = self._db.execute("SELECT COALESCE(SUM(value), 0) FROM withdrawn WHERE ts >= ?", (since,)).fetchone()
+        return int(row[0])
 
     def pending_withdrawals(self) -> list[tuple[PendingWithdrawal, bytes]]:
         """Withdrawals sent (or about to be) whose coins are not stored yet, with their signed bytes."""
@@ -100,20 +169,17 @@ class WalletStore:
         return out
 
     def drop_withdrawal(self, req_id: bytes) -> None:
-        """Forget a withdrawal the bank refused: its secrets can never become coins."""
-        self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
+        """Forget a withdrawal the bank refused: its secrets can never become coins, nothing was debited."""
+        with self._transaction():
+            self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
+            self._db.execute("DELETE FROM withdrawn WHERE req_id = ?", (req_id,))
 
     def finish_withdrawal(self, req_id: bytes, coins: list[WalletCoin]) -> None:
         """Store the finalized coins and forget the secrets, in one transaction."""
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for wc in coins:
-                self.save(wc)
+                self._save(wc, frozenset())
             self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
 
 
 def _coin(row: tuple[Any, ...]) -> WalletCoin:

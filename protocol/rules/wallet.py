@@ -30,6 +30,7 @@ __all__ = [
     "complete_withdrawal",
     "prepare_withdrawal",
     "reveal",
+    "session_tokens",
 ]
 
 Rng = Callable[[int], bytes]
@@ -65,6 +66,17 @@ TRANSITIONS: dict[tuple[CoinStatus, WalletEvent], CoinStatus] = {
 }
 
 
+def session_tokens(units: int, price: int) -> int:
+    """Tokens a session of ``units`` units at ``price`` tokens a unit reveals, the blocking token included.
+
+    The vendor asks ``units * price`` tokens after the blocking one (its ``owed`` counts paid
+    tokens less the blocking token), so the session costs one token more than its units.
+    """
+    if units < 1 or price < 1:
+        raise LocalProtocolError("a session needs at least one unit at a price of at least one token")
+    return units * price + 1
+
+
 def _step(status: CoinStatus, event: WalletEvent) -> CoinStatus:
     nxt = TRANSITIONS.get((status, event))
     if nxt is None:
@@ -90,6 +102,10 @@ class WalletCoin:
     def remaining(self) -> int:
         """Value left, in minor units."""
         return self.position * self.token_value
+
+    def value_of(self, tokens: int) -> int:
+        """What ``tokens`` of this coin are worth, in minor units: the money a payment moves."""
+        return tokens * self.token_value
 
     def available(self, now: int) -> bool:
         """Usable for a new session at ``now``."""

@@ -124,3 +124,21 @@ def test_policy_file_refusals(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(PolicyError):
         PolicyConfig.load(path)
+
+
+def test_money_judged_in_the_coin_paid_with() -> None:
+    """The same offer is 11 minor units with tokens of 1 and 110 with tokens of 10 (10 units + the blocking token)."""
+    engine = PolicyEngine(PolicyConfig.from_dict({"price": {"max_per_unit": 10}, "budget": {"per_session": 30}}))
+    assert engine.check_offer(offer(token_value=1), 10, NOW).allowed
+    refused = engine.check_offer(offer(token_value=10), 10, NOW)
+    assert (refused.reason, refused.details["total"]) == ("session_cap", 110)
+
+
+def test_recorded_spending_counts_at_once_and_unlimited_lifts_a_limit() -> None:
+    engine = PolicyEngine(PolicyConfig.from_dict({"budget": {"per_hour": 10}}))
+    assert engine.may_pay(offer(), 0, 10, NOW).allowed
+    engine.record(Spend(NOW, "meter", "parking", 10))  # left without a receipt: still counted
+    assert engine.may_pay(offer(), 0, 1, NOW).reason == "hourly_budget"
+    free = PolicyEngine(PolicyConfig.from_dict({"budget": {"per_hour": "unlimited", "per_day": "unlimited"}}),
+                        [Spend(NOW, "meter", "parking", 10**6)])
+    assert free.may_pay(offer(), 0, 1, NOW).reason == "vendor_limit"  # the budgets lifted, the vendor's limit not

@@ -248,7 +248,7 @@ def test_file_modes_database_password_kept_out_of_bank_json(tmp_path: Path, url:
 
 
 def test_file_modes_device_databases_and_logs_are_0600(tmp_path: Path, umask_zero: None) -> None:
-    from agents.policy.engine import Decision, Spend
+    from agents.policy.engine import Decision
     from agents.user.agent import UserAgent
     from agents.vendor.store import VendorStore
 
@@ -259,8 +259,7 @@ def test_file_modes_device_databases_and_logs_are_0600(tmp_path: Path, umask_zer
         assert _mode(path) == 0o600, path.name
     agent = UserAgent(tmp_path / "wallet")
     try:
-        agent._log("offer", Decision(True, "ok", "within the limits"))
-        agent._spent(Spend(NOW, "meter", "parking", 5))
+        agent._log("offer", Decision(True, "ok", "within the limits"))  # spending is in the database
     finally:
         agent.close()
     for path in (tmp_path / "wallet").iterdir():

@@ -81,6 +81,8 @@ async def test_withdraw_pay_carry_remainder_and_refuse_by_policy(world: BankWorl
         with pytest.raises(PolicyRefusal) as capped:
             await user.pay(ctx, town["charger"], 30)  # 90 is over the cap of 80 per session
         assert capped.value.decision.reason == "session_cap"
+        assert "seed" not in json.dumps(user.public_coins())
+        user.close()  # one process (here: one agent) holds a wallet at a time
 
         strict = UserAgent(tmp_path / "wallet", PolicyConfig.from_dict({"price": {"max_per_unit": 2}}),
                            clock=world.clock)
@@ -100,7 +102,6 @@ async def test_withdraw_pay_carry_remainder_and_refuse_by_policy(world: BankWorl
         log = [json.loads(line) for line in (tmp_path / "wallet" / "decisions.jsonl").read_text().splitlines()]
         assert [e["reason"] for e in log[-2:]] == ["price_too_high", "category_denied"]
         assert any(entry["reason"] == "session_cap" for entry in log)
-        assert "seed" not in json.dumps(user.public_coins())
     finally:
         await ctx.shutdown()
         user.close()

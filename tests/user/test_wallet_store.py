@@ -30,7 +30,7 @@ def test_withdrawal_survives_a_crash_and_debits_once(bank: MemoryBank, tmp_path:
     assert stat.S_IMODE((tmp_path / "wallet" / "wallet.sqlite3").stat().st_mode) == 0o600
     pending = wallet.prepare_withdrawal("alice", ks.info, ks.public, 2, det_rng(3))
     signed = envelope.sign_request(pending.request, key, "alice", BANK, "withdraw")
-    store.begin_withdrawal(pending, signed, NOW)
+    store.begin_withdrawal(pending, signed, NOW, value=2 * ks.info.value)
     bank.handle("withdraw", signed)  # the bank debits; the answer is lost with the crash
     store.close()
 

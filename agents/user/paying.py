@@ -1,0 +1,171 @@
+"""One payment session, from the open to the close, under a deadline and the policy.
+
+The agent has chosen the coin and written the blocking token ahead; :class:`Payment` opens the
+session, answers the vendor's "due" notifications with tokens as far as the policy allows, and
+closes. Every token is written ahead *with its money* before it leaves (so a token the vendor
+keeps without a receipt is still counted), and the whole session runs under one deadline: the
+policy's ``max_duration`` or the vendor's ``T``, whichever comes first. A vendor that stops
+asking (``Due.tokens = 0`` forever, or silence) is closed after the policy's ``max_idle``.
+Whatever stops a payment, the wallet tries to close the session (after the deadline, for at most
+10 s more), so the vendor settles and the coin is free again; a close that fails leaves the coin
+blocked until ``T``, as the bank does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiocoap
+from aiocoap.numbers.codes import Code
+
+from protocol.errors import RemoteProtocolError
+from protocol.messages import Closed, OpenSession, Receipt, SessionOpened
+from protocol.rules import wallet
+
+from ..policy.config import PolicyConfig
+from ..policy.engine import Decision, OfferView, PolicyEngine, Spend
+from .coap import EXCHANGE_WAIT, DueStream, call
+from .errors import VendorUnreachable
+from .outcome import PaymentResult, Stop
+from .store import WalletStore
+
+__all__ = ["Payment"]
+
+log = logging.getLogger(__name__)
+
+_CLOSE_AFTER_DEADLINE = 10.0
+"""A close is tried even after the deadline, briefly: the vendor settles idle sessions anyway."""
+
+
+@dataclass
+class Payment:
+    """The wallet's side of one session. ``coin`` has its blocking token written ahead already."""
+
+    store: WalletStore
+    policy: PolicyConfig
+    engine: PolicyEngine
+    view: OfferView
+    """The offer as judged for ``coin`` (its token value)."""
+    coin: wallet.WalletCoin
+    shown: frozenset[str]
+    base: str
+    units: int
+    clock: Callable[[], int]
+    decide: Callable[[str, Decision], None]
+    """Appends a decision to the wallet's decision log."""
+    spent: int = 0
+    """Money this session moved, the blocking token included."""
+    paid: int = 0
+    """Tokens paid after the blocking one."""
+
+    @property
+    def wanted(self) -> int:
+        """Tokens owed after the blocking one for every unit asked for."""
+        return wallet.session_tokens(self.units, self.view.price) - 1
+
+    def _result(self, stop: Stop, detail: str, credited: int | None) -> PaymentResult:
+        # Tokens that left count whether or not the vendor acknowledged them: the money moved.
+        return PaymentResult(vendor=self.view.vendor, asked=self.units, delivered=self.paid // self.view.price,
+                             tokens=self.spent // self.coin.token_value, spent=self.spent, credited=credited,
+                             stop=stop, detail=detail)
+
+    async def run(self, ctx: aiocoap.Context, request: OpenSession, deadline: float) -> PaymentResult:
+        """Open, pay, close; ``deadline`` is on the event loop's clock.
+
+        Raises ``RemoteProtocolError`` or ``VendorUnreachable`` only when the session never
+        opened (the coin is then left blocked until ``T``: the bank may have blocked it).
+        """
+        try:
+            async with asyncio.timeout_at(deadline):
+                opened = SessionOpened.decode(await call(ctx, Code.POST, self.base + "/sessions", request.encode()))
+        except (RemoteProtocolError, VendorUnreachable, TimeoutError) as exc:
+            self.store.save(self.coin.event(wallet.WalletEvent.LOST), self.shown)
+            if isinstance(exc, TimeoutError):
+                raise VendorUnreachable("no answer to the open before the payment's deadline") from exc
+            raise
+        sid = opened.session.hex()
+        try:
+            async with asyncio.timeout_at(deadline):
+                stop, detail = await self._meter(ctx, sid)
+        except TimeoutError:
+            stop, detail = Stop.DEADLINE, "the payment's deadline passed"
+        # Before the deadline a close gets CoAP's whole exchange span (a lossy link retransmits);
+        # after it, a short try.
+        remaining = deadline - asyncio.get_running_loop().time()
+        credited = await self._close(ctx, sid, min(EXCHANGE_WAIT, max(_CLOSE_AFTER_DEADLINE, remaining)))
+        result = self._result(stop, detail, credited)
+        self.decide("close", Decision(result.complete, stop.code, result.why(), {
+            "vendor": self.view.vendor, "asked": self.units, "delivered": result.delivered,
+            "tokens": result.tokens, "spent": self.spent, "credited": credited}))
+        return result
+
+    async def _meter(self, ctx: aiocoap.Context, sid: str) -> tuple[Stop, str]:
+        """Answer the vendor's notifications until the units are paid for or something stops us."""
+        loop = asyncio.get_running_loop()
+        idle = self.policy.session.max_idle
+        last_ask = loop.time()
+        notes = DueStream(ctx, f"{self.base}/sessions/{sid}/due")
+        try:
+            while True:
+                try:
+                    due = await notes.next(last_ask + idle - loop.time())
+                except RemoteProtocolError as exc:
+                    return Stop.VENDOR_STOPPED, f"{exc.code.wire}: {exc.message}"
+                except VendorUnreachable as exc:
+                    return Stop.VENDOR_UNREACHABLE, str(exc)
+                if due is None:
+                    return Stop.VENDOR_IDLE, f"the vendor asked for nothing for {idle} s"
+                tokens = min(due.tokens, self.wanted - self.paid, self.coin.position)
+                if tokens > 0:
+                    last_ask = loop.time()
+                    stopped = await self._pay(ctx, sid, tokens)
+                    if stopped is not None:
+                        return stopped
+                if self.paid >= self.wanted:
+                    return Stop.COMPLETE, ""
+                if self.coin.position == 0:
+                    return Stop.COIN_EXHAUSTED, f"the coin ran out with {self.wanted - self.paid} token(s) owed"
+        finally:
+            notes.cancel()
+
+    async def _pay(self, ctx: aiocoap.Context, sid: str, tokens: int) -> tuple[Stop, str] | None:
+        """Pay ``tokens`` if the policy allows; ``None`` when they were paid and acknowledged."""
+        amount = self.coin.value_of(tokens)
+        decision = self.engine.may_pay(self.view, self.spent, amount, self.clock())
+        self.decide("pay", decision)
+        if not decision.allowed:
+            return Stop.POLICY, f"{decision.reason}: {decision.message}"
+        self.coin, pay = wallet.reveal(self.coin, tokens)
+        spend = Spend(self.clock(), self.view.vendor, self.view.category, amount)
+        self.store.save(self.coin, self.shown, spend)  # written ahead with its money: it may leave now
+        self.engine.record(spend)
+        self.spent += amount
+        try:
+            Receipt.decode(await call(ctx, Code.POST, f"{self.base}/sessions/{sid}/pay", pay.encode()))
+        except RemoteProtocolError as exc:
+            return Stop.VENDOR_STOPPED, f"the vendor refused a token: {exc.code.wire}: {exc.message}"
+        except VendorUnreachable as exc:
+            return Stop.VENDOR_UNREACHABLE, f"no receipt: {exc}"
+        self.paid += tokens
+        return None
+
+    async def _close(self, ctx: aiocoap.Context, sid: str, wait: float) -> int | None:
+        """Close the session; what the vendor says was credited, or ``None`` if it would not say."""
+        try:
+            closed = Closed.decode(await call(ctx, Code.POST, f"{self.base}/sessions/{sid}/close", b"", wait=wait))
+        except (RemoteProtocolError, VendorUnreachable) as exc:
+            log.warning("closing the session at %s failed (%s): the coin stays blocked until its deadline",
+                        self.base, exc)
+            return None
+        if closed.pending:
+            # The vendor's final settlement has not reached the bank yet: the coin stays blocked
+            # for that vendor until T. Were it used at another vendor first, that vendor's block
+            # would make the bank credit it the tokens this vendor was paid (PROTOCOL.md).
+            log.info("session at %s closed with its settlement pending: the coin rests until its deadline",
+                     self.base)
+            return closed.credited
+        self.store.save(self.coin.event(wallet.WalletEvent.CLOSED), self.shown)
+        return closed.credited
