@@ -47,6 +47,22 @@ def free_udp_port(host: str = "::1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether a TCP listener could bind ``host:port`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 @dataclass
 class Mosquitto:
     """A Mosquitto process owned by this one; use as a context manager."""
@@ -72,6 +88,9 @@ class Mosquitto:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
+        elif not _port_free(self.host, self.port):
+            # Otherwise the check below would find the other broker and call this one started
+            raise BrokerError(f"{self.host}:{self.port} is in use (another Mosquitto?): choose another --port")
         tls = self.tls_dir.resolve() if self.tls_dir is not None else None
         cfg = BrokerConfig(port=self.port, data_dir=self.data_dir, host=self.host, bank=self.bank,
                            run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
@@ -82,7 +101,10 @@ class Mosquitto:
         conf = self.data_dir / "mosquitto.conf"
         conf.write_text(render_config(cfg))
         log = open(self.data_dir / "mosquitto.log", "ab")  # noqa: SIM115 - owned by the process
-        self.process = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log)
+        # The child gets an empty signal mask: `broker run` blocks SIGTERM to wait for it, and a
+        # mask is inherited across exec (Mosquitto would then ignore our own SIGTERM).
+        self.process = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=log, stderr=log,
+                                        preexec_fn=_unblock_signals)  # noqa: PLW1509 - no threads yet matter here
         log.close()
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -90,9 +112,13 @@ class Mosquitto:
                 raise BrokerError(f"mosquitto exited with {self.process.returncode}; see {self.data_dir}/mosquitto.log")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.2):
-                    return self
+                    pass
             except OSError:
                 time.sleep(0.02)
+                continue
+            if self.process.poll() is not None:  # what answered was not this broker
+                raise BrokerError(f"mosquitto exited with {self.process.returncode}; see {self.data_dir}/mosquitto.log")
+            return self
         self.stop()
         raise BrokerError(f"mosquitto did not accept connections within {self.start_timeout} s")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from protocol import cose
 
+from ..locks import DirectoryLock
 from ..logs import setup_logging
 from ..mqtt import TlsLogin
 
@@ -110,7 +111,7 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     enroll.add_argument("--ca-key", type=Path, help=_CA_KEY_HELP)
     enroll.set_defaults(handler=_enroll)
     revoke = vendor.add_parser("revoke", help="revoke a vendor: its blocks and settlements are refused at once, "
-                                              "wallets learn it from the announcement at the next serve")
+                                              "wallets learn it from the bank's announcement")
     revoke.add_argument("--data", type=Path, required=True)
     revoke.add_argument("name")
     revoke.set_defaults(handler=_revoke)
@@ -166,13 +167,21 @@ def _broker_run(args: argparse.Namespace) -> int:
 
     if _acl_refused(args) or _crl_missing(args.tls):
         return 2
-    with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls,
-                   insecure_acl=args.insecure_acl) as broker:
-        print(f"mosquitto listening on {broker.url}", flush=True)
-        try:
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        except KeyboardInterrupt:
-            pass
+    # Blocked before anything starts, so that SIGINT and SIGTERM wait for sigtimedwait below
+    # (sigwait on unblocked signals leaves them to their default action: the broker would outlive us).
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        with Mosquitto(args.data, port=args.port, bank=args.bank, tls_dir=args.tls,
+                       insecure_acl=args.insecure_acl) as broker:
+            print(f"mosquitto listening on {broker.url}", flush=True)
+            while signal.sigtimedwait(stops, 1.0) is None:
+                if broker.process is not None and broker.process.poll() is not None:
+                    print(f"m2mpay: broker: mosquitto exited with {broker.process.returncode}; see "
+                          f"{args.data}/mosquitto.log", file=sys.stderr)
+                    return 1
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
     return 0
 
 
@@ -258,6 +267,8 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_json)
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    # The first process holds the directory for all the workers it starts (they inherit nothing)
+    lock = DirectoryLock(args.data, "bank serve") if args.worker_index == 0 and args.data.is_dir() else None
     keys, store = load_bank(args.data, _now(), connections=_CONNECTIONS)
     try:
         asyncio.run(_serve_async(args, keys, store))
@@ -265,6 +276,8 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         store.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 
@@ -325,7 +338,7 @@ def _revoke(args: argparse.Namespace) -> int:
     with _bank(args) as (_, store):
         changed = admin.revoke_vendor(store, args.name, _now())
     print(f"vendor {args.name} {'revoked' if changed else 'was already revoked'}: the bank refuses its blocks and "
-          "settlements now; restart 'bank serve' so the announcement lists it")
+          "settlements now, and a running bank lists it in its announcement within 5 s")
     return 0
 
 

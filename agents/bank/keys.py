@@ -182,16 +182,18 @@ def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
     else:
         url = str(Path(db_url.removeprefix("sqlite:///")).resolve())
     private_dir(data_dir)
-    ca = Ed25519PrivateKey.generate()
-    for name, key in (("ca.key", ca), ("answer.key", Ed25519PrivateKey.generate()),
-                      ("sealing.key", X25519PrivateKey.generate())):
-        write_private(data_dir / "keys" / name, _raw(key), exclusive=True)
-    delegate(data_dir, now, bank=bank, ca_key=ca)
     path = _sqlite_path(data_dir, url)
     if path is not None:
         create_private(path)  # before SQLite creates it (and its journal files) with the umask's mode
+    # The database first: if it cannot be reached, no key has been written and the same command
+    # can simply be run again.
     store = Store(url if path is None else str(path))
     try:
+        ca = Ed25519PrivateKey.generate()
+        for name, key in (("ca.key", ca), ("answer.key", Ed25519PrivateKey.generate()),
+                          ("sealing.key", X25519PrivateKey.generate())):
+            write_private(data_dir / "keys" / name, _raw(key), exclusive=True)
+        delegate(data_dir, now, bank=bank, ca_key=ca)
         for value, tokens in keysets:
             add_keyset(data_dir, store, value=value, tokens=tokens, withdraw_days=365, spend_days=730, now=now)
     finally:
