@@ -129,6 +129,10 @@ def add_bank_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     keys.add_argument("--json", action="store_true", help="as JSON")
     keys.set_defaults(handler=_keys)
 
+    state = sub("status", "accounts, vendors, keysets with their phase and outstanding value, open blocks")
+    state.add_argument("--json", action="store_true", help="as JSON (amounts in minor units, times in Unix seconds)")
+    state.set_defaults(handler=_status)
+
     check = sub("audit", "check the books; exit 0 only when they balance")
     check.set_defaults(handler=_audit)
 
@@ -376,6 +380,31 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"  revoked vendors: {', '.join(sorted(ring.revoked))}")
         for k in keysets:
             print(f"  {k['id']}  {k['value']} {k['currency']} in {k['n']} tokens")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .status import bank_status
+
+    with _bank(args) as (keys, store):
+        data = bank_status(keys, store, _now())
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"bank {data['bank']} at {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(data['time']))} "
+          "(amounts in minor units)")
+    print(f"  outstanding coins {data['outstanding']}, open blocks {data['open_blocks']}")
+    print(f"  accounts ({len(data['accounts'])}):")
+    for account in data["accounts"]:
+        print(f"    {account['name']:<32} {account['balance']:>12}")
+    print(f"  vendors ({len(data['vendors'])}):")
+    for vendor in data["vendors"]:
+        flag = "  REVOKED" if vendor["revoked"] else ""
+        print(f"    {vendor['vendor']:<32} {vendor['category']:<12} credited {vendor['credited']:>12}{flag}")
+    print(f"  keysets ({len(data['keysets'])}):")
+    for k in data["keysets"]:
+        print(f"    {k['id']}  {k['phase']:<10} coin {k['value']} in {k['n']} tokens ({k['currency']}), "
+              f"issued {k['issued']}, outstanding {k['outstanding']}")
     return 0
 
 
