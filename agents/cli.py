@@ -18,6 +18,7 @@ from importlib import metadata
 
 from .bank.cli import add_bank_commands, add_broker_commands
 from .bench.cli import add_parser as add_bench_command
+from .doctor import add_doctor_command
 from .user.cli import add_user_commands
 from .vendor.cli import add_vendor_commands
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=30.0, help="seconds of scripted traffic")
     demo.set_defaults(handler=_demo)
     add_bench_command(commands)
+    add_doctor_command(commands)
     return parser
 
 
