@@ -1,6 +1,6 @@
 """``m2mpay demo``: the whole system on this machine, watched live, audited at the end.
 
-A private Mosquitto on a free port, a bank on embedded SQLite, two vendors (parking at 1 token
+A private Mosquitto on a free port, a bank on embedded SQLite, two vendors (parking at 1 minor unit
 per minute-unit, EV charging at 3 per kWh-unit) and three user devices with different policies
 (a car that may do both, a phone that only parks, a sensor on a tight hourly budget), each
 refilling its wallet as its policy says, run scripted traffic for ``duration`` seconds. Then everything stops, the bank is audited, and the

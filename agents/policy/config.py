@@ -22,7 +22,7 @@ other would silently never match. Example::
     max_per_day = 1000         # per category
 
     [price]
-    max_per_unit = 10          # default ceiling, in money of the coin paid with
+    max_per_unit = 10          # default ceiling: money per unit, the offer's price, whatever the coin
     per_category = { parking = 5 }
 
     [deadline]
@@ -94,7 +94,7 @@ class Categories:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """The most a unit may cost, in the money of the coin paid with."""
+    """The most a unit may cost: money per unit (minor units), held against the offer's price."""
 
     max_per_unit: int | None = field(default=10, metadata=_LIMIT)
     per_category: dict[str, int] = field(default_factory=dict)

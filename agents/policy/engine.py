@@ -8,8 +8,10 @@ the wallet spends meanwhile is added with :meth:`record`; every answer is a :cla
 with a stable ``reason`` code, a human sentence and the figures behind it, ready to append to
 the decision log as one JSON line.
 
-Money is judged in the coin actually paid with: an :class:`OfferView` carries the token value
-of that coin, and the same offer paid with a coin of larger tokens costs more.
+Money is judged in the coin actually paid with. An offer's price is money per unit, so the price
+ceiling is the same for every coin; what a session costs is its tokens
+(:func:`~protocol.rules.pricing.tokens_owed`, rounded up to whole tokens of the coin, the blocking
+token included) times that coin's token value, which an :class:`OfferView` carries.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.rules.wallet import session_tokens
+from protocol.rules.pricing import tokens_owed
 
 from .config import PolicyConfig
 
@@ -45,15 +47,18 @@ class OfferView:
     vendor: str
     category: str
     price: int
-    """Tokens per unit."""
+    """Money per unit of service (minor units)."""
     token_value: int
     """Minor units per token of the coin this view is judged for."""
     deadline: int
 
-    @property
-    def unit_price(self) -> int:
-        """Minor units per unit."""
-        return self.price * self.token_value
+    def tokens(self, units: int) -> int:
+        """Tokens of this view's coin a session of ``units`` units costs, the blocking token included."""
+        return tokens_owed(units, self.price, self.token_value)
+
+    def cost(self, units: int) -> int:
+        """Money a session of ``units`` units moves with this view's coin: whole tokens, rounded up."""
+        return self.tokens(units) * self.token_value
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +120,8 @@ class PolicyEngine:
     def check_offer(self, offer: OfferView, units: int, now: int) -> Decision:
         """Is this vendor, category, price and deadline acceptable for ``units`` units?
 
-        The money judged is the whole session's: ``units`` at the offer's price plus the blocking
-        token (:func:`~protocol.rules.wallet.session_tokens`), in the view's token value.
+        The price (money per unit) is held against the ceiling; the money judged against the
+        budgets is the whole session's in the view's coin (:meth:`OfferView.cost`).
         """
         c = self.config
         if offer.vendor in c.vendors.deny or (c.vendors.allow and offer.vendor not in c.vendors.allow):
@@ -124,16 +129,16 @@ class PolicyEngine:
         if offer.category in c.categories.deny or (c.categories.allow and offer.category not in c.categories.allow):
             return _no("category_denied", f"category {offer.category} is not allowed", category=offer.category)
         ceiling = c.price.ceiling(offer.category)
-        if ceiling is not None and offer.unit_price > ceiling:
-            return _no("price_too_high", f"{offer.unit_price} per unit exceeds {ceiling}",
-                       unit_price=offer.unit_price, ceiling=ceiling)
+        if ceiling is not None and offer.price > ceiling:
+            return _no("price_too_high", f"{offer.price} per unit exceeds {ceiling}",
+                       unit_price=offer.price, ceiling=ceiling)
         if offer.deadline > now + c.deadline.max_ahead + c.deadline.clock_skew:
             return _no("deadline_too_far", "the vendor would block the coin for too long",
                        deadline=offer.deadline, now=now)
         if offer.deadline <= now + c.deadline.clock_skew:
             return _no("deadline_passed", "the offer's deadline has passed (or our clocks disagree)",
                        deadline=offer.deadline, now=now)
-        return self.may_pay(offer, 0, session_tokens(units, offer.price) * offer.token_value, now)
+        return self.may_pay(offer, 0, offer.cost(units), now)
 
     def may_pay(self, offer: OfferView, session_spent: int, amount: int, now: int) -> Decision:
         """May ``amount`` more go to this vendor, ``session_spent`` already having gone in this session?"""
@@ -164,15 +169,17 @@ class PolicyEngine:
         if not allowed:
             reasons = sorted({d.reason for _, d in refusals}) or ["no_offers"]
             return None, _no("no_acceptable_offer", "no offer is acceptable", refused=reasons)
-        best = min(allowed, key=lambda pair: pair[0].unit_price)[0]
-        return best, _yes("cheapest_allowed", f"{best.vendor} at {best.unit_price} per unit",
-                          vendor=best.vendor, unit_price=best.unit_price, candidates=len(offers))
+        best = min(allowed, key=lambda pair: pair[0].price)[0]
+        return best, _yes("cheapest_allowed", f"{best.vendor} at {best.price} per unit",
+                          vendor=best.vendor, unit_price=best.price, candidates=len(offers))
 
-    def select_coin(self, coins: Sequence[CoinView], tokens: int, vendor: str) -> tuple[CoinView | None, Decision]:
-        """The coin to block for a session of ``tokens`` tokens at ``vendor`` under the configured strategy.
+    def select_coin(self, coins: Sequence[CoinView], units: int, price: int,
+                    vendor: str) -> tuple[CoinView | None, Decision]:
+        """The coin to block for ``units`` units at ``price`` (money per unit) at ``vendor``, under
+        the configured strategy.
 
-        Coins are measured in tokens, not money: the caller passes only coins whose token value
-        the policy accepts for this offer, and a coin covers the session if it holds ``tokens``.
+        The caller passes only coins whose token value the policy accepts for this offer; a coin
+        covers the session if it holds the tokens the session costs in that coin's tokens.
         """
         strategy = self.config.coins.strategy
         usable = [c for c in coins if c.remaining > 0]
@@ -180,7 +187,7 @@ class PolicyEngine:
             usable = [c for c in usable if c.fresh or c.vendors <= {vendor}]
         if not usable:
             return None, _no("no_coin", "no usable coin in the wallet", strategy=strategy)
-        covering = [c for c in usable if c.position >= tokens]
+        covering = [c for c in usable if c.position >= tokens_owed(units, price, c.token_value)]
         if strategy == "largest_first":
             choice = max(usable, key=lambda c: c.remaining)
         elif strategy == "drain_partial":
@@ -189,7 +196,8 @@ class PolicyEngine:
         else:  # best_fit, and fresh_per_vendor after filtering
             choice = min(covering, key=lambda c: c.remaining) if covering else max(usable, key=lambda c: c.remaining)
         return choice, _yes(strategy, f"coin {choice.tip.hex()[:8]} with {choice.remaining} left",
-                            remaining=choice.remaining, tokens=tokens, token_value=choice.token_value)
+                            remaining=choice.remaining, tokens=tokens_owed(units, price, choice.token_value),
+                            token_value=choice.token_value)
 
     def refill(self, wallet_value: int, coin_value: int, online: bool, refilled_today: int) -> tuple[int, Decision]:
         """How many coins to withdraw now (0 when the policy says no).

@@ -3,7 +3,8 @@
 Withdrawing checks the bank's keys announcement against the CA fingerprint the device was
 provisioned with and keeps it, so paying needs no bank. Paying: fetch the offer, check the
 vendor's certificate against the bank CA, ask the policy (in the money of the coin it would pay
-with), pick a coin, write ahead, seal, and hand the session to :class:`~agents.user.paying.Payment`.
+with), pick a coin, write ahead, seal, and hand the session to :class:`~agents.user.paying.Payment`,
+which keeps the vendor's signed final receipt (:meth:`UserAgent.receipts`).
 Every policy decision is appended to ``decisions.jsonl`` in the wallet directory; spending and
 withdrawals live in the wallet's database. One process holds a wallet at a time
 (:class:`~agents.user.lock.WalletLock`).
@@ -27,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from protocol import envelope, sealing
 from protocol.certificates import cert_hash, verify_announcement, verify_certificate
 from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import MAX_WITHDRAW_BATCH, KeysetInfo, Offer, OpenSession, WithdrawAnswer
+from protocol.messages import MAX_WITHDRAW_BATCH, CertificateBody, KeysetInfo, Offer, OpenSession, WithdrawAnswer
+from protocol.receipts import verify_receipt
 from protocol.rules import wallet
 from protocol.rules.keyring import Keyring
 
@@ -36,17 +38,19 @@ from ..mqtt import BankClient
 from ..policy.config import PolicyConfig
 from ..policy.engine import DAY, CoinView, Decision, OfferView, PolicyEngine, Spend
 from .coap import call
-from .errors import PolicyRefusal, UsageError
+from .errors import PolicyRefusal, UsageError, VendorUnreachable
 from .lock import WalletLock
 from .outcome import PaymentResult, Stop
 from .paying import Payment
-from .store import WalletStore
+from .store import KeptReceipt, WalletStore
 
 __all__ = ["PaymentResult", "PolicyRefusal", "Stop", "UserAgent", "UserCredentials", "WithdrawOutcome"]
 
 log = logging.getLogger(__name__)
 _KEYS_FILE = "bank-keys.cose"
 _OLD_SPENDING_LOG = "spending.jsonl"
+_ASK_AGAIN_WAIT = 10.0
+"""How long a close asked again may take: a vendor gone for now is asked again next time."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +247,10 @@ class UserAgent:
         Its token value is the smallest among the keysets the vendor accepts: good for comparing
         offers; a payment judges again with the coin it actually uses.
         """
+        return self._checked(offer)[0]
+
+    def _checked(self, offer: Offer) -> tuple[OfferView, CertificateBody]:
+        """The offer's view, and the vendor certificate it was checked with (its key signs receipts)."""
         keyring = self.keyring()
         cert = verify_certificate(offer.cert, keyring.ca_key, keyring.bank, self.now())
         keyring.refuse_revoked(cert.vendor)  # as of the announcement kept at the last withdrawal
@@ -252,7 +260,7 @@ class UserAgent:
         if not values:
             raise RemoteProtocolError("vendor accepts none of our keysets", ErrorCode.UNKNOWN_KEYSET)
         return OfferView(vendor=cert.vendor, category=cert.category, price=offer.price, token_value=min(values),
-                         deadline=offer.deadline)
+                         deadline=offer.deadline), cert
 
     def _choose(self, engine: PolicyEngine, offer: Offer, view: OfferView, units: int,
                 now: int) -> tuple[wallet.WalletCoin, frozenset[str], OfferView]:
@@ -267,7 +275,7 @@ class UserAgent:
             raise PolicyRefusal(judged[values[0]])
         views = [CoinView(tip=wc.coin.tip, remaining=wc.remaining, token_value=wc.token_value, n=wc.n,
                           position=wc.position, vendors=vendors) for wc, vendors in held if wc.token_value in allowed]
-        chosen, decision = engine.select_coin(views, wallet.session_tokens(units, offer.price), view.vendor)
+        chosen, decision = engine.select_coin(views, units, offer.price, view.vendor)
         self._log("offer", judged[allowed[0] if chosen is None else chosen.token_value])
         self._log("coin", decision)
         if chosen is None:
@@ -287,7 +295,7 @@ class UserAgent:
             raise UsageError("units must be a positive whole number")
         keyring = self.keyring()
         offer = await self.discover(ctx, base)
-        view = self.offer_view(offer)
+        view, cert = self._checked(offer)
         now = self.now()
         engine = PolicyEngine(self.policy, self.store.spends(since=now - DAY))
         wc, shown, view = self._choose(engine, offer, view, units, now)
@@ -300,10 +308,53 @@ class UserAgent:
         sealed = sealing.seal(auth.encode(), keyring.sealing_key, sealing.info_for_bank(keyring.bank))
         request = OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce)
         payment = Payment(store=self.store, policy=self.policy, engine=engine, view=view, coin=wc, shown=shown,
-                          base=base, units=units, clock=self.now, decide=self._log, spent=blocking.amount)
+                          base=base, units=units, clock=self.now, decide=self._log, spent=blocking.amount,
+                          cert=cert, cert_bytes=offer.cert)
         # One deadline for the whole session: the policy's, or the vendor's T if that is sooner.
         seconds = min(self.policy.session.max_duration, max(offer.deadline - now, 0))
         return await payment.run(ctx, request, asyncio.get_running_loop().time() + seconds)
+
+    def receipts(self) -> list[KeptReceipt]:
+        """The vendors' signed final receipts this wallet kept, oldest first."""
+        return self.store.receipts()
+
+    async def settle_pending(self, ctx: aiocoap.Context) -> int:
+        """Ask the close again of every session whose receipt is still pending; keep the final ones.
+
+        A final receipt frees its coin at once, if the coin still stands where that session left it
+        (otherwise it was used again after ``T``, or lost a token in flight, and is left as it is).
+        A vendor that does not answer, or still says pending, is asked again next time. Returns how
+        many receipts became final.
+        """
+        pending = [kept for kept in self.store.receipts() if kept.receipt.pending]
+        if not pending:
+            return 0
+        try:
+            keyring = self.keyring()
+        except RemoteProtocolError as exc:  # the kept keys expired: the next withdrawal renews them
+            log.info("pending receipts not asked again: %s", exc.message)
+            return 0
+        final = 0
+        for kept in pending:
+            old = kept.receipt
+            try:
+                cert = verify_certificate(kept.cert, keyring.ca_key, keyring.bank, self.now())
+                signed = await call(ctx, Code.POST, f"{kept.address}/sessions/{old.session.hex()}/close", b"",
+                                    wait=_ASK_AGAIN_WAIT)
+                receipt = verify_receipt(signed, cert, tip=old.tip, session=old.session)
+            except (RemoteProtocolError, VendorUnreachable) as exc:
+                log.info("pending receipt of %s not settled yet: %s", kept.address, exc)
+                continue
+            if receipt.pending:
+                continue
+            now_final = dataclasses.replace(kept, receipt=receipt, signed=signed)
+            wc = self.store.coin(old.tip)
+            if wc is not None and wc.status is wallet.CoinStatus.IN_SESSION and wc.position == receipt.index:
+                self.store.save(wc.event(wallet.WalletEvent.CLOSED), receipt=now_final)
+            else:
+                self.store.keep_receipt(now_final)
+            final += 1
+        return final
 
     def public_coins(self) -> list[dict[str, object]]:
         """Public parts only: never the seed or the traversal state."""

@@ -16,6 +16,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiocoap
@@ -27,6 +28,7 @@ from ..policy.config import PolicyConfig
 from .agent import UserAgent, UserCredentials, WithdrawOutcome
 from .errors import EXIT, PaymentIncomplete, Refused, UsageError, describe, exit_status
 from .outcome import PaymentResult
+from .store import KeptReceipt
 
 __all__ = ["add_user_commands"]
 
@@ -53,7 +55,7 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``user withdraw|pay|wallet|run|decisions``."""
+    """``user withdraw|pay|wallet|receipts|run|decisions``."""
     user = commands.add_parser("user", help="a user device's wallet").add_subparsers(dest="action", required=True)
     withdraw = user.add_parser("withdraw", help="withdraw coins from the bank")
     withdraw.add_argument("--wallet", type=Path, required=True)
@@ -74,6 +76,10 @@ def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     show.add_argument("--wallet", type=Path, required=True)
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=_guarded(_wallet))
+    receipts = user.add_parser("receipts", help="the vendors' signed final receipts: what was paid whom")
+    receipts.add_argument("--wallet", type=Path, required=True)
+    receipts.add_argument("--json", action="store_true")
+    receipts.set_defaults(handler=_guarded(_receipts))
     run = user.add_parser("run", help="the autonomous agent: refill, choose offers, pay")
     run.add_argument("--config", type=Path, required=True, help="user.toml")
     run.add_argument("--log-json", action="store_true", help="log JSON lines")
@@ -166,6 +172,35 @@ def _wallet(args: argparse.Namespace) -> int:
         for c in coins:
             print(f"  {c['keyset']}  {str(c['tip'])[:16]}  position {c['position']:>6}  remaining {c['remaining']}"
                   f"  {c['status']}")
+    return 0
+
+
+def _iso(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _receipt_json(kept: KeptReceipt) -> dict[str, object]:
+    """One receipt as ``user receipts --json`` shows it; ``receipt`` and ``cert`` are its proof."""
+    r = kept.receipt
+    return {"session": r.session.hex(), "vendor": r.vendor, "tip": r.tip.hex(), "index": r.index,
+            "tokens": r.tokens, "credited": r.credited, "pending": bool(r.pending), "time": _iso(r.ts),
+            "receipt": kept.signed.hex(), "cert": kept.cert.hex()}
+
+
+def _receipts(args: argparse.Namespace) -> int:
+    agent = UserAgent(args.wallet, exclusive=False)  # reading only: beside a paying process
+    try:
+        kept = agent.receipts()
+    finally:
+        agent.close()
+    if args.json:
+        print(json.dumps([_receipt_json(k) for k in kept], indent=2))
+        return 0
+    print(f"{len(kept)} receipt(s)")
+    for k in kept:
+        r = k.receipt
+        print(f"  {_iso(r.ts)}  {r.vendor}  session {r.session.hex()[:16]}  {r.tokens} token(s)  credited "
+              f"{r.credited}{'  pending' if r.pending else ''}")
     return 0
 
 

@@ -44,13 +44,14 @@ class PaymentResult:
     asked: int
     """Units asked for."""
     delivered: int
-    """Units paid for in full (tokens after the blocking one, divided by the price)."""
+    """Units paid for in full by the tokens the vendor acknowledged, the blocking token included."""
     tokens: int
     """Tokens that left in this session, the blocking token and any unacknowledged one included."""
     spent: int
     """Money those tokens moved: tokens times the token value of the coin paid with."""
     credited: int | None
-    """Money the vendor's close reported the bank credited; ``None`` when the close failed."""
+    """Money the vendor's signed receipt says the bank credited; ``None`` when the close failed or
+    its receipt did not verify."""
     stop: Stop
     detail: str = ""
 

@@ -8,7 +8,12 @@ policy's ``max_duration`` or the vendor's ``T``, whichever comes first. A vendor
 asking (``Due.tokens = 0`` forever, or silence) is closed after the policy's ``max_idle``.
 Whatever stops a payment, the wallet tries to close the session (after the deadline, for at most
 10 s more), so the vendor settles and the coin is free again; a close that fails leaves the coin
-blocked until ``T``, as the bank does.
+blocked until ``T``, as the bank does. The close's answer is the vendor's signed final receipt: it
+is kept (with the certificate that names the signing key) only if it verifies against the
+certificate checked at the offer; one that does not counts as a failed close.
+
+How many tokens the units cost is the core's rule (:mod:`protocol.rules.pricing`), the same the
+vendor's meter follows: the blocking token is the first token owed.
 """
 
 from __future__ import annotations
@@ -22,15 +27,17 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 
 from protocol.errors import RemoteProtocolError
-from protocol.messages import Closed, OpenSession, Receipt, SessionOpened
+from protocol.messages import CertificateBody, OpenSession, Receipt, SessionOpened
+from protocol.receipts import verify_receipt
 from protocol.rules import wallet
+from protocol.rules.pricing import units_paid
 
 from ..policy.config import PolicyConfig
 from ..policy.engine import Decision, OfferView, PolicyEngine, Spend
 from .coap import EXCHANGE_WAIT, DueStream, call
 from .errors import VendorUnreachable
 from .outcome import PaymentResult, Stop
-from .store import WalletStore
+from .store import KeptReceipt, WalletStore
 
 __all__ = ["Payment"]
 
@@ -56,19 +63,25 @@ class Payment:
     clock: Callable[[], int]
     decide: Callable[[str, Decision], None]
     """Appends a decision to the wallet's decision log."""
+    cert: CertificateBody
+    """The vendor's certificate as checked at the offer: its key signs the final receipt."""
+    cert_bytes: bytes
+    """The same certificate as the offer carried it, kept with the receipt: together they prove it."""
     spent: int = 0
     """Money this session moved, the blocking token included."""
     paid: int = 0
-    """Tokens paid after the blocking one."""
+    """Tokens paid (and acknowledged) after the blocking one."""
 
     @property
     def wanted(self) -> int:
-        """Tokens owed after the blocking one for every unit asked for."""
-        return wallet.session_tokens(self.units, self.view.price) - 1
+        """Tokens owed after the blocking one for every unit asked for (the blocking token is the first)."""
+        return self.coin.tokens_for(self.units, self.view.price) - 1
 
     def _result(self, stop: Stop, detail: str, credited: int | None) -> PaymentResult:
-        # Tokens that left count whether or not the vendor acknowledged them: the money moved.
-        return PaymentResult(vendor=self.view.vendor, asked=self.units, delivered=self.paid // self.view.price,
+        # Units count what the acknowledged tokens pay for, the blocking token included (the open
+        # acknowledged it); tokens that left count whether or not acknowledged: the money moved.
+        delivered = min(self.units, units_paid(self.paid + 1, self.view.price, self.coin.token_value))
+        return PaymentResult(vendor=self.view.vendor, asked=self.units, delivered=delivered,
                              tokens=self.spent // self.coin.token_value, spent=self.spent, credited=credited,
                              stop=stop, detail=detail)
 
@@ -95,7 +108,8 @@ class Payment:
         # Before the deadline a close gets CoAP's whole exchange span (a lossy link retransmits);
         # after it, a short try.
         remaining = deadline - asyncio.get_running_loop().time()
-        credited = await self._close(ctx, sid, min(EXCHANGE_WAIT, max(_CLOSE_AFTER_DEADLINE, remaining)))
+        wait = min(EXCHANGE_WAIT, max(_CLOSE_AFTER_DEADLINE, remaining))
+        credited = await self._close(ctx, opened.session, wait)
         result = self._result(stop, detail, credited)
         self.decide("close", Decision(result.complete, stop.code, result.why(), {
             "vendor": self.view.vendor, "asked": self.units, "delivered": result.delivered,
@@ -152,20 +166,24 @@ class Payment:
         self.paid += tokens
         return None
 
-    async def _close(self, ctx: aiocoap.Context, sid: str, wait: float) -> int | None:
-        """Close the session; what the vendor says was credited, or ``None`` if it would not say."""
+    async def _close(self, ctx: aiocoap.Context, sid: bytes, wait: float) -> int | None:
+        """Close the session and keep the vendor's signed receipt; what it says was credited, or
+        ``None`` if the vendor would not say (or said it in a receipt that does not verify)."""
         try:
-            closed = Closed.decode(await call(ctx, Code.POST, f"{self.base}/sessions/{sid}/close", b"", wait=wait))
+            signed = await call(ctx, Code.POST, f"{self.base}/sessions/{sid.hex()}/close", b"", wait=wait)
+            receipt = verify_receipt(signed, self.cert, tip=self.coin.coin.tip, session=sid)
         except (RemoteProtocolError, VendorUnreachable) as exc:
             log.warning("closing the session at %s failed (%s): the coin stays blocked until its deadline",
                         self.base, exc)
             return None
-        if closed.pending:
+        kept = KeptReceipt(receipt=receipt, signed=signed, cert=self.cert_bytes, address=self.base)
+        if receipt.pending:
             # The vendor's final settlement has not reached the bank yet: the coin stays blocked
             # for that vendor until T. Were it used at another vendor first, that vendor's block
             # would make the bank credit it the tokens this vendor was paid (PROTOCOL.md).
             log.info("session at %s closed with its settlement pending: the coin rests until its deadline",
                      self.base)
-            return closed.credited
-        self.store.save(self.coin.event(wallet.WalletEvent.CLOSED), self.shown)
-        return closed.credited
+            self.store.keep_receipt(kept)
+            return receipt.credited
+        self.store.save(self.coin.event(wallet.WalletEvent.CLOSED), self.shown, receipt=kept)
+        return receipt.credited

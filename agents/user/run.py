@@ -13,8 +13,9 @@ Configuration (TOML)::
 
     [policy]           # the tables of a policy file: budget, vendors, categories, price, …
 
-Each round: refill if the policy says so and the bank is reachable; ask every vendor for its
-offer; take the cheapest one the policy allows; pay there. Every decision goes to the log.
+Each round: refill if the policy says so and the bank is reachable; ask the vendors whose close
+was pending for their final receipt again; ask every vendor for its offer; take the cheapest one
+the policy allows; pay there. Every decision goes to the log.
 
 No peer ends the loop: a vendor that refuses, stalls or never answers costs that round's payment
 (logged; the payment's own deadline bounds it), a bank that refuses or cannot be reached costs
@@ -156,6 +157,7 @@ async def run_user(config: RunConfig, clock: Callable[[], float] = time.time,
             while config.rounds == 0 or round_ < config.rounds:
                 round_ += 1
                 await _refill(agent, config, credentials)
+                await agent.settle_pending(ctx)  # coins whose close was pending may be free by now
                 result = await _round(agent, config, ctx)
                 if result is not None:
                     payments.append(result)

@@ -1,4 +1,4 @@
-"""The wallet's durable store: coins with their secrets, spending, and withdrawals.
+"""The wallet's durable store: coins with their secrets, spending, withdrawals and receipts.
 
 The file is created with mode 0600: it holds every coin's seed and traversal state. The wallet
 writes ahead: :meth:`WalletStore.save` commits a coin's new position *and the money it moves*
@@ -6,7 +6,8 @@ writes ahead: :meth:`WalletStore.save` commits a coin's new position *and the mo
 the spending the policy sees is exactly what left the wallet, receipt or not. A withdrawal is
 stored with its blinding secrets, the exact signed request and its value *before* it is sent, so
 after a crash it is sent again byte for byte (the bank answers from its store and debits once),
-and the daily refill cap counts it whatever happens to the process.
+and the daily refill cap counts it whatever happens to the process. A vendor's signed final
+receipt is kept with the coin's closing (one transaction), with the certificate that names its key.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import cbor
-from protocol.messages import Coin, WithdrawRequest
+from protocol import cbor, cose
+from protocol.messages import Coin, FinalReceipt, WithdrawRequest
 from protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
 
 from ..policy.engine import Spend
 
-__all__ = ["WalletStore"]
+__all__ = ["KeptReceipt", "WalletStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS coins (
@@ -61,7 +63,28 @@ CREATE TABLE IF NOT EXISTS withdrawn (
     ts INTEGER NOT NULL,
     value INTEGER NOT NULL         -- minor units asked for; kept unless the bank refused the request
 );
+CREATE TABLE IF NOT EXISTS receipts (
+    session BLOB PRIMARY KEY,
+    pending INTEGER NOT NULL,      -- 1 until the vendor's final receipt replaces it
+    signed BLOB NOT NULL,          -- the vendor's COSE_Sign1 of the FinalReceipt, as received
+    cert BLOB NOT NULL,            -- the vendor certificate whose key signed it
+    address TEXT NOT NULL,         -- where the vendor answered (coap://...): a pending one is asked again there
+    ts INTEGER NOT NULL            -- when the vendor signed it (Unix seconds): the listing's order
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class KeptReceipt:
+    """A vendor's final receipt, verified when it came, with what proves it to anyone else."""
+
+    receipt: FinalReceipt
+    signed: bytes
+    """The COSE_Sign1 the vendor answered the close with."""
+    cert: bytes
+    """The vendor certificate (COSE_Sign1 by the bank CA) whose key signed it."""
+    address: str
+    """Where the vendor answered the close (``coap://host:port``): a pending receipt is asked again there."""
 _STATE_LIMIT = 1 << 20
 
 
@@ -93,8 +116,10 @@ class WalletStore:
         self._db.execute("COMMIT")
 
     # --- coins -----------------------------------------------------------------------------
-    def save(self, wc: WalletCoin, vendors: frozenset[str] = frozenset(), spend: Spend | None = None) -> None:
-        """Commit a coin's state, and the money its new position moved, in one transaction.
+    def save(self, wc: WalletCoin, vendors: frozenset[str] = frozenset(), spend: Spend | None = None, *,
+             receipt: KeptReceipt | None = None) -> None:
+        """Commit a coin's state, the money its new position moved and the receipt that closed it,
+        in one transaction.
 
         Call it before any token it covers leaves the device: a token is counted as spent from
         the moment it may leave, whether or not a receipt ever comes back.
@@ -104,6 +129,8 @@ class WalletStore:
             if spend is not None:
                 self._db.execute("INSERT INTO spends (ts, vendor, category, amount) VALUES (?, ?, ?, ?)",
                                  (spend.ts, spend.vendor, spend.category, spend.amount))
+            if receipt is not None:
+                self._keep(receipt)
 
     def _save(self, wc: WalletCoin, vendors: frozenset[str]) -> None:
         self._db.execute(
@@ -142,6 +169,28 @@ class WalletStore:
             self._db.execute("INSERT INTO imported VALUES (?)", (source,))
             self._db.executemany("INSERT INTO spends (ts, vendor, category, amount) VALUES (?, ?, ?, ?)",
                                  [(s.ts, s.vendor, s.category, s.amount) for s in spends])
+
+    # --- receipts --------------------------------------------------------------------------
+    def keep_receipt(self, receipt: KeptReceipt) -> None:
+        """Keep a verified receipt (a pending one, when the coin does not change with it)."""
+        with self._transaction():
+            self._keep(receipt)
+
+    def _keep(self, kept: KeptReceipt) -> None:
+        # A final receipt replaces a pending one of the same session; nothing replaces a final one.
+        self._db.execute(
+            "INSERT INTO receipts (session, pending, signed, cert, address, ts) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(session) DO UPDATE SET pending = excluded.pending, signed = excluded.signed,"
+            " cert = excluded.cert, address = excluded.address, ts = excluded.ts WHERE receipts.pending = 1",
+            (kept.receipt.session, int(bool(kept.receipt.pending)), kept.signed, kept.cert, kept.address,
+             kept.receipt.ts))
+
+    def receipts(self) -> list[KeptReceipt]:
+        """Every receipt kept, oldest first."""
+        rows = self._db.execute("SELECT signed, cert, address FROM receipts ORDER BY ts, rowid").fetchall()
+        return [KeptReceipt(receipt=FinalReceipt.decode(cose.decode_sign1(bytes(signed)).payload),
+                            signed=bytes(signed), cert=bytes(cert), address=str(address))
+                for signed, cert, address in rows]
 
     # --- withdrawals -----------------------------------------------------------------------
     def begin_withdrawal(self, pending: PendingWithdrawal, signed: bytes, now: int, *, value: int) -> None:

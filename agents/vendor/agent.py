@@ -11,7 +11,8 @@ verify) — never final.
 
 Settlements run in the background (:meth:`VendorAgent.tend`, called by the settler): a close
 writes the final settlement to the outbox, starts its first attempt and waits at most
-``close_wait`` for it; the user gets the receipt, ``pending`` while the bank has not answered.
+``close_wait`` for it; the user gets the final receipt signed by the vendor's certified key
+(:mod:`protocol.receipts`), ``pending`` while the bank has not answered.
 After a restart :meth:`VendorAgent.restore` reads back the sessions still open or closing; those
 left open are closed at once.
 """
@@ -33,8 +34,8 @@ from protocol import envelope
 from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     BlockAnswer,
-    Closed,
     Due,
+    FinalReceipt,
     Message,
     Offer,
     OpenSession,
@@ -44,6 +45,7 @@ from protocol.messages import (
     SettleAnswer,
     StatusAnswer,
 )
+from protocol.receipts import sign_receipt
 from protocol.rules.keyring import Keyring
 from protocol.rules.settlement import NoAnswer, RetryPolicy, Settlement, SettlementEvent, SettlementState
 from protocol.rules.vendor import Change, SessionEvent, SessionState, VendorSession
@@ -82,7 +84,7 @@ class VendorAgent:
     config: VendorConfig = field(default_factory=VendorConfig)
     clock: Callable[[], float] = time.time
     deliver: Callable[[bytes, int], None] = lambda session, units: None
-    """The service itself: called with a session id and the units just paid for."""
+    """The service itself: called with a session id and the units of service just paid for."""
     sessions: dict[bytes, VendorSession] = field(default_factory=dict)
     """Sessions open, or closing until the bank answers their settlement."""
     on_due: Callable[[bytes, Due], None] = lambda session, due: None
@@ -161,6 +163,8 @@ class VendorAgent:
             position=result.position, last=result.last, deadline=result.deadline, state="open", opened=self.now(),
             last_paid=self.now(), credited=0))
         self.sessions[result.session] = session  # reachable (and payable) only once on disk
+        if session.units_paid:
+            self.deliver(result.session, session.units_paid)  # what the blocking token pays for
         return opened
 
     # --- paying ----------------------------------------------------------------------------
@@ -171,9 +175,9 @@ class VendorAgent:
         return session
 
     def due(self, sid: bytes, units: int = 1, reason: str = "metered") -> Due:
-        """The meter asks for ``units`` more; observers of ``/due`` are told."""
+        """The meter counted ``units`` more; observers of ``/due`` are told what is owed now."""
         session = self._session(sid)
-        due = session.due(units * self.config.pricing.price, reason)
+        due = session.due(units, reason)
         self._tell(lambda: self.on_due(sid, due))
         return due
 
@@ -190,8 +194,10 @@ class VendorAgent:
         result = session.prepare_pay(pay, self.now())
         if isinstance(result, Receipt):
             return result  # a retransmission: already on disk
+        before = session.units_paid
         self._apply(session, result)  # on disk before the receipt
-        self.deliver(sid, result.tokens // self.config.pricing.price)
+        if session.units_paid > before:
+            self.deliver(sid, session.units_paid - before)
         return session.receipt()
 
     # --- writing what the core decided -----------------------------------------------------
@@ -241,30 +247,35 @@ class VendorAgent:
             log.warning("notification not sent: %s", exc)
 
     # --- settling --------------------------------------------------------------------------
-    async def close(self, sid: bytes) -> Closed:
-        """Settle what the session holds and end it: the receipt, ``pending`` until the bank answers.
+    async def close(self, sid: bytes) -> bytes:
+        """Settle what the session holds and end it: the signed final receipt, ``pending`` until
+        the bank answers.
 
         A close of a session that already has its final settlement (the user's retry) queues
         nothing new; a close of one settled before, even before a restart, gets its receipt again.
         """
         session = self.sessions.get(sid)
         if session is None:
-            return self._closed_before(sid)
+            return self._signed_receipt(self._closed_before(sid))
         if session.final is None:
             final = self._queue(session, keep_open=False)
         else:
-            session.close()
+            session.close(self.now())
             final = session.final
         await self._wait(final, self.config.settlement.close_wait)
-        closed = session.closed()
+        receipt = session.closed(self.now())
         self._forget(sid)
-        return closed
+        return self._signed_receipt(receipt)
 
-    def _closed_before(self, sid: bytes) -> Closed:
+    def _signed_receipt(self, receipt: FinalReceipt) -> bytes:
+        return sign_receipt(receipt, self.credentials.key)
+
+    def _closed_before(self, sid: bytes) -> FinalReceipt:
         held = self.store.session(sid)
         if held is None or held.state not in (SessionState.CLOSED.value, SessionState.FORFEITED.value):
             raise RemoteProtocolError("unknown session", ErrorCode.UNKNOWN_SESSION)
-        return Closed(session=sid, credited=held.credited, index=held.position)
+        return FinalReceipt(session=sid, tip=held.tip, index=held.position, tokens=held.start - held.position,
+                            credited=held.credited, vendor=self.credentials.vendor, ts=self.now())
 
     async def _wait(self, entry: Settlement, timeout: float) -> None:
         """Until the bank answered ``entry`` (or refused it for good), at most ``timeout`` seconds."""

@@ -198,7 +198,9 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
                 return _reply(agent.pay(sid, self.surface.decode(request, Pay)), Code.CHANGED)
             if leaf == "close" and request.code == Code.POST:
                 with self.surface.gate.hold(peer_of(request.remote)):
-                    return _reply(await agent.close(sid), Code.CHANGED)  # its observers are let go
+                    receipt = await agent.close(sid)  # its observers are let go
+                # The signed receipt (a COSE_Sign1, CBOR too) is the whole answer.
+                return aiocoap.Message(code=Code.CHANGED, payload=receipt, content_format=CBOR)
         except ProtocolError as exc:
             raise CoapError(exc.code, exc.message) from exc
         raise aiocoap.error.UnallowedMethod()

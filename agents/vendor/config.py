@@ -5,7 +5,7 @@ Example::
     [pricing]
     service = "parking"
     unit = "minute"
-    price = 2                 # tokens per unit
+    price = 2                 # money per unit: minor units of the keysets' currency
     meter_interval = 60.0     # seconds per unit delivered
 
     [session]
@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 __all__ = ["ConfigError", "Pricing", "SessionPolicy", "SettlementPolicy", "VendorConfig"]
 
 C = TypeVar("C")
+_MAX_PRICE = 1 << 20
+"""The largest price an offer carries (``Offer.price``)."""
 
 
 class ConfigError(ValueError):
@@ -62,7 +64,11 @@ def _build(cls: type[C], table: Any, where: str) -> C:
 
 @dataclass(frozen=True, slots=True)
 class Pricing:
-    """What is sold and at what price."""
+    """What is sold and at what price.
+
+    ``price`` is money per unit (minor units); each coin pays it in its own tokens, rounded up
+    to a whole token (:func:`protocol.rules.pricing.tokens_owed`).
+    """
 
     service: str = "service"
     unit: str = "unit"
@@ -70,8 +76,8 @@ class Pricing:
     meter_interval: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.price < 1 or self.meter_interval <= 0:
-            raise ConfigError("price must be >= 1 token and meter_interval > 0")
+        if not 1 <= self.price <= _MAX_PRICE or self.meter_interval <= 0:
+            raise ConfigError(f"price must be 1 to {_MAX_PRICE} minor units and meter_interval > 0")
 
 
 @dataclass(frozen=True, slots=True)

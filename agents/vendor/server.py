@@ -2,11 +2,12 @@
 
 At start it reads back what it held (sessions open or closing, their queued settlements; those
 left open are closed at once) and serves at once: the bank may be unreachable, and settlements
-are sent in the background. Then, in one TaskGroup: the meter asks every open session for
-``price`` tokens per ``meter_interval`` (the service hook delivers the unit once paid), and the
-settler closes sessions that went idle or are within ``settle_margin`` of their deadline,
-checkpoints every ``checkpoint_every`` tokens, and sends every queued settlement when the core
-says it is due (at once, then with backoff until the bank answers).
+are sent in the background. Then, in one TaskGroup: the meter counts one unit of every open
+session per ``meter_interval`` and asks for the tokens the units now owe (the service hook is told
+of the units each token pays for), and the settler closes sessions that went idle or are within
+``settle_margin`` of their deadline, checkpoints every ``checkpoint_every`` tokens, and sends
+every queued settlement when the core says it is due (at once, then with backoff until the bank
+answers).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from .coins import (
     coin_message,
     keyset_id,
 )
-from .payment import Closed, Due, Offer, OpenSession, Pay, Receipt, SessionOpened
+from .payment import Due, FinalReceipt, Offer, OpenSession, Pay, Receipt, SessionOpened
 
 
 
@@ -52,10 +52,10 @@ __all__ = [
     "BlockAnswer",
     "BlockRequest",
     "CertificateBody",
-    "Closed",
     "Coin",
     "Due",
     "ErrorAnswer",
+    "FinalReceipt",
     "KeyDelegation",
     "KeysAnnouncement",
     "KeysetInfo",

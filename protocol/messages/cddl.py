@@ -24,12 +24,13 @@ MESSAGES: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
         bank.SettleAnswer, bank.StatusRequest, bank.StatusAnswer, bank.ErrorAnswer)),
     ("Vendor resources (CoAP, content-format 60)", (
         payment.Offer, payment.OpenSession, payment.SessionOpened, payment.Due, payment.Pay, payment.Receipt,
-        payment.Closed)),
+        payment.FinalReceipt)),
 )
 """Every message, grouped as the document presents them."""
 
 _TIME = "Unix time, seconds"
 _MONEY = "money, minor units of the keyset's currency"
+_TOKENS = "a count of tokens, not money"
 _INDEX = "chain position (0..n)"
 NOTES: dict[str, str] = {
     # by field name; "Message.field" overrides for a field whose meaning differs in one message
@@ -48,7 +49,7 @@ NOTES: dict[str, str] = {
     "code": "stable error code (see Errors)",
     "coin": "the coin being blocked",
     "credited": "credited to the vendor by this settlement; " + _MONEY,
-    "Closed.credited": "credited to the vendor for the session (so far, while pending); " + _MONEY,
+    "FinalReceipt.credited": "credited to the vendor for the session (so far, while pending); " + _MONEY,
     "currency": "ISO 4217 code of the keyset's money",
     "deadline": "the block's deadline T; " + _TIME,
     "delegation": "COSE_Sign1 of KeyDelegation by the CA: the key that signs this announcement",
@@ -57,9 +58,9 @@ NOTES: dict[str, str] = {
           "currency, withdraw_until, spend_until, public_key]))",
     "index": _INDEX + " of the token",
     "Receipt.index": "position of the last token the vendor holds",
-    "Closed.index": "position the session was settled at",
-    "Closed.pending": "true while the bank has not answered the final settlement (the vendor keeps sending it); "
-                      "absent once settled",
+    "FinalReceipt.index": "position the session was settled at",
+    "FinalReceipt.pending": "true while the bank has not answered the final settlement (the vendor keeps sending "
+                            "it); absent once settled",
     "issued": "when the announcement was signed; " + _TIME,
     "keep_open": "true: a checkpoint (the block stays); false: the final settlement",
     "key": "Ed25519 public key, raw 32 bytes",
@@ -69,15 +70,15 @@ NOTES: dict[str, str] = {
     "known": "whether the bank has seen the coin (for a coin the asking vendor did not block last: false)",
     "last": "the token at the coin's position, H^position(S)",
     "message": "human-readable reason, never secret; at most 200 characters",
-    "n": "tokens per coin (chain length), at most 65,536",
+    "n": "tokens per coin (chain length), at most 65,536; a token is worth value / n",
     "name": "the vendor's display name",
     "nbf": "start of validity; " + _TIME,
     "nonce": "the offer's nonce (16 bytes), binding an authorization to one offer",
     "open": "whether the block is still open after this settlement",
-    "paid": "tokens received in the session so far, the blocking token included",
     "position": _INDEX + ": tokens left on the coin",
     "prefix": "RFC 9474 message randomizer (32 bytes)",
-    "price": "tokens per unit of service",
+    "price": "price of one unit of service; " + _MONEY + " (tokens owed: max(1, ceil(units × price / token "
+             "value)), the blocking token included)",
     "public_key": "RSA public key, SubjectPublicKeyInfo DER (e = 65537, 2048 bits or more)",
     "purpose": "what the delegated key may sign: announce",
     "reason": "why the vendor asks (a few words)",
@@ -96,10 +97,14 @@ NOTES: dict[str, str] = {
     "start": "position up to which the session is credited",
     "tip": "the coin's chain tip H^n(S), its identity",
     "token": "the token H^index(S) (32 bytes)",
-    "tokens": "tokens the vendor asks for",
+    "tokens": "tokens the vendor asks for now; " + _TOKENS,
+    "Receipt.tokens": "tokens received in the session so far, the blocking token included; " + _TOKENS,
+    "FinalReceipt.tokens": "tokens the vendor holds from the session, the blocking token included; " + _TOKENS,
+    "ts": "when the vendor signed the receipt; " + _TIME,
     "unit": "unit of service the price is per",
     "value": "coin value M; " + _MONEY,
     "vendor": "vendor id",
+    "FinalReceipt.vendor": "vendor id: the certificate whose key signed the receipt names it",
     "withdraw_until": "last time coins of the keyset may be withdrawn; " + _TIME,
 }
 

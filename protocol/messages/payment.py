@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from ._fields import AMOUNT, COSE_BLOB, IDENT, NONCE, POSITION, SESSION_ID, TIME, TOKEN
+from ._fields import AMOUNT, COSE_BLOB, IDENT, MAX_TOKENS, NONCE, POSITION, SESSION_ID, TIME, TOKEN
 from ._schema import Bool, Bytes, ListOf, Message, Nested, Optional, Text, UInt, field, message
 from .coins import Coin
 
-__all__ = ["Closed", "Due", "Offer", "OpenSession", "Pay", "Receipt", "SessionOpened"]
+__all__ = ["Due", "FinalReceipt", "Offer", "OpenSession", "Pay", "Receipt", "SessionOpened"]
 
 
 @message
@@ -17,7 +17,8 @@ class Offer(Message):
     service: str = field(Text(64, min_len=1))
     unit: str = field(Text(16, min_len=1))
     price: int = field(UInt(1 << 20, minimum=1))
-    """Tokens per unit."""
+    """Money per unit of service, in minor units; the tokens owed follow from the coin's token value
+    (:func:`protocol.rules.pricing.tokens_owed`)."""
     deadline: int = field(TIME)
     nonce: bytes = field(NONCE)
     bank: str = field(IDENT)
@@ -46,7 +47,7 @@ class SessionOpened(Message):
 
 @message
 class Due(Message):
-    """An Observe notification of ``/sessions/{id}/due``: pay ``tokens`` more, for ``reason``."""
+    """An Observe notification of ``/sessions/{id}/due``: pay ``tokens`` more (a count of tokens), for ``reason``."""
 
     seq: int = field(UInt(1 << 32))
     tokens: int = field(UInt(1 << 20))
@@ -67,20 +68,28 @@ class Receipt(Message):
 
     session: bytes = field(SESSION_ID)
     index: int = field(POSITION)
-    paid: int = field(UInt(1 << 24))
-    """Tokens received in this session so far, the blocking token included."""
+    tokens: int = field(UInt(MAX_TOKENS))
+    """Tokens received in this session so far, the blocking token included (a count, not money)."""
 
 
 @message
-class Closed(Message):
-    """``POST /sessions/{id}/close``: what the bank credited and the final chain index.
+class FinalReceipt(Message):
+    """The answer to ``POST /sessions/{id}/close``, as the payload of a COSE_Sign1 by the vendor's
+    certified key (external_aad ``m2mpay/receipt/1``): what the session came to.
 
     ``pending`` (true, or absent) says the bank has not answered the final settlement yet: the
     session is over and every token paid is the vendor's, ``credited`` is what was credited so far,
-    and the coin stays blocked for this vendor until the settlement lands or ``T`` passes.
+    and the coin stays blocked for this vendor until the settlement lands or ``T`` passes; a later
+    close gets the final receipt.
     """
 
     session: bytes = field(SESSION_ID)
-    credited: int = field(AMOUNT)
+    tip: bytes = field(TOKEN)
     index: int = field(POSITION)
+    tokens: int = field(UInt(MAX_TOKENS))
+    """Tokens the vendor holds from the session, the blocking token included."""
+    credited: int = field(AMOUNT)
+    """Money the bank credited for the session (so far, while pending)."""
     pending: bool | None = field(Optional(Bool()), default=None)
+    vendor: str = field(IDENT)
+    ts: int = field(TIME)

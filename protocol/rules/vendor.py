@@ -36,8 +36,8 @@ from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ..messages import (
     BlockAnswer,
     BlockRequest,
-    Closed,
     Due,
+    FinalReceipt,
     Offer,
     OpenSession,
     Pay,
@@ -49,6 +49,7 @@ from ..messages import (
     StatusRequest,
 )
 from .keyring import Keyring
+from .pricing import tokens_owed, units_paid
 from .settlement import NoAnswer, RetryPolicy, Settlement, SettlementEvent, SettlementState, after_status
 
 __all__ = ["TRANSITIONS", "Change", "SessionEvent", "SessionState", "VendorSession"]
@@ -144,6 +145,7 @@ class VendorSession:
         self._offer: Offer | None = offer
         self._keyring: Keyring | None = keyring
         self.deadline = offer.deadline
+        self.price = offer.price
 
     def _blank(self, vendor: str) -> None:
         self.vendor = vendor
@@ -156,7 +158,10 @@ class VendorSession:
         self.position = 0
         self.last = b""
         self.deadline = 0
-        self.requested = 0
+        self.price = 0
+        """Money per unit (the offer's); 0 for a session read back from disk, which is never metered."""
+        self.metered = 0
+        """Units of service the meter has counted."""
         self.seq = 0
         self.credited = 0
         self.last_paid = 0
@@ -252,8 +257,18 @@ class VendorSession:
 
     @property
     def owed(self) -> int:
-        """Tokens requested through ``due`` and not yet paid."""
-        return max(0, self.requested - (self.paid - 1))
+        """Tokens owed for the units metered so far and not yet paid; the blocking token paid the first.
+
+        Never more than the coin has left: that is all a wallet could pay (and keeps ``Due`` in range).
+        """
+        if self.metered == 0:
+            return 0
+        return min(self.position, max(0, tokens_owed(self.metered, self.price, self.token_value) - self.paid))
+
+    @property
+    def units_paid(self) -> int:
+        """Whole units of service the tokens received pay for: what the session has earned."""
+        return units_paid(self.paid, self.price, self.token_value) if self.price else 0
 
     @property
     def done(self) -> bool:
@@ -274,13 +289,14 @@ class VendorSession:
     def receipt(self, index: int | None = None) -> Receipt:
         """The receipt for what the session holds (at ``index`` when given)."""
         index = self.position if index is None else index
-        return Receipt(session=self.session_id, index=index, paid=self.start - index)
+        return Receipt(session=self.session_id, index=index, tokens=self.start - index)
 
-    def closed(self) -> Closed:
-        """The close's receipt: ``pending`` while the final settlement is unanswered."""
+    def closed(self, now: int) -> FinalReceipt:
+        """The close's receipt, to be signed: ``pending`` while the final settlement is unanswered."""
         index = self.final.request.index if self.final is not None else self.position
-        return Closed(session=self.session_id, credited=self.credited, index=index,
-                      pending=True if self.state is SessionState.CLOSING else None)
+        return FinalReceipt(session=self.session_id, tip=self.tip, index=index, tokens=self.start - index,
+                            credited=self.credited, pending=True if self.state is SessionState.CLOSING else None,
+                            vendor=self.vendor, ts=now)
 
     # --- opening ---------------------------------------------------------------------------
     def open(self, request: OpenSession, req_id: bytes, now: int) -> BlockRequest:
@@ -330,10 +346,17 @@ class VendorSession:
         return RemoteProtocolError("the bank did not answer; the coin may be blocked until T", ErrorCode.UNAVAILABLE)
 
     # --- paying ----------------------------------------------------------------------------
-    def due(self, tokens: int, reason: str) -> Due:
-        """The meter asks for ``tokens`` more; returns the Observe notification."""
+    def due(self, units: int, reason: str) -> Due:
+        """The meter counted ``units`` more units of service; returns the Observe notification.
+
+        It asks for ``tokens_owed(units so far) − tokens paid`` (:mod:`protocol.rules.pricing`).
+        """
+        if units < 0:
+            raise LocalProtocolError("units of service are not negative")
+        if self.price == 0:
+            raise LocalProtocolError("a session read back from disk is not metered")
         self._move(SessionEvent.DUE)
-        self.requested += tokens
+        self.metered += units
         self.seq += 1
         return Due(seq=self.seq, tokens=self.owed, reason=reason)
 
@@ -397,12 +420,12 @@ class VendorSession:
         return self._propose(Change(event=event, state=state, position=self.position, last=self.last,
                                     credited=self.credited, settlement=entry, superseded=covered))
 
-    def close(self) -> Closed:
-        """A close of a session that already has its final settlement: the same receipt."""
+    def close(self, now: int) -> FinalReceipt:
+        """A close of a session that already has its final settlement: its receipt as of ``now``."""
         if self.final is None:
             raise LocalProtocolError("close needs a final settlement first")
         self._move(SessionEvent.CLOSE)
-        return self.closed()
+        return self.closed(now)
 
     def settle_request(self, req_id: bytes, *, keep_open: bool) -> SettleRequest:
         """Queue a settlement at once, for callers that keep nothing; a retried close gets the same."""
@@ -413,7 +436,7 @@ class VendorSession:
         self.commit(self.prepare_settlement(request, b""))
         return request
 
-    def settled(self, answer: SettleAnswer) -> Closed | None:
+    def settled(self, answer: SettleAnswer) -> None:
         """The bank's answer to a settlement sent by a caller that keeps nothing."""
         entry = self.settlements.get(answer.req_id)
         if entry is None or not entry.live:
@@ -424,7 +447,6 @@ class VendorSession:
         if change is None:
             raise LocalProtocolError("an answer always changes the session")
         self.commit(change)
-        return None if entry.keep_open else self.closed()
 
     # --- the outbox ------------------------------------------------------------------------
     def close_due(self, now: int, *, margin: int, idle: int) -> bool:

@@ -19,6 +19,7 @@ from .. import blindrsa, hashchain
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ..messages import Authorization, Coin, KeysetInfo, Pay, WithdrawAnswer, WithdrawRequest, coin_message
 from .keyring import COIN_VARIANT
+from .pricing import tokens_owed
 
 __all__ = [
     "TRANSITIONS",
@@ -30,7 +31,6 @@ __all__ = [
     "complete_withdrawal",
     "prepare_withdrawal",
     "reveal",
-    "session_tokens",
 ]
 
 Rng = Callable[[int], bytes]
@@ -66,17 +66,6 @@ TRANSITIONS: dict[tuple[CoinStatus, WalletEvent], CoinStatus] = {
 }
 
 
-def session_tokens(units: int, price: int) -> int:
-    """Tokens a session of ``units`` units at ``price`` tokens a unit reveals, the blocking token included.
-
-    The vendor asks ``units * price`` tokens after the blocking one (its ``owed`` counts paid
-    tokens less the blocking token), so the session costs one token more than its units.
-    """
-    if units < 1 or price < 1:
-        raise LocalProtocolError("a session needs at least one unit at a price of at least one token")
-    return units * price + 1
-
-
 def _step(status: CoinStatus, event: WalletEvent) -> CoinStatus:
     nxt = TRANSITIONS.get((status, event))
     if nxt is None:
@@ -106,6 +95,11 @@ class WalletCoin:
     def value_of(self, tokens: int) -> int:
         """What ``tokens`` of this coin are worth, in minor units: the money a payment moves."""
         return tokens * self.token_value
+
+    def tokens_for(self, units: int, price: int) -> int:
+        """Tokens of this coin that pay for ``units`` units at ``price`` (money per unit), the
+        blocking token included: the vendor's own rule (:func:`~protocol.rules.pricing.tokens_owed`)."""
+        return tokens_owed(units, price, self.token_value)
 
     def available(self, now: int) -> bool:
         """Usable for a new session at ``now``."""

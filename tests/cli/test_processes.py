@@ -90,11 +90,11 @@ def test_every_role_as_its_own_process(tmp_path: Path) -> None:
     with town(tmp_path, "[pricing]\nprice = 1\nmeter_interval = 0.05\n") as t:
         assert "withdrew 1 coin" in m2mpay("user", "withdraw", "--wallet", t.wallet, "--credentials",
                                            t.credentials, "--broker", t.broker, "--coins", "1").stdout
-        result = _first_payment(t, 4)
-        assert "paid meter 5 token(s); credited 5" in result.stdout, result.stdout + result.stderr
+        result = _first_payment(t, 4)  # 4 units at 1, tokens of 1: 4 tokens, the blocking one the first
+        assert "paid meter 4 token(s); credited 4" in result.stdout, result.stdout + result.stderr
         coins = json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)
-        assert [c["remaining"] for c in coins] == [95] and "seed" not in json.dumps(coins)
-        assert m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() == "5"
+        assert [c["remaining"] for c in coins] == [96] and "seed" not in json.dumps(coins)
+        assert m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() == "4"
         assert '"reason": "within_policy"' in m2mpay("user", "decisions", "--wallet", t.wallet).stdout
     assert "audit passed" in m2mpay("bank", "audit", "--data", t.bank).stdout
 
@@ -117,15 +117,15 @@ def test_user_killed_mid_session_never_reuses_a_token(tmp_path: Path) -> None:
         coins = json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)
         interrupted = next(c for c in coins if c["status"] == "in_session")
         result = m2mpay("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "3")
-        assert "paid meter 4 token(s)" in result.stdout  # with the other coin: the first stays blocked until T
+        assert "paid meter 3 token(s)" in result.stdout  # with the other coin: the first stays blocked until T
         after = {c["tip"]: c for c in json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)}
         assert after[interrupted["tip"]]["position"] == interrupted["position"]  # nothing reused
         time.sleep(2.5)  # the vendor settles the orphaned session once idle
     audit = m2mpay("bank", "audit", "--data", t.bank).stdout
     assert "audit passed" in audit
     credited = int(re.search(r"credited (\d+)", audit).group(1))  # type: ignore[union-attr]
-    lost = 100 - interrupted["position"] - 2  # revealed by the killed session beyond the first 2 tokens
-    assert 2 + 4 + lost - 1 <= credited <= 2 + 4 + lost  # at most the token in flight is lost
+    lost = 100 - interrupted["position"] - 1  # revealed by the killed session, beyond the first payment's
+    assert 1 + 3 + lost - 1 <= credited <= 1 + 3 + lost  # at most the token in flight is lost
 
 
 def _vendor_status(t: Town) -> dict[str, int]:
@@ -138,7 +138,7 @@ def test_vendor_killed_before_settling_settles_the_same_after_restart(tmp_path: 
                         "checkpoint_every = 100000\n") as t:
         m2mpay("user", "withdraw", "--wallet", t.wallet, "--credentials", t.credentials, "--broker", t.broker,
                "--coins", "1")
-        assert _first_payment(t, 1).returncode == 0  # 2 tokens, settled at close
+        assert _first_payment(t, 1).returncode == 0  # 1 token (the blocking one pays the unit), settled at close
         payer = _process("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "80",
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t.processes.append(payer)
@@ -154,15 +154,15 @@ def test_vendor_killed_before_settling_settles_the_same_after_restart(tmp_path: 
         status = _vendor_status(t)
         held = status["tokens_held"]
         assert status["open"] == 1 and held >= 10
-        assert m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() == "2"  # nothing settled yet
+        assert m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() == "1"  # nothing settled yet
         t.start_vendor()
         deadline = time.monotonic() + 30
-        while m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() != str(2 + held):
+        while m2mpay("bank", "balance", "--data", t.bank, "meter").stdout.strip() != str(1 + held):
             assert time.monotonic() < deadline, "the restarted vendor did not settle what it held"
             time.sleep(0.2)
         after = _vendor_status(t)
-        assert after["open"] == 0 and after["settled"] == 2 + held
+        assert after["open"] == 0 and after["settled"] == 1 + held
         coin = json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)[0]
-        revealed = 100 - coin["position"] - 2  # tokens the killed session revealed
+        revealed = 100 - coin["position"] - 1  # tokens the killed session revealed
         assert revealed - 1 <= held <= revealed  # the vendor kept all it acknowledged; one may be in flight
     assert "audit passed" in m2mpay("bank", "audit", "--data", t.bank).stdout

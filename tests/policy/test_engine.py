@@ -33,11 +33,14 @@ OFFER_CASES = [
     ("category not allowed", offer(category="vending"), 1, [], False, "category_denied"),
     ("price over category ceiling", offer(price=6), 1, [], False, "price_too_high"),
     ("price within default ceiling", offer(category="ev", price=6), 1, [], True, "within_policy"),
-    ("token value counts", offer(price=2, token_value=3), 1, [], False, "price_too_high"),
+    ("price ceiling is money, whatever the coin", offer(price=5, token_value=100), 1, [], True, "within_policy"),
+    ("a coin's token rounds the session up", offer(price=1, token_value=201), 1, [], False, "session_cap"),
+    ("a coin's token within the cap", offer(price=1, token_value=200), 1, [], True, "within_policy"),
     ("deadline too far", offer(deadline=NOW + 4000), 1, [], False, "deadline_too_far"),
     ("deadline within skew", offer(deadline=NOW + 3620), 1, [], True, "within_policy"),
     ("deadline passed", offer(deadline=NOW + 10), 1, [], False, "deadline_passed"),
     ("session cap", offer(), 201, [], False, "session_cap"),
+    ("session cap, blocking token included", offer(), 200, [], True, "within_policy"),
     ("hourly budget", offer(), 100, [Spend(NOW - 60, "x", "ev", 450)], False, "hourly_budget"),
     ("hour passed", offer(), 100, [Spend(NOW - 3601, "x", "ev", 450)], True, "within_policy"),
     ("daily budget", offer(), 100, [Spend(NOW - 7200, "x", "ev", 950)], False, "daily_budget"),
@@ -87,12 +90,12 @@ COIN_CASES = [
                          ids=[f"{s}-{a}" for s, a, _ in COIN_CASES])
 def test_select_coin(strategy: str, amount: int, expected: int) -> None:
     engine = PolicyEngine(PolicyConfig.from_dict({"coins": {"strategy": strategy}}))
-    chosen, decision = engine.select_coin(WALLET, amount, "meter")
+    chosen, decision = engine.select_coin(WALLET, amount, 1, "meter")  # a unit is a token here
     assert chosen is not None and chosen.tip[0] == expected and decision.reason == strategy
 
 
 def test_no_usable_coin() -> None:
-    chosen, decision = PolicyEngine(POLICY).select_coin([coin(4, 0)], 1, "meter")
+    chosen, decision = PolicyEngine(POLICY).select_coin([coin(4, 0)], 1, 1, "meter")
     assert chosen is None and not decision.allowed and decision.reason == "no_coin"
 
 
@@ -127,11 +130,22 @@ def test_policy_file_refusals(tmp_path: Path, text: str) -> None:
 
 
 def test_money_judged_in_the_coin_paid_with() -> None:
-    """The same offer is 11 minor units with tokens of 1 and 110 with tokens of 10 (10 units + the blocking token)."""
-    engine = PolicyEngine(PolicyConfig.from_dict({"price": {"max_per_unit": 10}, "budget": {"per_session": 30}}))
-    assert engine.check_offer(offer(token_value=1), 10, NOW).allowed
-    refused = engine.check_offer(offer(token_value=10), 10, NOW)
-    assert (refused.reason, refused.details["total"]) == ("session_cap", 110)
+    """7 units at 3 are 21 minor units: 21 tokens of 1, or 3 tokens of 10 (30: whole tokens, rounded up)."""
+    engine = PolicyEngine(PolicyConfig.from_dict({"price": {"max_per_unit": 3}, "budget": {"per_session": 25}}))
+    assert engine.check_offer(offer(price=3, token_value=1), 7, NOW).allowed
+    refused = engine.check_offer(offer(price=3, token_value=10), 7, NOW)
+    assert (refused.reason, refused.details["total"]) == ("session_cap", 30)
+    assert engine.check_offer(offer(price=3, token_value=10), 6, NOW).allowed  # 18: 2 tokens of 10, 20
+    dear = engine.check_offer(offer(price=4, token_value=1), 1, NOW)  # the ceiling is money, for any coin
+    assert (dear.reason, dear.details["unit_price"]) == ("price_too_high", 4)
+
+
+def test_coin_covers_the_session_in_its_own_tokens() -> None:
+    """A coin covers a session if it holds the session's tokens *of its own value*."""
+    tens = CoinView(tip=b"\x0a" * 32, remaining=50, token_value=10, n=100, position=5)
+    ones = CoinView(tip=b"\x01" * 32, remaining=30, token_value=1, n=100, position=30)
+    chosen, decision = PolicyEngine(POLICY).select_coin([tens, ones], 8, 5, "meter")  # 40: 4 tens or 40 ones
+    assert chosen is tens and decision.details["tokens"] == 4
 
 
 def test_recorded_spending_counts_at_once_and_unlimited_lifts_a_limit() -> None:

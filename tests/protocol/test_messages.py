@@ -22,7 +22,7 @@ ALL = [getattr(messages, name) for name in messages.__all__
 def test_catalog_is_complete() -> None:
     names = {cls.__name__ for cls in ALL}
     assert {"WithdrawRequest", "BlockRequest", "SettleRequest", "StatusRequest", "Offer", "OpenSession",
-            "Due", "Pay", "Receipt", "Closed", "KeysAnnouncement", "CertificateBody", "Authorization",
+            "Due", "Pay", "Receipt", "FinalReceipt", "KeysAnnouncement", "CertificateBody", "Authorization",
             "ErrorAnswer"} <= names
 
 

@@ -167,7 +167,7 @@ def test_close_is_two_phase_and_queued_once() -> None:
         session.prepare_settlement(request, b"signed")
     with pytest.raises(LocalProtocolError):  # nor a second final settlement
         session.prepare_settlement(session.settlement_request(os.urandom(16), keep_open=False), b"signed")
-    receipt = session.close()  # the user's retried close: the same settlement, still pending
+    receipt = session.close(NOW)  # the user's retried close: the same settlement, still pending
     assert receipt.pending and receipt.index == 90 and session.state is SessionState.CLOSING
     assert session.prepare_pay(Pay(index=90, token=token(90)), NOW).index == 90  # a retransmitted token
     with pytest.raises(RemoteProtocolError) as info:
@@ -186,7 +186,7 @@ def test_outcome_is_two_phase() -> None:
     assert session.state is SessionState.CLOSING and final.state is SettlementState.SENDING
     session.commit(feed(session, final.req_id, answered(session, final.req_id, 9)))  # type: ignore[arg-type]
     assert session.state is SessionState.CLOSED and final.state is SettlementState.ANSWERED and session.done
-    closed = session.close()
+    closed = session.close(NOW)
     assert closed.pending is None and closed.credited == 9
 
 
@@ -272,7 +272,7 @@ def test_settlement_survives_any_number_of_lost_attempts(bank: MemoryBank) -> No
     change = attempt(bank, vendor, session, final, SettlementEvent.SEND, NOW, mono=mono)
     assert change is not None and change.event is SessionEvent.SETTLED
     session.commit(change)
-    assert session.closed().credited == 10 == bank.balances[vendor.account]  # once, whatever was lost
+    assert session.closed(NOW).credited == 10 == bank.balances[vendor.account]  # once, whatever was lost
 
 
 def test_final_refusal_forfeits_and_refused_checkpoint_goes_on(bank: MemoryBank) -> None:  # noqa: F811
@@ -296,7 +296,8 @@ def test_final_refusal_forfeits_and_refused_checkpoint_goes_on(bank: MemoryBank)
     change = attempt(bank, vendor, session, final, SettlementEvent.SEND, NOW)
     assert change is not None and change.event is SessionEvent.FORFEIT and change.settlement_state is SettlementState.REFUSED
     session.commit(change)
-    assert session.state is SessionState.FORFEITED and session.done and session.closed().pending is None
+    assert session.state is SessionState.FORFEITED and session.done
+    assert session.closed(NOW).pending is None
 
 
 def queue_signed(vendor: Vendor, session: VendorSession, *, keep_open: bool) -> Settlement:
@@ -323,7 +324,7 @@ def test_late_settlement_asks_the_status_first(bank: MemoryBank) -> None:  # noq
     change = attempt(bank, vendor, session, final, SettlementEvent.SEND, T + 2)
     assert change is not None
     session.commit(change)
-    assert session.closed().credited == 10 == bank.balances[vendor.account]
+    assert session.closed(NOW).credited == 10 == bank.balances[vendor.account]
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["never-sent", "maybe-sent"])
@@ -380,7 +381,7 @@ def test_restore_reads_sessions_back() -> None:
     final = entry(closing)
     again = restored(80, settlements=(Settlement(final.request, b"signed", T, sent=True),))
     assert again.state is SessionState.CLOSING and again.final is not None and again.final.sent
-    assert again.closed().pending and again.close().index == 80
+    assert again.closed(NOW).pending and again.close(NOW).index == 80
     assert again.due_attempts(0.0, NOW) == [(again.final, SettlementEvent.SEND)]
     assert again.due_attempts(0.0, T) == [(again.final, SettlementEvent.CHECK)]
     open_ = restored(80)

@@ -23,9 +23,9 @@ from paho.mqtt.properties import Properties
 
 from agents.mqtt import BankClient, broker_address
 from agents.vendor.coap import CoapLimits
-from protocol import cbor, envelope
+from protocol import cbor, cose, envelope
 from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import OPS, StatusAnswer, StatusRequest
+from protocol.messages import OPS, FinalReceipt, StatusAnswer, StatusRequest
 from protocol.rules import wallet
 from tests.bank.conftest import BANK, BankWorld
 from tests.bank.test_mqtt import online  # noqa: F401  (fixture)
@@ -231,7 +231,7 @@ async def _real_payment(scene: Scene) -> int:  # noqa: F811
     assert (await scene.call(Code.POST, f"{path}/pay", pay.encode())).code == Code.CHANGED
     closed = await scene.call(Code.POST, f"{path}/close", b"")
     assert closed.code == Code.CHANGED, closed.payload
-    return int(cbor.decode(closed.payload)["credited"])
+    return FinalReceipt.decode(cose.decode_sign1(closed.payload).payload).credited  # the signed receipt
 
 
 async def _flood_vendor(scene: Scene, kind: str, count: int) -> Counter[str]:  # noqa: F811

@@ -21,6 +21,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agents.bank import admin
 from agents.bank.server import serve
@@ -30,7 +31,10 @@ from agents.user.agent import UserAgent, UserCredentials
 from agents.vendor.config import Pricing, SessionPolicy, SettlementPolicy, VendorConfig
 from agents.vendor.server import load_credentials, run_vendor
 from broker.launcher import free_udp_port
-from protocol.messages import Closed
+from protocol import cose
+from protocol.messages import CertificateBody, FinalReceipt
+from protocol.receipts import AAD_RECEIPT
+from protocol.rules import wallet
 from tests.vendor.test_server import _until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
@@ -114,14 +118,17 @@ async def _user(world: BankWorld, broker: str, name: str, coins: int = 1) -> Use
     return user
 
 
-async def _close(ctx: aiocoap.Context, vendor: Vendor, sid: bytes) -> tuple[Closed, float]:
-    """The user's close (again), as any client sends it; the receipt and how long it took."""
+async def _close(ctx: aiocoap.Context, vendor: Vendor, sid: bytes) -> tuple[FinalReceipt, float]:
+    """The user's close (again), as any client sends it; the signed receipt and how long it took."""
     began = time.monotonic()
     async with asyncio.timeout(30):
         response = await ctx.request(aiocoap.Message(code=Code.POST, uri=f"{vendor.base}/sessions/{sid.hex()}/close",
                                                      payload=b"")).response
     assert response.code == Code.CHANGED, (response.code, response.payload)
-    return Closed.decode(response.payload), time.monotonic() - began
+    cert = load_credentials(vendor.world.directory / f"{vendor.name}.json").cert
+    key = Ed25519PublicKey.from_public_bytes(CertificateBody.decode(cose.decode_sign1(cert).payload).key)
+    signed = cose.verify_sign1(response.payload, key, AAD_RECEIPT)  # by the vendor's certified key
+    return FinalReceipt.decode(signed.payload), time.monotonic() - began
 
 
 async def _pay_while_the_bank_stops(ctx: aiocoap.Context, user: UserAgent, vendor: Vendor, bank: Bank,
@@ -137,7 +144,7 @@ async def _pay_while_the_bank_stops(ctx: aiocoap.Context, user: UserAgent, vendo
     await bank.stop()
     down = time.monotonic()
     result = await paying  # paid and closed while the bank is down: the close is answered
-    assert result.tokens == units + 1
+    assert result.tokens == units  # 1 a unit, tokens of 1: the blocking token is the first
     return result.tokens, sid, down, time.monotonic() - down
 
 
@@ -170,7 +177,9 @@ async def test_bank_outage_across_a_close_and_a_vendor_restart(world: BankWorld,
         await vendor.stop()  # restarted during the outage: the settlement is on its disk
         await vendor.start()
         again, _ = await _close(ctx, vendor, sid)  # no second outbox entry, no IntegrityError
-        assert again == first
+        assert again == first  # the same receipt (the test's clock stands still: the same time too)
+        (kept,) = user.receipts()  # the wallet kept the pending receipt of its own close
+        assert kept.receipt.pending and kept.receipt.tokens == tokens and kept.receipt.session == sid
         await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down)))
         assert time.monotonic() - down > 3 * WINDOW and admin.balance(world.store, "meter") == 0
 
@@ -181,6 +190,12 @@ async def test_bank_outage_across_a_close_and_a_vendor_restart(world: BankWorld,
         final, _ = await _close(ctx, vendor, sid)
         assert final.pending is None and final.credited == tokens * value and final.index == first.index
         assert vendor.held()[0][1] == "closed"
+        assert await user.settle_pending(ctx) == 1  # the wallet asks again: the final receipt frees its coin
+        (kept,) = user.receipts()
+        assert kept.receipt.pending is None and kept.receipt.credited == tokens * value
+        ((wc, _),) = user.store.coins()
+        assert wc.status is wallet.CoinStatus.READY and wc.position == final.index
+        assert await user.settle_pending(ctx) == 0
     finally:
         await ctx.shutdown()
         user.close()
@@ -224,7 +239,7 @@ async def test_chain_attack_the_late_settlement_lands_before_the_next_vendor(
         late = time.monotonic() - up
         assert any("settling late" in r.getMessage() for r in caplog.records)
         at_b = await user.pay(ctx, b.base, 5)
-        assert at_b.tokens == at_b.credited == 6  # B's block began where A's tokens end: no gap
+        assert at_b.tokens == at_b.credited == 5  # B's block began where A's tokens end: no gap
         assert admin.balance(world.store, "meter") == at_a * value  # A: its blocking token and the 10
         assert admin.balance(world.store, "kiosk") == at_b.tokens * value  # B: its own, nothing of A's
     finally:

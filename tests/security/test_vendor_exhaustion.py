@@ -200,7 +200,7 @@ async def test_observe_watchers_bounded_per_session(scene: Scene) -> None:  # no
         for observation in observations:
             assert (await asyncio.wait_for(observation.response, WAIT)).code == Code.CONTENT
         assert vendor.site.held().watchers == limit
-        scene.agent.due(opened.session)
+        scene.agent.due(opened.session, 2)  # 2 units at 1: a token more than the blocking one
         newest = await asyncio.wait_for(anext(aiter(observations[-1].observation)), WAIT)
         assert Due.decode(newest.payload).tokens == 1  # the latest observer is the one kept
         for observation in observations:

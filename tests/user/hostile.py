@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiocoap
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agents.mqtt import BankClient
 from agents.vendor.agent import VendorAgent
@@ -24,9 +26,11 @@ from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
 from agents.vendor.server import load_credentials
 from agents.vendor.store import VendorStore
 from broker.launcher import free_udp_port
+from protocol import cose
 from protocol.certificates import verify_announcement
 from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import Due, Pay, Receipt
+from protocol.messages import Due, FinalReceipt, Pay, Receipt
+from protocol.receipts import AAD_RECEIPT
 from protocol.rules.keyring import Keyring
 from protocol.rules.vendor import SessionState
 
@@ -43,6 +47,9 @@ class Misbehaviour(enum.Enum):
     """Its meter sends ``Due(tokens=0)`` notifications forever."""
     SILENT_PAY = "silent_pay"
     """Never answers ``POST /sessions/{id}/pay``."""
+    FORGES_RECEIPT = "forges_receipt"
+    """Settles honestly, but answers a close with a receipt for ten times the money, signed by a key
+    its certificate does not name."""
 
 
 class _KeepsTokens(VendorAgent):
@@ -54,6 +61,13 @@ class _KeepsTokens(VendorAgent):
 class _AsksNothing(VendorAgent):
     def due(self, sid: bytes, units: int = 1, reason: str = "metered") -> Due:
         return super().due(sid, 0, reason)
+
+
+class _ForgesReceipt(VendorAgent):
+    async def close(self, sid: bytes) -> bytes:
+        receipt = FinalReceipt.decode(cose.decode_sign1(await super().close(sid)).payload)
+        inflated = dataclasses.replace(receipt, credited=receipt.credited * 10)
+        return cose.sign1(inflated.encode(), Ed25519PrivateKey.generate(), receipt.vendor.encode(), AAD_RECEIPT)
 
 
 class _SilentPay:
@@ -70,7 +84,8 @@ class _SilentPay:
 
 
 _AGENTS: dict[Misbehaviour, type[VendorAgent]] = {Misbehaviour.KEEPS_TOKENS: _KeepsTokens,
-                                                  Misbehaviour.ASKS_NOTHING: _AsksNothing}
+                                                  Misbehaviour.ASKS_NOTHING: _AsksNothing,
+                                                  Misbehaviour.FORGES_RECEIPT: _ForgesReceipt}
 
 
 @dataclass

@@ -1,13 +1,14 @@
 """``m2mpay user pay`` and ``user withdraw`` as a user runs them: what was done, why not, and the exit code.
 
 One town for the module: Mosquitto, ``bank serve`` and ``vendor serve`` as processes. The vendor
-charges 10 tokens a unit, asks every 0.2 s (50 tokens a second) and closes its sessions on its
+charges 10 a unit (10 tokens of 1), asks every 0.2 s (50 tokens a second) and closes its sessions on its
 own about 4 s after they open (its deadline is 45 s ahead, and it settles 41 s before it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import sqlite3
@@ -84,8 +85,8 @@ def test_user_pay_outcomes_and_exit_codes(cli_town: Town, tmp_path: Path) -> Non
     assert _left(t.wallet) == before
 
     done = _pay(t, t.wallet, 2)
-    assert done.returncode == 0 and "paid meter 21 token(s); credited 21" in done.stdout, done.stdout + done.stderr
-    assert _left(t.wallet) == before - 21
+    assert done.returncode == 0 and "paid meter 20 token(s); credited 20" in done.stdout, done.stdout + done.stderr
+    assert _left(t.wallet) == before - 20
 
     strict = _pay(t, t.wallet, 1, "--policy", _policy(tmp_path, "strict", "[price]\nmax_per_unit = 5\n"))
     assert strict.returncode == 3 and "price_too_high" in _one_line(strict)
@@ -108,7 +109,7 @@ def test_user_pay_outcomes_and_exit_codes(cli_town: Town, tmp_path: Path) -> Non
     _withdraw(t, small, 1)
     exhausted = _pay(t, small, 30, "--policy", unlimited)
     assert exhausted.returncode == 3 and "coin_exhausted" in _one_line(exhausted), exhausted.stderr
-    assert "9 of 30 unit(s) delivered" in exhausted.stderr and _left(small) == 0
+    assert "10 of 30 unit(s) delivered" in exhausted.stderr and _left(small) == 0
 
     big = tmp_path / "big"
     _withdraw(t, big, 2, value=1000)
@@ -134,7 +135,7 @@ def test_two_payments_one_wallet_respect_budget(cli_town: Town, tmp_path: Path) 
     t = cli_town
     wallet = tmp_path / "shared"
     _withdraw(t, wallet, 2)
-    policy = _policy(tmp_path, "hourly", "[budget]\nper_hour = 30\n")  # one payment of 21 fits, two do not
+    policy = _policy(tmp_path, "hourly", "[budget]\nper_hour = 30\n")  # one payment of 20 fits, two do not
     payers = [subprocess.Popen([sys.executable, "-m", "agents.cli", "user", "pay", "--wallet", str(wallet), t.vendor,
                                 "--units", "2", "--policy", str(policy)], text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE) for _ in range(2)]
@@ -190,3 +191,34 @@ def test_withdraw_says_when_the_count_differs(cli_town: Town, tmp_path: Path) ->
     assert result.stdout.splitlines() == ["withdrew 1 coin(s)",
                                           "also 2 coin(s) of an earlier withdrawal whose answer had not arrived"]
     assert len(_coins(wallet)) == 4
+
+
+def test_user_receipts_cli(cli_town: Town, tmp_path: Path) -> None:
+    """``user receipts`` lists the vendor's signed final receipts; ``--json`` keys are stable and
+    each entry carries what proves it: the receipt and the certificate of the key that signed it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    from protocol import cose
+    from protocol.messages import CertificateBody, FinalReceipt
+    from protocol.receipts import AAD_RECEIPT
+
+    t = cli_town
+    wallet = tmp_path / "receipts"
+    _withdraw(t, wallet, 1)
+    empty = m2mpay("user", "receipts", "--wallet", wallet, "--json")
+    assert json.loads(empty.stdout) == []
+    assert _pay(t, wallet, 2).returncode == 0  # 2 units at 10, tokens of 1: 20 tokens
+    (entry,) = json.loads(m2mpay("user", "receipts", "--wallet", wallet, "--json").stdout)
+    assert sorted(entry) == ["cert", "credited", "index", "pending", "receipt", "session", "time", "tip", "tokens",
+                             "vendor"]
+    (coin,) = _coins(wallet)
+    assert (entry["vendor"], entry["tokens"], entry["credited"], entry["pending"]) == ("meter", 20, 20, False)
+    assert (entry["tip"], entry["index"]) == (coin["tip"], coin["position"]) and len(entry["session"]) == 32
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"]), entry["time"]
+    # Anyone holding the bank CA's key can check it: the certificate names the key, the key signed the receipt.
+    body = CertificateBody.decode(cose.decode_sign1(bytes.fromhex(entry["cert"])).payload)
+    signed = cose.verify_sign1(bytes.fromhex(entry["receipt"]), Ed25519PublicKey.from_public_bytes(body.key),
+                               AAD_RECEIPT)
+    assert FinalReceipt.decode(signed.payload).credited == 20 and body.vendor == "meter"
+    plain = m2mpay("user", "receipts", "--wallet", wallet).stdout.splitlines()
+    assert plain[0] == "1 receipt(s)" and "meter" in plain[1] and "20 token(s)" in plain[1], plain

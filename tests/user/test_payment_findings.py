@@ -88,7 +88,7 @@ async def test_vendor_asking_nothing_is_closed_by_deadline(served: BankWorld, mo
             started = time.monotonic()
             result = await user.pay(ctx, vendor.url, 5)
             took = time.monotonic() - started
-            assert result.stop is Stop.DEADLINE and (result.delivered, result.tokens) == (0, 1), result
+            assert result.stop is Stop.DEADLINE and (result.delivered, result.tokens) == (1, 1), result
             assert 1.5 < took < 10, took
             ((wc, _),) = user.store.coins()
             assert wc.status is wallet.CoinStatus.READY and result.credited == 1  # closed, not stuck in session
@@ -119,7 +119,7 @@ async def test_unresponsive_vendor_does_not_end_user_run(served: BankWorld, mosq
         payments = await asyncio.wait_for(run_user(config, clock=served.clock), 30)
         assert time.monotonic() - started < 20
     assert [p.stop for p in payments] == [Stop.DEADLINE, Stop.DEADLINE], payments
-    assert all(p.delivered == 0 and p.credited is not None for p in payments)
+    assert all(p.delivered == 1 and p.credited is not None for p in payments)  # the blocking token's unit
     log = [json.loads(line) for line in (tmp_path / "auto" / "decisions.jsonl").read_text().splitlines()]
     assert [e["reason"] for e in log if e["action"] == "close"] == ["deadline", "deadline"]
 
@@ -128,16 +128,17 @@ async def test_policy_counts_money_of_the_coin_used(served: BankWorld, mosquitto
                                                     tmp_path: Path) -> None:
     """The vendor accepts keysets whose tokens are worth 1 and 10; the wallet pays with a 10: it counts 10s."""
     policy = PolicyConfig.from_dict({"price": {"max_per_unit": 10}, "budget": {"per_session": 30}})
+    # 10 a unit: a unit is one token of 10
     user = UserAgent(tmp_path / "wallet", policy, clock=served.clock)
     try:
         (coin,) = await _withdraw(served, mosquitto, user, "alice", 1, value=1000)
         assert coin.token_value == 10
-        async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE) as vendor:
+        async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE, price=10) as vendor:
             with pytest.raises(PolicyRefusal) as refused:
-                await user.pay(ctx, vendor.url, 10)  # 11 tokens of 10: 110 > 30 a session
+                await user.pay(ctx, vendor.url, 11)  # 11 tokens of 10: 110 > 30 a session
             assert refused.value.decision.reason == "session_cap"
             assert admin.balance(served.store, "meter") == 0 and vendor.kept() == 0
-            result = await user.pay(ctx, vendor.url, 2)  # 3 tokens of 10
+            result = await user.pay(ctx, vendor.url, 3)  # 3 tokens of 10
             assert (result.tokens, result.spent, result.credited) == (3, 30, 30)
         assert admin.balance(served.store, "meter") == 30
         assert sum(spend.amount for spend in user.spending()) == 30
@@ -170,16 +171,16 @@ async def test_torn_spending_history_does_not_stop_payments(served: BankWorld, m
     directory = tmp_path / "wallet"
     directory.mkdir()
     (directory / "spending.jsonl").write_text(
-        json.dumps({"ts": served.clock.now - 60, "vendor": "meter", "category": "parking", "amount": 190})
+        json.dumps({"ts": served.clock.now - 60, "vendor": "meter", "category": "parking", "amount": 191})
         + '\n{"ts": 18000')
     user = UserAgent(directory, PolicyConfig.from_dict({"budget": {"per_hour": 200}}), clock=served.clock)
     try:
         await _withdraw(served, mosquitto, user, "alice", 1)
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE) as vendor:
-            first = await user.pay(ctx, vendor.url, 5)  # 190 + 6 <= 200
-            assert first.stop is Stop.COMPLETE and first.tokens == 6
+            first = await user.pay(ctx, vendor.url, 5)  # 191 + 5 <= 200
+            assert first.stop is Stop.COMPLETE and first.tokens == 5
             with pytest.raises(PolicyRefusal) as refused:
-                await user.pay(ctx, vendor.url, 5)  # 196 + 6 > 200: the imported history counts
+                await user.pay(ctx, vendor.url, 5)  # 196 + 5 > 200: the imported history counts
             assert refused.value.decision.reason == "hourly_budget"
         assert sum(spend.amount for spend in user.spending()) == 196
     finally:

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 
 @pytest_asyncio.fixture
 async def town(world: BankWorld, mosquitto: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
-    """A bank and two vendors (parking at 1 token per unit, charging at 3), serving."""
+    """A bank and two vendors (parking at 1 a unit, charging at 3; tokens of 1), serving."""
     tasks = []
     ready = asyncio.Event()
     tasks.append(asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=ready)))
@@ -71,13 +71,13 @@ async def test_withdraw_pay_carry_remainder_and_refuse_by_policy(world: BankWorl
             (coin,) = await user.withdraw(bank, credentials, 1)
         assert coin.remaining == 100 and admin.balance(world.store, "alice") == 10_000 - 100
 
-        first = await user.pay(ctx, town["parking"], 30)  # 1 token per unit: 30 + the blocking token
-        assert (first.vendor, first.tokens, first.credited) == ("parking", 31, 31)
-        second = await user.pay(ctx, town["charger"], 20)  # 3 tokens per unit
-        assert (second.vendor, second.tokens, second.credited) == ("charger", 61, 61)
+        first = await user.pay(ctx, town["parking"], 30)  # 1 a unit: 30 tokens, the blocking one the first
+        assert (first.vendor, first.tokens, first.credited) == ("parking", 30, 30)
+        second = await user.pay(ctx, town["charger"], 20)  # 3 a unit
+        assert (second.vendor, second.tokens, second.credited) == ("charger", 60, 60)
         (wc,) = [w for w, _ in user.store.coins()]
-        assert wc.position == 100 - 31 - 61  # the remainder of one coin carried to vendor B
-        assert admin.balance(world.store, "parking") == 31 and admin.balance(world.store, "charger") == 61
+        assert wc.position == 100 - 30 - 60  # the remainder of one coin carried to vendor B
+        assert admin.balance(world.store, "parking") == 30 and admin.balance(world.store, "charger") == 60
         with pytest.raises(PolicyRefusal) as capped:
             await user.pay(ctx, town["charger"], 30)  # 90 is over the cap of 80 per session
         assert capped.value.decision.reason == "session_cap"
@@ -159,7 +159,7 @@ async def test_autonomous_agent_refills_and_takes_the_cheapest_allowed_offer(
                                                       "categories": {"deny": ["ev"]}}))
     payments = await run_user(config, clock=world.clock)
     assert [p.vendor for p in payments] == ["parking", "parking"]  # ev denied; parking is also the cheapest
-    assert [p.credited for p in payments] == [6, 6]
+    assert [p.credited for p in payments] == [5, 5]  # 5 units at 1: 5 tokens of 1
     log = [json.loads(line) for line in (tmp_path / "auto" / "decisions.jsonl").read_text().splitlines()]
     refills = [entry for entry in log if entry["action"] == "refill"]
     assert refills[0]["reason"] == "refill" and refills[1]["reason"] == "enough_value"

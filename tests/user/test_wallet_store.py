@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.user.store import WalletStore
+from agents.user.store import KeptReceipt, WalletStore
 from protocol import blindrsa, envelope
-from protocol.messages import WithdrawAnswer
+from protocol.messages import FinalReceipt, WithdrawAnswer
+from protocol.receipts import sign_receipt
 from protocol.rules import wallet
 
 from ..protocol.world import BANK, NOW, MemoryBank, det_rng, make_keyset
@@ -72,3 +75,24 @@ def test_write_ahead_never_reuses_a_position(bank: MemoryBank, tmp_path: Path) -
                               seed=resumed.seed, traversal=resumed.traversal)
     store.save(stale)  # an older state can never overwrite a newer one
     assert store.coin(resumed.coin.tip).position == 96  # type: ignore[union-attr]
+
+
+def test_a_final_receipt_replaces_a_pending_one_never_the_reverse(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    pending = FinalReceipt(session=b"s" * 16, tip=b"t" * 32, index=90, tokens=10, credited=0, pending=True,
+                           vendor="meter", ts=NOW)
+    final = dataclasses.replace(pending, credited=10, pending=None, ts=NOW + 5)
+
+    def kept(receipt: FinalReceipt) -> KeptReceipt:
+        return KeptReceipt(receipt=receipt, signed=sign_receipt(receipt, key), cert=b"cert", address="coap://[::1]:1")
+
+    store = WalletStore(tmp_path / "wallet")
+    store.keep_receipt(kept(pending))
+    assert [k.receipt for k in store.receipts()] == [pending]
+    store.keep_receipt(kept(final))
+    store.keep_receipt(kept(dataclasses.replace(pending, ts=NOW + 9)))  # a late pending answer changes nothing
+    store.close()
+    store = WalletStore(tmp_path / "wallet")
+    (again,) = store.receipts()
+    assert again == kept(final) and again.address == "coap://[::1]:1"
+    store.close()

@@ -25,9 +25,11 @@ from agents.vendor.agent import Credentials, VendorAgent
 from agents.vendor.coap import CBOR, serve_coap
 from agents.vendor.store import VendorStore
 from broker.launcher import free_udp_port
-from protocol import cbor, sealing
+from protocol import cbor, cose, sealing
 from protocol.certificates import cert_hash
-from protocol.messages import Closed, Due, Offer, OpenSession, Receipt, SessionOpened
+from protocol.certificates import verify_certificate
+from protocol.messages import Due, FinalReceipt, Offer, OpenSession, Receipt, SessionOpened
+from protocol.receipts import verify_receipt
 from protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld
@@ -106,16 +108,21 @@ async def test_pay_as_observed_then_close(scene: Scene) -> None:
     paid = 0
     notifications = aiter(observation.observation)
     for _ in range(3):
-        scene.agent.due(opened.session)  # the meter: one more unit delivered
+        scene.agent.due(opened.session, 2)  # the meter: two more units delivered, at 1 a unit
         due = Due.decode((await asyncio.wait_for(anext(notifications), 5)).payload)
         wc, pay = wallet.reveal(wc, due.tokens)
         receipt = Receipt.decode((await scene.call(Code.POST, f"/sessions/{sid}/pay", pay.encode())).payload)
         again = Receipt.decode((await scene.call(Code.POST, f"/sessions/{sid}/pay", pay.encode())).payload)
         assert receipt == again  # a retransmitted token gets the same receipt
         paid += due.tokens
+        assert receipt.tokens == paid + 1  # the blocking token was the first of the tokens owed
     observation.observation.cancel()
-    closed = Closed.decode((await scene.call(Code.POST, f"/sessions/{sid}/close", b"")).payload)
-    assert closed.credited == paid + 1 == admin.balance(world.store, "meter")
+    assert paid + 1 == 6  # 6 units at 1, tokens of 1: 6 tokens, the blocking one included
+    signed = (await scene.call(Code.POST, f"/sessions/{sid}/close", b"")).payload
+    cert = verify_certificate(scene.credentials.cert, world.keys.keyring.ca_key, BANK, world.clock.now)
+    closed = verify_receipt(signed, cert, tip=wc.coin.tip, session=opened.session)
+    assert closed.credited == paid + 1 == closed.tokens == admin.balance(world.store, "meter")
+    assert closed.pending is None and closed.index == wc.position
 
 
 async def test_vendor_killed_before_settling_settles_after_restart(scene: Scene) -> None:
@@ -193,7 +200,7 @@ async def test_retry_of_pending_settlements_leaves_a_close_in_progress_alone(sce
     await asyncio.sleep(0)  # the close has written its settlement to the outbox and is waiting
     assert len(scene.agent.store.pending()) == 1
     assert await scene.agent.retry_pending() == 0
-    closed = await closing
+    closed = FinalReceipt.decode(cose.decode_sign1(await closing).payload)
     assert closed.credited == 5 == admin.balance(world.store, "meter")
     held = scene.agent.store.session(opened.session)
     assert held is not None and held.state == "closed" and held.credited == 5
