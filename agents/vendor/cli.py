@@ -21,7 +21,7 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve = vendor.add_parser("serve", help="serve payments over CoAP")
     serve.add_argument("--credentials", type=Path, required=True, help="bundle from 'bank vendor enroll'")
     serve.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    serve.add_argument("--coap-port", type=int, default=5683)
+    serve.add_argument("--coap-port", type=int, default=5683, help="UDP port on [::1] (default 5683)")
     serve.add_argument("--coap-host", default="::1", help="address to bind (default: IPv6 loopback)")
     serve.add_argument("--config", type=Path, help="vendor.toml (pricing and session policy)")
     serve.add_argument("--data", type=Path, default=Path("var/vendor"), help="directory for the vendor's store")
@@ -29,8 +29,8 @@ def add_vendor_commands(commands: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument("--tls", type=Path, help="PKI directory: log in with VENDOR.crt/.key (mqtts:// URL)")
     serve.set_defaults(handler=_serve)
     status = vendor.add_parser("status", help="sessions, tokens held, settling, settled, outbox")
-    status.add_argument("--data", type=Path, required=True)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--data", type=Path, required=True, help="the vendor's data directory")
+    status.add_argument("--json", action="store_true", help="as JSON")
     status.set_defaults(handler=_status)
 
 
