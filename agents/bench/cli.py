@@ -38,8 +38,8 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--png", type=Path, help="draw the ratios (needs the plot extra)")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres",
                         help="PostgreSQL to create a scratch database in ('' to skip)")
-    parser.add_argument("--users", type=int, default=50)
-    parser.add_argument("--vendors", type=int, default=5)
+    parser.add_argument("--users", type=int, default=50, help="user devices in the population run")
+    parser.add_argument("--vendors", type=int, default=5, help="vendor devices in the population run")
     parser.set_defaults(handler=_bench)
 
 
