@@ -8,7 +8,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 DURATION ?= 30
 
-.PHONY: demo test check bench reliability system-deps clean
+.PHONY: demo test check bench reliability system-deps clean pi-check pi-vm
 
 demo: $(STAMP)
 	$(VENV)/bin/m2mpay demo --duration $(DURATION)
@@ -23,6 +23,16 @@ reliability: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/m2mpay bench --json bench.json
+
+# Tests, one payment and the quick bench in an emulated Debian arm64 root (cached in .pi-root/;
+# root; too slow for CI: see docs/DEVICE.md, "Proof on arm64 (emulated)").
+pi-check:
+	$(SUDO) bash tools/pi-check/run.sh
+
+# The systemd units on Debian arm64 booted for real in qemu-system-aarch64 (TCG; cached in .pi-vm/;
+# root; too slow for CI: see docs/DEVICE.md, "A virtual Pi, booted").
+pi-vm:
+	$(SUDO) bash tools/pi-vm/run.sh
 
 # Debian / Raspberry Pi OS packages, installed only when something is missing.
 system-deps:
