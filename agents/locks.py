@@ -22,7 +22,8 @@ class DirectoryBusy(ValueError):
 class DirectoryLock:
     """Held from construction until :meth:`release` or the end of the process (not inherited)."""
 
-    def __init__(self, directory: Path, what: str, name: str = "serve.lock") -> None:
+    def __init__(self, directory: Path, what: str, name: str = "serve.lock", *,
+                 rule: str = "one process per data directory") -> None:
         self._fd: int | None = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -30,8 +31,7 @@ class DirectoryLock:
             holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
             self._fd = None
-            raise DirectoryBusy(f"{directory} is already used by another {what} (pid {holder}): one process "
-                                "per data directory") from None
+            raise DirectoryBusy(f"{directory} is in use by another {what} (pid {holder}): {rule}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
