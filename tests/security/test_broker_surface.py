@@ -98,7 +98,9 @@ def test_retained_flood_bounded(broker: Mosquitto, connect: Callable[..., TlsCli
     print(f"retained flood: broker RSS +{rss_growth} KiB, persistence {persisted} bytes, "
           f"{len(retained)} retained")
     assert persisted < len(OPS) * MAX_PACKET_BYTES + 64 * 1024
-    assert rss_growth < 2 * 1024
+    # Kept, the 80 large messages would be over 10 MiB; what the allocator keeps from the packets
+    # in flight varies between runs (0.4 to 2.5 MiB measured), hence a bound well between the two.
+    assert rss_growth < 5 * 1024
 
 
 def test_oversize_publish_refused(connect: Callable[..., TlsClient]) -> None:
