@@ -70,11 +70,13 @@ install_role bank --start || exit 1
 wait_for 120 systemctl is-active --quiet m2mpay-bank && systemctl is-active --quiet mosquitto ||
   bad "bank or mosquitto not active after install: $(systemctl is-active mosquitto m2mpay-bank | tr '\n' ' ')"
 
-# The operator's part: an account and a vendor at the bank, their broker logins.
+# The operator's part: an account and a vendor at the bank, their broker logins. The bundles hold
+# private keys: a private directory, not the logs copied out of the image.
+creds=$(mktemp -d)
 {
-  m2mpay-bank account open alice --out /root/alice.json &&
+  m2mpay-bank account open alice --out "$creds/alice.json" &&
   m2mpay-bank account deposit alice 10000 &&
-  m2mpay-bank vendor enroll meter-1 --category parking --out /root/meter-1.json &&
+  m2mpay-bank vendor enroll meter-1 --category parking --out "$creds/meter-1.json" &&
   m2mpay broker pki --dir /etc/m2mpay/pki --client meter-1 --client alice
 } >"$out/provision.log" 2>&1 || { bad "provisioning the account and the vendor (provision.log)"; exit 1; }
 ok "account alice (10000), vendor meter-1 enrolled, broker logins issued"
@@ -82,8 +84,8 @@ ok "account alice (10000), vendor meter-1 enrolled, broker logins issued"
 install_role vendor --wheel "$wheel" || exit 1
 install_role user --wheel "$wheel" || exit 1
 # This one machine is both devices: each gets its bundle and its broker login in /etc/m2mpay.
-install -m 0600 /root/meter-1.json /etc/m2mpay/vendor.json
-install -m 0600 /root/alice.json /etc/m2mpay/user.json
+install -m 0600 "$creds/meter-1.json" /etc/m2mpay/vendor.json
+install -m 0600 "$creds/alice.json" /etc/m2mpay/user.json
 for f in ca.crt meter-1.crt meter-1.key alice.crt alice.key; do
   install -m 0600 "/etc/m2mpay/pki/$f" "/etc/m2mpay/tls/$f"
 done
