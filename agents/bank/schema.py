@@ -1,6 +1,8 @@
 """The bank's schema as numbered, forward-only migrations, one text for SQLite and PostgreSQL.
 
-``{blob}`` and ``{serial}`` are filled in per database; everything else is common SQL.
+``{blob}`` and ``{serial}`` are filled in per database; everything else is common SQL, except a
+migration given as one text per database (server-side functions exist only on PostgreSQL), which
+is used as it is.
 Amounts are integers in minor units. The journal is double-entry: every row moves ``amount``
 from ``debit`` to ``credit``, so the balances of all accounts, the outside world included,
 always sum to zero. ``accounts.balance`` is kept only for user accounts (it is checked under
@@ -9,7 +11,7 @@ lock before a debit); every other balance is read from the journal.
 
 from __future__ import annotations
 
-MIGRATIONS: tuple[tuple[int, str], ...] = (
+MIGRATIONS: tuple[tuple[int, str | dict[str, str]], ...] = (
     (1, """
 CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
@@ -93,6 +95,71 @@ INSERT INTO issuance (account, req_id, keyset, coins, value, balance, ts)
     (3, """
 ALTER TABLE vendors ADD COLUMN revoked BIGINT
 """),
+    # One round trip for each half of a request on PostgreSQL (see agents.bank.postgresql):
+    # ``m2mpay_rows`` locks the coin and then reads what the rules need; ``m2mpay_book`` applies
+    # what they decided. The rules stay in Python; these only move rows. SQLite, in the process,
+    # runs the same statements one by one and records the version with nothing to do.
+    (4, {"sqlite": "", "postgresql": """
+CREATE FUNCTION m2mpay_rows(
+    p_tip BYTEA, p_signer TEXT, p_req_id BYTEA, p_vendor TEXT,
+    OUT c_tip BYTEA, OUT c_keyset TEXT, OUT c_n INTEGER, OUT c_token_value BIGINT, OUT c_position INTEGER,
+    OUT c_last BYTEA, OUT c_status TEXT, OUT c_session BYTEA, OUT c_vendor TEXT, OUT c_account TEXT,
+    OUT c_start INTEGER, OUT c_deadline BIGINT, OUT c_credited INTEGER,
+    OUT a_digest BYTEA, OUT a_answer BYTEA, OUT v_revoked BOOLEAN)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- The coin first, and locked: a twin of this request waits here until the other commits.
+    -- Each statement of a VOLATILE function takes a new snapshot (READ COMMITTED), so the
+    -- answer read next is the twin's, as when these were separate statements.
+    IF p_tip IS NOT NULL THEN
+        SELECT tip, keyset, n, token_value, position, last, status, session, vendor, account, start,
+               deadline, credited
+          INTO c_tip, c_keyset, c_n, c_token_value, c_position, c_last, c_status, c_session, c_vendor,
+               c_account, c_start, c_deadline, c_credited
+          FROM coins WHERE tip = p_tip FOR UPDATE;
+    END IF;
+    IF p_signer IS NOT NULL THEN
+        SELECT digest, answer INTO a_digest, a_answer FROM answers WHERE signer = p_signer AND req_id = p_req_id;
+    END IF;
+    IF p_vendor IS NOT NULL THEN
+        v_revoked := EXISTS (SELECT 1 FROM vendors WHERE vendor = p_vendor AND revoked IS NOT NULL);
+    END IF;
+END
+$$;
+CREATE FUNCTION m2mpay_book(
+    p_new BOOLEAN, p_tip BYTEA, p_keyset TEXT, p_n INTEGER, p_token_value BIGINT, p_position INTEGER,
+    p_last BYTEA, p_status TEXT, p_session BYTEA, p_vendor TEXT, p_account TEXT, p_start INTEGER,
+    p_deadline BIGINT, p_credited INTEGER,
+    p_ts BIGINT[], p_debit TEXT[], p_credit TEXT[], p_amount BIGINT[], p_kind TEXT[], p_ref BYTEA[],
+    p_signer TEXT, p_req_id BYTEA, p_digest BYTEA, p_answer BYTEA, p_created BIGINT)
+RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- p_new NULL: the coin is not changed.
+    IF p_new THEN
+        INSERT INTO coins (tip, keyset, n, token_value, position, last, status, session, vendor, account,
+                           start, deadline, credited)
+        VALUES (p_tip, p_keyset, p_n, p_token_value, p_position, p_last, p_status, p_session, p_vendor,
+                p_account, p_start, p_deadline, p_credited);
+    ELSIF NOT p_new THEN
+        UPDATE coins SET keyset = p_keyset, n = p_n, token_value = p_token_value, position = p_position,
+                         last = p_last, status = p_status, session = p_session, vendor = p_vendor,
+                         account = p_account, start = p_start, deadline = p_deadline, credited = p_credited
+         WHERE tip = p_tip;
+    END IF;
+    IF cardinality(p_amount) > 0 THEN
+        INSERT INTO journal (ts, debit, credit, amount, kind, ref)
+        SELECT ts, debit, credit, amount, kind, ref
+          FROM unnest(p_ts, p_debit, p_credit, p_amount, p_kind, p_ref)
+               WITH ORDINALITY AS j (ts, debit, credit, amount, kind, ref, i)
+         ORDER BY i;
+    END IF;
+    IF p_signer IS NOT NULL THEN
+        INSERT INTO answers (signer, req_id, digest, answer, created)
+        VALUES (p_signer, p_req_id, p_digest, p_answer, p_created);
+    END IF;
+END
+$$
+"""}),
 )
 
 SYSTEM_ACCOUNTS = ("world", "outstanding")
@@ -102,3 +169,21 @@ DIALECTS = {
     "sqlite": {"blob": "BLOB", "serial": "INTEGER"},
     "postgresql": {"blob": "BYTEA", "serial": "BIGSERIAL"},
 }
+
+
+def statements(script: str) -> list[str]:
+    """The statements of a migration script: split at each ``;`` that is not inside a ``$$``
+    function body."""
+    parts, current, quoted = [], [], False
+    for piece in script.split("$$"):
+        if quoted:
+            current.append("$$" + piece + "$$")
+        else:
+            *done, rest = piece.split(";")
+            for text in done:
+                parts.append("".join(current) + text)
+                current = []
+            current.append(rest)
+        quoted = not quoted
+    parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]

@@ -47,7 +47,8 @@ from protocol.rules.requests import BlockWindow, verify_block, verify_signed
 
 from .keys import BankKeys
 from .metrics import BankMetrics
-from .store import Store, Tx
+from .revocation import refuse_revoked
+from .store import Rows, Store, Tx
 
 __all__ = ["BankService", "Reply"]
 
@@ -150,8 +151,9 @@ class BankService:
         key = await self._key(table, signer, cache)
         return verify_signed(signed, self.keys.bank, op, lambda _name: key)
 
-    async def _run(self, fn: Callable[[Tx], T]) -> T:
-        return await self.store.run(fn, defer_sync=_DEFER_SYNC.get())
+    async def _run(self, fn: Callable[[Tx], T], rows: Rows | None = None) -> T:
+        """``fn`` in one transaction; ``rows``, when given, are what it reads first (see :meth:`Store.run`)."""
+        return await self.store.run(fn, defer_sync=_DEFER_SYNC.get(), rows=rows)
 
     def _remembered(self, tx: Tx, signer: str, req_id: bytes, digest: bytes) -> bytes | None:
         return envelope.check_replay(tx.answer(signer, req_id), digest)
@@ -234,7 +236,8 @@ class BankService:
     async def _block(self, signed: cose.Sign1, vendor: str, request: BlockRequest, digest: bytes, now: int) -> bytes:
         # A retry gets its first answer even if the window, the certificate or the keyset would
         # now refuse it: the coin may be blocked under that answer.
-        stored = await self._run(lambda tx: self._remembered(tx, vendor, request.req_id, digest))
+        stored = await self._run(lambda tx: self._remembered(tx, vendor, request.req_id, digest),
+                                 Rows(answer=(vendor, request.req_id)))
         if stored is not None:
             return stored
         intent = verify_block(signed, self.keys.keyring, self.keys.sealing_key, now, self.window, self._certificates)
@@ -245,7 +248,7 @@ class BankService:
             again = self._remembered(tx, vendor, request.req_id, digest)
             if again is not None:
                 return again
-            self.keys.refuse_revoked(tx, vendor)  # read in this transaction: a revocation counts at once
+            refuse_revoked(tx, vendor)  # read in this transaction: a revocation counts at once
             outcome = rules.apply_block(record, keyset=intent.keyset, auth=intent.auth, vendor=vendor,
                                         account=intent.cert.account, session=session, now=now)
             self._book(tx, outcome, new=record is None, now=now)
@@ -257,7 +260,7 @@ class BankService:
             tx.put_answer(vendor, request.req_id, envelope.StoredAnswer(digest, answer), now)
             return answer
 
-        return await self._run(block)
+        return await self._run(block, Rows(coin=intent.auth.tip, answer=(vendor, request.req_id), vendor=vendor))
 
     async def _settle(self, vendor: str, request: SettleRequest, digest: bytes, now: int) -> bytes:
 
@@ -266,7 +269,7 @@ class BankService:
             again = self._remembered(tx, vendor, request.req_id, digest)
             if again is not None:
                 return again
-            self.keys.refuse_revoked(tx, vendor)  # read in this transaction: a revocation counts at once
+            refuse_revoked(tx, vendor)  # read in this transaction: a revocation counts at once
             outcome = rules.apply_settle(record, vendor=vendor, session=request.session,
                                          index=request.index, token=request.token, keep_open=request.keep_open,
                                          now=now)
@@ -279,7 +282,7 @@ class BankService:
             tx.put_answer(vendor, request.req_id, envelope.StoredAnswer(digest, answer), now)
             return answer
 
-        return await self._run(settle)
+        return await self._run(settle, Rows(coin=request.tip, answer=(vendor, request.req_id), vendor=vendor))
 
     async def _status(self, vendor: str, request: StatusRequest, digest: bytes, now: int) -> bytes:
 
@@ -302,7 +305,7 @@ class BankService:
                 blocked_until=record.deadline if record is not None and state == "blocked" else None,
                 session=record.session if record is not None else None), "status", digest)
 
-        return await self._run(status)
+        return await self._run(status, Rows(coin=request.tip))
 
     async def sweep(self) -> int:
         """Lapse every open block past its deadline, crediting what the bank saw. Returns the count."""
@@ -315,5 +318,6 @@ class BankService:
                     outcome = rules.apply_lapse(record, now)
                     if outcome.record != record:
                         self._book(tx, outcome, new=False, now=now)
-            await self.store.run(lapse)
+            await self.store.run(lapse, rows=Rows(coin=tip))
         return len(tips)
+

@@ -1,12 +1,16 @@
 """Bank throughput through Mosquitto, beside a bare MQTT v5 echo measured in the same run.
 
-    m2mpay bench --only bank   (or: python -m agents.bench.bank) [--spends N] [--pg postgresql://…/postgres] [--json FILE]
+    m2mpay bench --only bank   (or: python -m agents.bench.bank) [--spends N] [--pg postgresql://…/postgres]
+                               [--config sqlite:1:32 …] [--json FILE]
 
-For each database (SQLite with durable commits; PostgreSQL when reachable) and each number of
-requests in flight (1 and 32), it prints bank requests/s — a spend is one ``block`` and one
-``settle`` — next to echo requests/s through the same broker with the same concurrency and
-payload size, and the ratio. The echo is answered by its own process, as the bank is. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's
-RSA-2048 signatures/s. Device-side work (sealing, signing the block) is done before timing.
+For each database (SQLite with durable commits; PostgreSQL when reachable), number of bank
+processes and number of requests in flight (:func:`configurations`, or ``--config``), it prints
+bank requests/s — a spend is one ``block`` and one ``settle`` — next to echo requests/s through
+the same broker with the same concurrency and payload size, and the ratio; then the CPU one
+request cost each process (:mod:`agents.bench.cpu`) and, on PostgreSQL, what the bank's
+statements waited for (:mod:`agents.bench.pgwatch`). The echo is answered by its own process,
+as the bank is. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's RSA-2048
+signatures/s. Device-side work (sealing, signing the block) is done before timing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -29,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from agents.bank import admin
 from agents.mqtt import BankClient, answer_properties, connect
 from broker.launcher import Mosquitto
+from .cpu import CpuMeter, children, named
+from .pgwatch import LockWatch
 from .world import BANK, BankWorld
 from protocol.messages import BlockAnswer, SettleAnswer, WithdrawAnswer
 from protocol.rules import wallet
@@ -70,8 +78,34 @@ async def serve_echo(url: str) -> None:
     await task
 
 
-async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers: int = 1) -> tuple[float, float, float]:
-    """(bank requests/s, echo requests/s, withdrawn coins/s) for one database, medians over rounds.
+@dataclass
+class BankRun:
+    """One configuration's figures: medians over the rounds, CPU summed over them."""
+
+    rate: float
+    echo: float
+    withdraw_rate: float
+    cpu: dict[str, float]  # ms of CPU per bank request, by process group
+    echo_cpu: dict[str, float]  # the same for the echo's requests
+    busy: float  # the machine's busy share during the bank's waves
+    locks: dict[str, Any] | None  # PostgreSQL: lock waits seen during the bank's waves
+
+
+def _measure(cpu: CpuMeter, locks: LockWatch | None, start: bool) -> None:
+    """Start or stop measuring the bank's wave: CPU by process, and lock waits on PostgreSQL."""
+    for meter in (cpu, locks):
+        if meter is None:
+            continue
+        if start:
+            meter.start()
+        else:
+            meter.stop()
+
+
+async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers: int = 1,
+                    broker_pid: int | None = None) -> BankRun:
+    """Bank requests/s, echo requests/s and withdrawn coins/s for one database, with where the
+    CPU went.
 
     The echo is answered by its own process, as the bank is, through the same broker, with the
     same number of requests in flight and the same payload size as a block request.
@@ -92,6 +126,11 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
     echo_clients = [BankClient(url, "echo", f"echo-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     for c in clients + echo_clients:
         await c.__aenter__()
+    groups = {"bank": lambda: children(server.pid), "load": lambda: [os.getpid()],
+              "echo": lambda: [echo.pid], "broker": lambda: [] if broker_pid is None else [broker_pid],
+              "postgres": lambda: named("postgres") if store.dialect == "postgresql" else []}
+    bank_cpu, echo_cpu = CpuMeter(groups), CpuMeter(groups)
+    locks = LockWatch(db_url) if store.dialect == "postgresql" else None
     try:
         if (await asyncio.to_thread(echo.stdout.readline)).strip() != b"ready":  # type: ignore[union-attr]
             raise SystemExit("the echo server did not start")
@@ -131,27 +170,39 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
         for r in range(ROUNDS):
             chunk = prepared[r::ROUNDS]
             blocks = [signed for _, _, signed in chunk]
+            _measure(bank_cpu, locks, True)
             start = time.perf_counter()
             block_answers = await run_lanes(clients, "block", blocks, in_flight)
             elapsed = time.perf_counter() - start
+            _measure(bank_cpu, locks, False)
             settles = []
             for (vendor, session, block), raw in zip(chunk, block_answers, strict=True):
                 session.blocked(world.open(raw, "block", BlockAnswer, request=block))
                 settles.append(vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle"))
+            _measure(bank_cpu, locks, True)
             start = time.perf_counter()
             settle_answers = await run_lanes(clients, "settle", settles, in_flight)
             elapsed += time.perf_counter() - start
+            _measure(bank_cpu, locks, False)
             bank_rates.append(2 * len(chunk) / elapsed)
             for (_, session, _), settle, raw in zip(chunk, settles, settle_answers, strict=True):
                 session.settled(world.open(raw, "settle", SettleAnswer, request=settle))
+            payloads = [os.urandom(size) for _ in range(2 * len(chunk))]
+            echo_cpu.start()
             start = time.perf_counter()
-            await run_lanes(echo_clients, "x", [os.urandom(size) for _ in range(2 * len(chunk))], in_flight)
+            await run_lanes(echo_clients, "x", payloads, in_flight)
             echo_rates.append(2 * len(chunk) / (time.perf_counter() - start))
+            echo_cpu.stop()
         report = admin.audit(store)
         if not report.ok:
             raise SystemExit(f"audit failed after the benchmark: {report.problems}")
-        return statistics.median(bank_rates), statistics.median(echo_rates), withdraw_rate
+        requests = 2 * len(prepared)  # over all rounds, as the CPU was summed
+        return BankRun(statistics.median(bank_rates), statistics.median(echo_rates), withdraw_rate,
+                       bank_cpu.per_request(requests), echo_cpu.per_request(requests), bank_cpu.utilisation,
+                       None if locks is None else locks.summary())
     finally:
+        if locks is not None:
+            locks.close()
         for c in clients + echo_clients:
             await c.__aexit__(None, None, None)
         for process in (server, echo):
@@ -183,29 +234,71 @@ def pg_database(admin_url: str) -> str | None:
         return None
 
 
-async def run(spends: int, pg: str | None, *, quick: bool = False) -> dict[str, object]:
-    """Every configuration: SQLite (and PostgreSQL when ``pg`` is reachable), 1 and 32 in flight,
-    one process and one per core; ``quick``: SQLite with one process only."""
+def _shares(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in cpu.items() if ms >= 0.005)
+
+
+def drop_database(admin_url: str, db_url: str) -> None:
+    """Drop a scratch database :func:`pg_database` created (what it holds was audited)."""
+    import psycopg
+
+    name = db_url.rsplit("/", 1)[1]
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+PG_WORKERS = (1, 2, 4)
+"""Bank processes on PostgreSQL: one, and more than this machine may have cores, to see the limit."""
+
+
+def configurations(quick: bool, pg: bool, cores: int) -> list[tuple[str, int, int]]:
+    """``(database, bank processes, requests in flight)`` to measure, in order.
+
+    SQLite has one writer, so one process and one per core; PostgreSQL locks rows, so 1, 2 and 4
+    processes (:data:`PG_WORKERS`), all with the most requests in flight.
+    """
+    most = IN_FLIGHT[-1]
+    sqlite = [(1, 1), (1, most)] if quick else sorted({(1, 1), (1, most), (cores, most)})
+    configs = [("sqlite", w, f) for w, f in sqlite]
+    if pg and not quick:
+        configs += [("postgresql", 1, 1)] + [("postgresql", w, most) for w in PG_WORKERS]
+    return configs
+
+
+async def run(spends: int, pg: str | None, *, quick: bool = False,
+              only: list[tuple[str, int, int]] | None = None) -> dict[str, object]:
+    """Every configuration of :func:`configurations` (PostgreSQL when ``pg`` is reachable), or
+    those in ``only``; ``quick``: SQLite with one process only."""
     results: dict[str, object] = {}
     with Mosquitto(Path(tempfile.mkdtemp(prefix="m2mpay-broker-"))) as broker:
         print(f"broker {broker.url}; {spends} spends per run")
         cores = os.cpu_count() or 1
         print(f"{'db':10} {'workers':>7} {'in flight':>9} {'bank req/s':>11} {'echo req/s':>11} {'ratio':>6} "
               f"{'spends/s':>9} {'withdraw coins/s':>16}")
-        configs = {(1, 1), (1, IN_FLIGHT[-1])} if quick else {(1, 1), (1, IN_FLIGHT[-1]), (cores, IN_FLIGHT[-1])}
-        for db in ("sqlite",) if quick or pg is None else ("sqlite", "postgresql"):
-            for workers, in_flight in sorted(configs):
-                db_url = (str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite"
-                          else pg_database(pg or ""))
-                if db_url is None:
-                    continue
-                rate, echo, withdraw_rate = await bank_rate(broker.url, db_url, spends, in_flight, workers)
-                print(f"{db:10} {workers:7d} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} "
-                      f"{rate / 2:9,.0f} {withdraw_rate:16,.0f}")
-                results[f"{db}/{workers}w/{in_flight}"] = {
-                    "db": db, "workers": workers, "in_flight": in_flight, "bank_req_per_s": rate,
-                    "echo_req_per_s": echo, "ratio": rate / echo, "spends_per_s": rate / 2,
-                    "withdraw_coins_per_s": withdraw_rate}
+        for db, workers, in_flight in only or configurations(quick, pg is not None, cores):
+            db_url = (str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite"
+                      else pg_database(pg or ""))
+            if db_url is None:
+                continue
+            run = await bank_rate(broker.url, db_url, spends, in_flight, workers,
+                                  broker.process.pid if broker.process else None)
+            rate, echo = run.rate, run.echo
+            print(f"{db:10} {workers:7d} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} "
+                  f"{rate / 2:9,.0f} {run.withdraw_rate:16,.0f}")
+            if run.cpu:
+                print(f"{'':10} CPU ms per request: {_shares(run.cpu)}; machine busy {run.busy:.0%}"
+                      f" (echo: {_shares(run.echo_cpu)})")
+            if run.locks is not None:
+                doing = ", ".join(f"{k} {share:.0%}" for k, share in list(run.locks["doing"].items())[:4])
+                print(f"{'':10} PostgreSQL: {run.locks['active_per_sample']:.1f} statements running per sample, "
+                      f"{run.locks['lock_wait_share']:.1%} of them waiting for a lock" + (f" ({doing})" if doing else ""))
+            if db == "postgresql":
+                drop_database(pg or "", db_url)
+            results[f"{db}/{workers}w/{in_flight}"] = {
+                "db": db, "workers": workers, "in_flight": in_flight, "bank_req_per_s": rate,
+                "echo_req_per_s": echo, "ratio": rate / echo, "spends_per_s": rate / 2,
+                "withdraw_coins_per_s": run.withdraw_rate, "cpu_ms_per_request": run.cpu,
+                "echo_cpu_ms_per_request": run.echo_cpu, "machine_busy": run.busy, "locks": run.locks}
         openssl = openssl_rate()
         best = max(r["withdraw_coins_per_s"] for r in results.values())  # type: ignore[index]  # noqa: PLW3301
         print(f"withdrawals through the bank: {best:,.0f} coins/s beside OpenSSL RSA-2048 {openssl:,.0f} sig/s "
@@ -214,17 +307,26 @@ async def run(spends: int, pg: str | None, *, quick: bool = False) -> dict[str, 
     return results
 
 
+def _config(text: str) -> tuple[str, int, int]:
+    db, workers, in_flight = text.split(":")
+    if db not in ("sqlite", "postgresql"):
+        raise argparse.ArgumentTypeError(f"unknown database {db!r}")
+    return db, int(workers), int(in_flight)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spends", type=int, default=400)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--config", action="append", type=_config, metavar="DB:WORKERS:IN_FLIGHT",
+                        help="measure only this configuration, e.g. postgresql:2:32 (repeatable)")
     parser.add_argument("--serve-echo", metavar="URL", help=argparse.SUPPRESS)  # the baseline's own process
     args = parser.parse_args()
     if args.serve_echo:
         asyncio.run(serve_echo(args.serve_echo))
         return 0
-    results = asyncio.run(run(args.spends, args.pg))
+    results = asyncio.run(run(args.spends, args.pg or None, only=args.config))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agents.bench.cli import GOALS, summary
+from agents.bench.cli import GOALS, cpu_table, summary
 
 from .test_bank_cli import m2mpay
 
@@ -51,3 +51,25 @@ def test_summary_judges_ratios_and_memory_against_the_goals() -> None:
     assert "missed" in lines["peak RSS, `user pay`"]  # above its ceiling
     assert "met" in lines["RSS, bank serving idle"]
     assert "audit passed" in lines["population 2 users × 1 vendors"]
+
+
+def test_postgresql_rows_are_judged_on_one_process_and_on_scaling() -> None:
+    def row(workers: int, rate: float) -> dict[str, object]:
+        return {"db": "postgresql", "workers": workers, "in_flight": 32, "bank_req_per_s": rate,
+                "echo_req_per_s": 1000.0, "ratio": rate / 1000, "spends_per_s": rate / 2,
+                "withdraw_coins_per_s": 900.0, "cpu_ms_per_request": {"bank": 0.7, "postgres": 0.3, "other": 0.1},
+                "echo_cpu_ms_per_request": {"echo": 0.3}, "machine_busy": 0.98,
+                "locks": {"samples": 10, "active_per_sample": 2.0, "lock_wait_share": 0.0}}
+
+    results = {"machine": {"cores": 2, "cpu": "test", "python": "3"},
+               "bank": {"postgresql/1w/32": row(1, 550.0), "postgresql/2w/32": row(2, 660.0),
+                        "postgresql/4w/32": row(4, 700.0)}}
+    text = _render(results)
+    lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "met" in lines["bank postgresql, 1 proc, 32 in flight"]  # 0.55 >= 0.50
+    assert "missed" in lines["bank postgresql, 2 proc over 1, 32 in flight"]  # 1.20 < 1.30
+    assert "≥" not in lines["bank postgresql, 4 proc over 1, 32 in flight"]  # shown, not judged
+    console = Console(width=200, record=True)
+    console.print(cpu_table(results))
+    cpu = console.export_text()
+    assert "0.70 (0.30)" in cpu and "0.0%" in cpu

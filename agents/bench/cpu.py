@@ -1,0 +1,120 @@
+"""Where a benchmark's CPU goes, by process: read from ``/proc`` around the timed sections.
+
+A ratio says how far a figure is from its baseline, not what stops it. On a machine whose few
+cores serve the bank, its database, the broker and the load generator at once, the question is
+which of them spends the CPU of one request. :class:`CpuMeter` adds up each group's user and
+system time (``/proc/<pid>/stat``) and the whole machine's busy and idle time (``/proc/stat``)
+over the intervals it is told about. Elsewhere than Linux it measures nothing and says so.
+
+PostgreSQL's group is every ``postgres`` process on the machine: the bench's own backends and
+whatever else the server does meanwhile (its WAL writer, other databases), which is what the
+bank's requests compete with.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["CpuMeter", "children", "named"]
+
+_PROC = Path("/proc")
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _ticks(pid: int) -> int:
+    """User and system time of ``pid`` in clock ticks; 0 once it is gone."""
+    try:
+        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the file)
+
+
+def _machine() -> tuple[int, int]:
+    """(busy, idle) clock ticks of all cores since boot."""
+    values = [int(v) for v in (_PROC / "stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values[:8]) - idle, idle
+
+
+def children(pid: int) -> list[int]:
+    """``pid`` and its descendants (the bank's first process starts its workers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        path = _PROC / str(current) / "task" / str(current) / "children"
+        try:
+            todo += [int(p) for p in path.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def named(command: str) -> list[int]:
+    """Every process whose command name is ``command``."""
+    pids = []
+    for entry in _PROC.iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == command:
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds per group of processes over the intervals between :meth:`start` and :meth:`stop`."""
+
+    groups: Mapping[str, Callable[[], Iterable[int]]]
+    seconds: dict[str, float] = field(default_factory=dict)
+    busy: float = 0.0
+    idle: float = 0.0
+    wall: float = 0.0
+    _mark: tuple[dict[str, dict[int, int]], tuple[int, int], float] | None = None
+
+    @property
+    def available(self) -> bool:
+        return (_PROC / "stat").exists()
+
+    def _read(self) -> dict[str, dict[int, int]]:
+        return {name: {pid: _ticks(pid) for pid in pids()} for name, pids in self.groups.items()}
+
+    def start(self) -> None:
+        if self.available:
+            self._mark = (self._read(), _machine(), time.perf_counter())
+
+    def stop(self) -> None:
+        if self._mark is None:
+            return
+        before, (busy0, idle0), wall0 = self._mark
+        after, (busy1, idle1) = self._read(), _machine()
+        self._mark = None
+        for name, pids in after.items():
+            # Processes that started during the interval count from zero; those that ended
+            # are lost (the groups measured here live through it).
+            spent = sum(ticks - before[name].get(pid, 0) for pid, ticks in pids.items())
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent / _TICK
+        self.busy += (busy1 - busy0) / _TICK
+        self.idle += (idle1 - idle0) / _TICK
+        self.wall += time.perf_counter() - wall0
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        """Milliseconds of CPU per request by group, ``other`` for the rest of the machine's."""
+        if not requests or not self.seconds:
+            return {}
+        shares = {name: 1000 * s / requests for name, s in self.seconds.items()}
+        shares["other"] = max(0.0, 1000 * self.busy / requests - sum(shares.values()))
+        return shares
+
+    @property
+    def utilisation(self) -> float:
+        """The machine's busy share over the intervals (1.0: every core busy all the time)."""
+        total = self.busy + self.idle
+        return self.busy / total if total else 0.0
