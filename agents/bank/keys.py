@@ -36,7 +36,7 @@ from protocol.messages import PURPOSE_ANNOUNCE, KeyDelegation, KeysAnnouncement,
 from protocol.rules.keyring import Keyring
 
 from ..files import create_private, private_dir, write_private
-from .revocation import refuse_revoked, revoked_vendors
+from .revocation import revoked_vendors
 from .store import Store, Tx
 
 __all__ = ["DELEGATION_DAYS", "BankKeys", "add_keyset", "delegate", "init_bank", "load_bank", "load_ca_key",
@@ -80,11 +80,6 @@ class BankKeys:
     def load_ca_key(self) -> Ed25519PrivateKey:
         """The CA's private key, read from disk for one certifying command."""
         return load_ca_key(self.data_dir)
-
-    def refuse_revoked(self, tx: Tx, vendor: str) -> None:
-        """Raise ``revoked`` if ``vendor`` is revoked in the database (which a running bank
-        consults in each block and settlement, so a revocation takes effect at once)."""
-        refuse_revoked(tx, vendor)
 
 
 def load_ca_key(data_dir: Path, path: Path | None = None) -> Ed25519PrivateKey:

@@ -33,9 +33,8 @@ def revoke(tx: Tx, vendor: str, now: int) -> bool:
 
 
 def is_revoked(tx: Tx, vendor: str) -> bool:
-    """Whether the bank revoked ``vendor``."""
-    row = tx.one("SELECT revoked FROM vendors WHERE vendor = ?", (vendor,))
-    return row is not None and row[0] is not None
+    """Whether the bank revoked ``vendor`` (on PostgreSQL read with the coin, in one round trip)."""
+    return tx.vendor_revoked(vendor)
 
 
 def refuse_revoked(tx: Tx, vendor: str) -> None:
