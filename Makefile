@@ -14,7 +14,7 @@ demo: $(STAMP)
 	$(VENV)/bin/m2mpay demo --duration $(DURATION)
 
 test: $(STAMP)
-	$(PY) -m mypy --strict protocol
+	$(PY) -m mypy --strict -p m2mpay.protocol
 	$(PY) -m pytest
 
 # The heavy reliability runs: 1,000 races, 10,000 fuzz inputs per surface, repeated crashes.

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from broker.launcher import Mosquitto, free_port, free_udp_port
+from m2mpay.broker.launcher import Mosquitto, free_port, free_udp_port
 
 from .bank import admin
 from .bank.keys import init_bank, load_bank

@@ -18,10 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol import cose
-from protocol.certificates import verify_announcement
-from protocol.errors import ProtocolError
-from protocol.messages import KeyDelegation, KeysAnnouncement
+from m2mpay.protocol import cose
+from m2mpay.protocol.certificates import verify_announcement
+from m2mpay.protocol.errors import ProtocolError
+from m2mpay.protocol.messages import KeyDelegation, KeysAnnouncement
 
 from .mqtt import BankClient, TlsLogin, TransportError
 

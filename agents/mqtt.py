@@ -35,9 +35,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocol import cose
-from protocol.errors import ProtocolError
-from protocol.messages import is_name
+from m2mpay.protocol import cose
+from m2mpay.protocol.errors import ProtocolError
+from m2mpay.protocol.messages import is_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",

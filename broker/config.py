@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol.messages import OPS, ErrorAnswer, KeysAnnouncement, Message
+from m2mpay.protocol.messages import OPS, ErrorAnswer, KeysAnnouncement, Message
 
 __all__ = [
     "MAX_INFLIGHT_BYTES",

@@ -73,7 +73,7 @@ class Mosquitto:
     bank: str | None = None
     start_timeout: float = 10.0
     tls_dir: Path | None = None
-    """With a PKI from :func:`broker.pki.make_pki`: TLS with client certificates only."""
+    """With a PKI from :func:`m2mpay.broker.pki.make_pki`: TLS with client certificates only."""
     insecure_acl: bool = False
     """Allow ``bank`` without ``tls_dir``: the ACL then trusts claimed usernames (tests only)."""
     process: subprocess.Popen[bytes] | None = None

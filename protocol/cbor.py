@@ -8,7 +8,7 @@ form (shortest arguments, definite lengths, map keys unique and in bytewise orde
 no regex (tag 35), MIME (36), bignum or date objects are ever built from peer input; no floats.
 Size and nesting depth are bounded before any allocation.
 
-Everything wrong with the input raises :class:`~protocol.errors.RemoteProtocolError`.
+Everything wrong with the input raises :class:`~m2mpay.protocol.errors.RemoteProtocolError`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ m2mpay puts a purpose string into ``external_aad`` (e.g. ``b"m2mpay/req/block"``
 signature made for one purpose never verifies for another. A tagged (18) COSE_Sign1 is
 accepted too, for interoperability with general COSE libraries.
 
-Signing and verification are thin: the CBOR goes through :mod:`protocol.cbor`, the curve
+Signing and verification are thin: the CBOR goes through :mod:`m2mpay.protocol.cbor`, the curve
 arithmetic through ``cryptography``'s Ed25519 (OpenSSL).
 """
 

@@ -3,7 +3,7 @@
 A request is a COSE_Sign1 whose ``external_aad`` names the bank and the operation, so a request
 signed for ``settle`` at bank A is worthless as anything else or anywhere else; the same holds
 for answers. An answer's payload is either the operation's answer message or an
-:class:`~protocol.messages.ErrorAnswer`. Every answer, refusals included, is also bound to the
+:class:`~m2mpay.protocol.messages.ErrorAnswer`. Every answer, refusals included, is also bound to the
 SHA-256 digest of the exact request bytes it answers, so a signed answer (or refusal) of one
 request is worthless as the answer to any other. The idempotency key of a request is
 ``(signer, req_id)``; its digest tells an honest retry (same bytes) from a replay under a used key.

@@ -1,7 +1,7 @@
 """A vendor's signed final receipt: what a session came to, provable by the wallet that paid.
 
 The close of a session is answered with a COSE_Sign1 (Ed25519) of a
-:class:`~protocol.messages.FinalReceipt`, signed by the vendor's key — the one its certificate
+:class:`~m2mpay.protocol.messages.FinalReceipt`, signed by the vendor's key — the one its certificate
 names — with ``kid`` = the vendor id and external_aad ``m2mpay/receipt/1``, so no other signature
 of the vendor (a request to the bank) passes as a receipt. The wallet checks it against the
 certificate it checked at the offer and keeps both: together with the bank CA's key they prove

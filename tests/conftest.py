@@ -42,7 +42,7 @@ def pg_database(pg_server: str) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Mosquitto for the test session on a free loopback port; its mqtt:// URL."""
-    from broker.launcher import Mosquitto
+    from m2mpay.broker.launcher import Mosquitto
 
     with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
         yield broker.url

@@ -9,10 +9,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import cose
-from protocol.certificates import issue_certificate
-from protocol.messages import CertificateBody
-from protocol.messages._fields import IDENT
+from m2mpay.protocol import cose
+from m2mpay.protocol.certificates import issue_certificate
+from m2mpay.protocol.messages import CertificateBody
+from m2mpay.protocol.messages._fields import IDENT
 
 from ..files import write_private
 from .audit import AuditReport, audit

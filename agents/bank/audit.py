@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from protocol import hashchain
-from protocol.messages import KeysetInfo
-from protocol.rules.bank import CoinRecord
+from m2mpay.protocol import hashchain
+from m2mpay.protocol.messages import KeysetInfo
+from m2mpay.protocol.rules.bank import CoinRecord
 
 from .store import Store, Tx
 

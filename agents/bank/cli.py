@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from protocol import cose
+from m2mpay.protocol import cose
 
 from ..locks import DirectoryLock
 from ..logs import setup_logging
@@ -167,7 +167,7 @@ def _acl_refused(args: argparse.Namespace) -> bool:
 
 
 def _broker_run(args: argparse.Namespace) -> int:
-    from broker.launcher import Mosquitto
+    from m2mpay.broker.launcher import Mosquitto
 
     if _acl_refused(args) or _crl_missing(args.tls):
         return 2
@@ -191,7 +191,7 @@ def _broker_run(args: argparse.Namespace) -> int:
 
 def _crl_missing(tls: Path | None, on_disk: Path | None = None) -> bool:
     """A PKI from before revocation has no CRL, which the config names: say how to write one."""
-    from broker.pki import CRL_NAME
+    from m2mpay.broker.pki import CRL_NAME
 
     if tls is None or (on_disk or tls).joinpath(CRL_NAME).exists():
         return False
@@ -201,7 +201,7 @@ def _crl_missing(tls: Path | None, on_disk: Path | None = None) -> bool:
 
 
 def _broker_pki(args: argparse.Namespace) -> int:
-    from broker.pki import make_pki
+    from m2mpay.broker.pki import make_pki
 
     if args.dir is None:
         print("m2mpay broker pki: --dir DIR is required", file=sys.stderr)
@@ -212,7 +212,7 @@ def _broker_pki(args: argparse.Namespace) -> int:
 
 
 def _broker_pki_revoke(args: argparse.Namespace) -> int:
-    from broker.pki import CRL_NAME, revoke
+    from m2mpay.broker.pki import CRL_NAME, revoke
 
     if args.dir is None:
         print("m2mpay broker pki revoke: --dir DIR is required", file=sys.stderr)
@@ -228,7 +228,7 @@ _MAIN_CONF_ONLY = ("persistence", "persistence_location")
 
 
 def _broker_config(args: argparse.Namespace) -> int:
-    from broker.config import BrokerConfig, render_acl, render_config
+    from m2mpay.broker.config import BrokerConfig, render_acl, render_config
 
     if _acl_refused(args):
         return 2

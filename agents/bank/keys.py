@@ -7,11 +7,11 @@ directory, so the directory can be moved and commands run from anywhere) and ``k
   nothing else reads it: only ``bank init``, ``bank vendor enroll`` and ``bank delegate`` need it,
   so it can be kept offline. ``ca.pub`` is its public half, which everything else uses.
 - ``announce.key`` and ``delegation.cose``: the online Ed25519 key that signs the keys
-  announcement, and the CA's :class:`~protocol.messages.KeyDelegation` certifying it for a year.
+  announcement, and the CA's :class:`~m2mpay.protocol.messages.KeyDelegation` certifying it for a year.
 - ``answer.key`` (Ed25519, signs answers), ``sealing.key`` (X25519, opens sealed authorizations),
   and one RSA key per keyset (PKCS#8 PEM), which signs coins of that keyset and nothing else.
 
-Every file is written whole with mode 0600 and every directory is 0700 (:mod:`agents.files`).
+Every file is written whole with mode 0600 and every directory is 0700 (:mod:`m2mpay.agents.files`).
 Keyset descriptions, accounts and vendors live in the database.
 """
 
@@ -29,11 +29,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol import blindrsa, cose
-from protocol.certificates import ca_fingerprint, issue_delegation, sign_announcement, verify_delegation
-from protocol.errors import RemoteProtocolError
-from protocol.messages import PURPOSE_ANNOUNCE, KeyDelegation, KeysAnnouncement, KeysetInfo, keyset_id
-from protocol.rules.keyring import Keyring
+from m2mpay.protocol import blindrsa, cose
+from m2mpay.protocol.certificates import ca_fingerprint, issue_delegation, sign_announcement, verify_delegation
+from m2mpay.protocol.errors import RemoteProtocolError
+from m2mpay.protocol.messages import PURPOSE_ANNOUNCE, KeyDelegation, KeysAnnouncement, KeysetInfo, keyset_id
+from m2mpay.protocol.rules.keyring import Keyring
 
 from ..files import create_private, private_dir, write_private
 from .revocation import revoked_vendors

@@ -17,8 +17,8 @@ import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
-from protocol.errors import ErrorCode
-from protocol.messages import OPS
+from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.messages import OPS
 
 from .store import Store
 

@@ -16,7 +16,7 @@ Under load a request often finds every connection busy. It then waits with its f
 and the request that ends on a connection sends that half in the same write as its own
 ``COMMIT``: a busy connection costs about one round trip per transaction, and the hand-over
 costs no extra wake-up. The two functions come from migration 4 and are prepared once per
-connection (:mod:`agents.bank.pgwire` drives the connections).
+connection (:mod:`m2mpay.agents.bank.pgwire` drives the connections).
 
 A read that was not fetched up front cannot be answered on this road: the function says so
 (:class:`NotFetched`), the transaction is rolled back, and the request is done again on the

@@ -3,16 +3,16 @@
 The database is the one list: ``bank vendor revoke`` writes it, the running bank reads it inside
 each block and settlement transaction (a primary-key lookup, so a revocation takes effect at
 once, in every worker), and the running bank republishes its keys announcement with the new list
-(:mod:`agents.bank.server`).
+(:mod:`m2mpay.agents.bank.server`).
 """
 
 from __future__ import annotations
 
 import logging
 
-from protocol import cose
-from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.messages import MAX_REVOKED, CertificateBody
+from m2mpay.protocol import cose
+from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import MAX_REVOKED, CertificateBody
 
 from .store import Tx
 

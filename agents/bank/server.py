@@ -2,7 +2,7 @@
 
 A reconnect loop (jittered exponential backoff) wraps one connection; inside it a TaskGroup runs
 the request handler and the periodic lapse sweep. The handler takes every request that has
-arrived, lets :class:`~agents.bank.service.BankService` answer each, makes their commits durable
+arrived, lets :class:`~m2mpay.agents.bank.service.BankService` answer each, makes their commits durable
 together, and publishes each answer to its request's Response Topic with its Correlation Data.
 
 Where answers go: a Response Topic must be exactly ``m2mpay/{bank}/resp/{name}`` with ``name`` a
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from protocol.messages import is_name
+from m2mpay.protocol.messages import is_name
 
 from ..mqtt import TlsLogin, answer_properties, connect, publish_nowait, response_prefix
 from .keys import BankKeys, reannounce
@@ -131,7 +131,7 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
 
     With one request in flight a batch is that request; under load, the requests that arrived
     during the previous batch's sync share the next one. Answers go to paho without waiting for
-    the broker's PUBACK (see :func:`~agents.mqtt.publish_nowait`).
+    the broker's PUBACK (see :func:`~m2mpay.agents.mqtt.publish_nowait`).
     """
     syncing = 0
 

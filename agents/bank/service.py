@@ -26,10 +26,10 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from protocol import cose, envelope
-from protocol.certificates import CertificateCache
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import (
+from m2mpay.protocol import cose, envelope
+from m2mpay.protocol.certificates import CertificateCache
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import (
     OPS,
     BlockAnswer,
     BlockRequest,
@@ -42,8 +42,8 @@ from protocol.messages import (
     WithdrawAnswer,
     WithdrawRequest,
 )
-from protocol.rules import bank as rules
-from protocol.rules.requests import BlockWindow, verify_block, verify_signed
+from m2mpay.protocol.rules import bank as rules
+from m2mpay.protocol.rules.requests import BlockWindow, verify_block, verify_signed
 
 from .keys import BankKeys
 from .metrics import BankMetrics

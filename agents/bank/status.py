@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from protocol.messages import KeysetInfo
+from m2mpay.protocol.messages import KeysetInfo
 
 from .keys import BankKeys
 from .store import Store, Tx

@@ -5,9 +5,9 @@ database transaction and retries it when a concurrent transaction won a race (a 
 serialization failure). A coin row is locked while it is checked and changed: ``SELECT … FOR
 UPDATE`` on PostgreSQL; on SQLite ``BEGIN IMMEDIATE`` takes the database's single write lock.
 
-SQLite (see :mod:`agents.bank.sqlite`) runs each transaction on the calling thread and makes
+SQLite (see :mod:`m2mpay.agents.bank.sqlite`) runs each transaction on the calling thread and makes
 it durable with a WAL sync shared by the requests in flight; no answer leaves before its commit is
-on disk. PostgreSQL (see :mod:`agents.bank.postgresql`) runs a request that names the rows it
+on disk. PostgreSQL (see :mod:`m2mpay.agents.bank.postgresql`) runs a request that names the rows it
 reads (:class:`Rows`) in two round trips on the event loop, and anything else on a pool of
 threads with a connection each; the server groups the commits that arrive together.
 """
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from protocol.envelope import StoredAnswer
-from protocol.rules.bank import BlockStatus, CoinRecord
+from m2mpay.protocol.envelope import StoredAnswer
+from m2mpay.protocol.rules.bank import BlockStatus, CoinRecord
 
 from .postgresql import Book, NotFetched, PgEngine
 from .schema import DIALECTS, MIGRATIONS, SYSTEM_ACCOUNTS, statements
@@ -212,8 +212,8 @@ def _record(row: tuple[Any, ...]) -> CoinRecord:
 
 class _BufferedTx(Tx):
     """A transaction on PostgreSQL's fast road: it reads only the rows fetched for it and collects
-    its changes into one :class:`~agents.bank.postgresql.Book`; anything else is
-    :class:`~agents.bank.postgresql.NotFetched`, and the transaction goes the general road."""
+    its changes into one :class:`~m2mpay.agents.bank.postgresql.Book`; anything else is
+    :class:`~m2mpay.agents.bank.postgresql.NotFetched`, and the transaction goes the general road."""
 
     def __init__(self, fetched: _Fetched, *, writable: bool) -> None:
         super().__init__(None, "postgresql", fetched)  # never runs SQL: the dialect is moot

@@ -30,7 +30,7 @@ async def _keep_running(argv: Sequence[str], index: int) -> None:
     """Run one worker process, starting it again whenever it exits, until cancelled."""
     pause = 0.5
     while True:
-        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "agents.cli", *argv,
+        process = await asyncio.create_subprocess_exec(sys.executable, "-m", "m2mpay.agents.cli", *argv,
                                                        "--worker-index", str(index), "--parent-pid", str(os.getpid()))
         try:
             code = await process.wait()

@@ -1,14 +1,14 @@
 """Bank throughput through Mosquitto, beside a bare MQTT v5 echo measured in the same run.
 
-    m2mpay bench --only bank   (or: python -m agents.bench.bank) [--spends N] [--pg postgresql://…/postgres]
+    m2mpay bench --only bank   (or: python -m m2mpay.agents.bench.bank) [--spends N] [--pg postgresql://…/postgres]
                                [--config sqlite:1:32 …] [--json FILE]
 
 For each database (SQLite with durable commits; PostgreSQL when reachable), number of bank
 processes and number of requests in flight (:func:`configurations`, or ``--config``), it prints
 bank requests/s — a spend is one ``block`` and one ``settle`` — next to echo requests/s through
 the same broker with the same concurrency and payload size, and the ratio; then the CPU one
-request cost each process (:mod:`agents.bench.cpu`) and, on PostgreSQL, what the bank's
-statements waited for (:mod:`agents.bench.pgwatch`). The echo is answered by its own process,
+request cost each process (:mod:`m2mpay.agents.bench.cpu`) and, on PostgreSQL, what the bank's
+statements waited for (:mod:`m2mpay.agents.bench.pgwatch`). The echo is answered by its own process,
 as the bank is. Withdrawals (coins/s, batches of 32) are printed beside OpenSSL's RSA-2048
 signatures/s. Device-side work (sealing, signing the block) is done before timing.
 """
@@ -32,14 +32,14 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from agents.bank import admin
-from agents.mqtt import BankClient, answer_properties, connect
-from broker.launcher import Mosquitto
+from m2mpay.agents.bank import admin
+from m2mpay.agents.mqtt import BankClient, answer_properties, connect
+from m2mpay.broker.launcher import Mosquitto
 from .cpu import CpuMeter, children, named
 from .pgwatch import LockWatch
 from .world import BANK, BankWorld
-from protocol.messages import BlockAnswer, SettleAnswer, WithdrawAnswer
-from protocol.rules import wallet
+from m2mpay.protocol.messages import BlockAnswer, SettleAnswer, WithdrawAnswer
+from m2mpay.protocol.rules import wallet
 
 IN_FLIGHT = (1, 32)
 ROUNDS = 3
@@ -118,10 +118,10 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
     async with connect(url, f"bench-clear-{secrets.token_hex(3)}") as clear:  # forget an earlier run's keys
         await clear.publish(f"m2mpay/{BANK}/keys", b"", qos=1, retain=True)
     # The bank runs as it is deployed: its own process, so it does not share a GIL with the load.
-    server = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(work / "bank"),
+    server = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(work / "bank"),
                                "--broker", url, "--workers", str(workers)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    echo = subprocess.Popen([sys.executable, "-m", "agents.bench.bank", "--serve-echo", url], stdout=subprocess.PIPE)
+    echo = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.bench.bank", "--serve-echo", url], stdout=subprocess.PIPE)
     clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     echo_clients = [BankClient(url, "echo", f"echo-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
     for c in clients + echo_clients:

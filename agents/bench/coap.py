@@ -1,6 +1,6 @@
 """Payment tokens over CoAP on loopback, beside a bare aiocoap echo measured in the same run.
 
-    m2mpay bench --only pay    (or: python -m agents.bench.coap) [--tokens N]
+    m2mpay bench --only pay    (or: python -m m2mpay.agents.bench.coap) [--tokens N]
 
 One session, one token per ``POST /sessions/{id}/pay`` round trip, each token checked and
 on disk in the vendor's token log (one fdatasync) before its receipt is sent. The
@@ -25,18 +25,18 @@ import aiocoap
 import aiocoap.resource as resource
 from aiocoap.numbers.codes import Code
 
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.server import serve
-from agents.bank.service import BankService
-from agents.mqtt import BankClient
-from agents.vendor.agent import Credentials, VendorAgent
-from agents.vendor.coap import serve_coap
-from agents.vendor.store import VendorStore
-from broker.launcher import Mosquitto, free_udp_port
-from protocol import sealing
-from protocol.certificates import cert_hash
-from protocol.messages import Offer, OpenSession, SessionOpened
-from protocol.rules import wallet
+from m2mpay.agents.bank.keys import init_bank, load_bank
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.bank.service import BankService
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.vendor.agent import Credentials, VendorAgent
+from m2mpay.agents.vendor.coap import serve_coap
+from m2mpay.agents.vendor.store import VendorStore
+from m2mpay.broker.launcher import Mosquitto, free_udp_port
+from m2mpay.protocol import sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.messages import Offer, OpenSession, SessionOpened
+from m2mpay.protocol.rules import wallet
 from .world import BANK, BankWorld, Clock
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import aiocoap
 
-from broker.launcher import Mosquitto, free_port, free_udp_port
+from m2mpay.broker.launcher import Mosquitto, free_port, free_udp_port
 
 from ..bank import admin
 from ..bank.keys import init_bank, load_bank
@@ -63,7 +63,7 @@ async def _settled(vendor_dirs: list[Path], timeout: float) -> None:
 
 
 def _process(*args: str | Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agents.cli", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -72,7 +72,7 @@ def user_pay_peak_kib(wallet: Path, vendor: str, units: int) -> tuple[int, int]:
     probe = ("import resource, subprocess, sys; "
              "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode; "
              "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "agents.cli", "user", "pay",
+    out = subprocess.run([sys.executable, "-c", probe, sys.executable, "-m", "m2mpay.agents.cli", "user", "pay",
                           "--wallet", str(wallet), vendor, "--units", str(units)],
                          capture_output=True, text=True, timeout=120).stdout.split()
     return int(out[0]), int(out[1])

@@ -1,6 +1,6 @@
 """Protocol-core benchmarks, each beside a baseline measured in the same run.
 
-    m2mpay bench --only protocol   (or: python -m agents.bench.protocol) [--quick] [--json FILE]
+    m2mpay bench --only protocol   (or: python -m m2mpay.agents.bench.protocol) [--quick] [--json FILE]
 
 - hash-chain traversal: stored values and worst hashes per token, n = 2^10 … 2^20;
 - blind signatures/s beside OpenSSL's RSA-2048 PSS signatures/s (the ratio);
@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol import blindrsa, cose, hashchain, sealing
-from protocol.rules.keyring import COIN_VARIANT
+from m2mpay.protocol import blindrsa, cose, hashchain, sealing
+from m2mpay.protocol.rules.keyring import COIN_VARIANT
 
 
 def rate(fn: Callable[[], object], seconds: float) -> float:

@@ -16,15 +16,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.bank import admin
-from agents.bank.keys import BankKeys, init_bank, load_bank
-from agents.bank.service import BankService
-from agents.bank.store import Store
-from protocol import envelope, sealing
-from protocol.certificates import cert_hash
-from protocol.messages import BlockAnswer, Message, Offer, OpenSession, SettleAnswer, WithdrawAnswer
-from protocol.rules import wallet
-from protocol.rules.vendor import VendorSession
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import BankKeys, init_bank, load_bank
+from m2mpay.agents.bank.service import BankService
+from m2mpay.agents.bank.store import Store
+from m2mpay.protocol import envelope, sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.messages import BlockAnswer, Message, Offer, OpenSession, SettleAnswer, WithdrawAnswer
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.vendor import VendorSession
 
 NOW = 1_800_000_000
 BANK = "bank-a"

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from protocol.messages import MAX_WITHDRAW_BATCH, is_name
+from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, is_name
 
 __all__ = ["STRATEGIES", "UNLIMITED", "PolicyConfig", "PolicyError"]
 

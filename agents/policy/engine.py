@@ -10,7 +10,7 @@ the decision log as one JSON line.
 
 Money is judged in the coin actually paid with. An offer's price is money per unit, so the price
 ceiling is the same for every coin; what a session costs is its tokens
-(:func:`~protocol.rules.pricing.tokens_owed`, rounded up to whole tokens of the coin, the blocking
+(:func:`~m2mpay.protocol.rules.pricing.tokens_owed`, rounded up to whole tokens of the coin, the blocking
 token included) times that coin's token value, which an :class:`OfferView` carries.
 """
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol.rules.pricing import tokens_owed
+from m2mpay.protocol.rules.pricing import tokens_owed
 
 from .config import PolicyConfig
 

@@ -3,11 +3,11 @@
 Withdrawing checks the bank's keys announcement against the CA fingerprint the device was
 provisioned with and keeps it, so paying needs no bank. Paying: fetch the offer, check the
 vendor's certificate against the bank CA, ask the policy (in the money of the coin it would pay
-with), pick a coin, write ahead, seal, and hand the session to :class:`~agents.user.paying.Payment`,
+with), pick a coin, write ahead, seal, and hand the session to :class:`~m2mpay.agents.user.paying.Payment`,
 which keeps the vendor's signed final receipt (:meth:`UserAgent.receipts`).
 Every policy decision is appended to ``decisions.jsonl`` in the wallet directory; spending and
 withdrawals live in the wallet's database. One process holds a wallet at a time
-(:class:`~agents.user.lock.WalletLock`).
+(:class:`~m2mpay.agents.user.lock.WalletLock`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import envelope, sealing
-from protocol.certificates import cert_hash, verify_announcement, verify_certificate
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import MAX_WITHDRAW_BATCH, CertificateBody, KeysetInfo, Offer, OpenSession, WithdrawAnswer
-from protocol.receipts import verify_receipt
-from protocol.rules import wallet
-from protocol.rules.keyring import Keyring
+from m2mpay.protocol import envelope, sealing
+from m2mpay.protocol.certificates import cert_hash, verify_announcement, verify_certificate
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, CertificateBody, KeysetInfo, Offer, OpenSession, WithdrawAnswer
+from m2mpay.protocol.receipts import verify_receipt
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.keyring import Keyring
 
 from ..files import append_private, private_dir
 from ..mqtt import BankClient
@@ -86,7 +86,7 @@ class UserAgent:
     """One wallet directory and its policy (the conservative default when none is given).
 
     With ``exclusive`` (the default) the wallet is locked for this process until :meth:`close`;
-    a second process gets :class:`~agents.user.errors.WalletBusy`.
+    a second process gets :class:`~m2mpay.agents.user.errors.WalletBusy`.
     """
 
     def __init__(self, directory: Path, policy: PolicyConfig | None = None,
@@ -288,7 +288,7 @@ class UserAgent:
 
         Raises before anything is spent: ``UsageError`` (units not positive), ``PolicyRefusal``,
         a vendor's refusal or ``VendorUnreachable``. Once the blocking token is written ahead the
-        result says how the session ended (:class:`~agents.user.outcome.Stop`), unless the
+        result says how the session ended (:class:`~m2mpay.agents.user.outcome.Stop`), unless the
         session never opened (the refusal or ``VendorUnreachable`` is raised).
         """
         if units < 1:

@@ -1,7 +1,7 @@
 """``m2mpay user …`` commands.
 
 Every command's error goes through one place (:func:`_guarded`): one line on stderr saying what
-happened, and the exit status from :func:`agents.user.errors.exit_status` — usage 2, policy
+happened, and the exit status from :func:`m2mpay.agents.user.errors.exit_status` — usage 2, policy
 refusal 3, bank or vendor refusal 4, unreachable 5, interrupted 130, internal 70. ``user pay``
 exits 0 only when every unit asked for was delivered.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import aiocoap
 
-from protocol import envelope
+from m2mpay.protocol import envelope
 
 from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig

@@ -1,8 +1,8 @@
 """The wallet's CoAP calls: every wait bounded, and aiocoap's errors translated here and only here.
 
-A vendor's error answer becomes a :class:`~protocol.errors.RemoteProtocolError` with the code
+A vendor's error answer becomes a :class:`~m2mpay.protocol.errors.RemoteProtocolError` with the code
 from its CBOR body; no answer in time, or a network error, becomes
-:class:`~agents.user.errors.VendorUnreachable` (with the aiocoap or OS error as its cause).
+:class:`~m2mpay.agents.user.errors.VendorUnreachable` (with the aiocoap or OS error as its cause).
 Nothing else in the wallet sees an aiocoap exception.
 """
 
@@ -16,9 +16,9 @@ import aiocoap
 import aiocoap.error
 from aiocoap.numbers.codes import Code
 
-from protocol import cbor
-from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.messages import Due
+from m2mpay.protocol import cbor
+from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import Due
 
 from .errors import VendorUnreachable
 

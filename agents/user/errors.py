@@ -11,14 +11,14 @@
     └── PaymentIncomplete 3/4/5 a session ran but stopped early; the status is its Stop's
 
 Errors of other layers are mapped in :func:`exit_status` too: a refusal by the bank or a vendor
-(:class:`~protocol.errors.RemoteProtocolError`) is 4, except ``unavailable`` (5); the bank's
-MQTT transport failing (:class:`~agents.mqtt.TransportError`) is 5; an interrupt is 130; a bad
+(:class:`~m2mpay.protocol.errors.RemoteProtocolError`) is 4, except ``unavailable`` (5); the bank's
+MQTT transport failing (:class:`~m2mpay.agents.mqtt.TransportError`) is 5; an interrupt is 130; a bad
 policy or configuration file is 2; anything else is a bug: 70.
 """
 
 from __future__ import annotations
 
-from protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 
 from ..mqtt import TransportError
 from ..policy.config import PolicyError

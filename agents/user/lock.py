@@ -1,5 +1,5 @@
 """One process per wallet: an exclusive lock on ``wallet.lock`` in the wallet directory
-(:class:`~agents.locks.DirectoryLock`).
+(:class:`~m2mpay.agents.locks.DirectoryLock`).
 
 Two processes paying from one wallet each see only the spending the other has already
 committed, so together they could pass a budget that each alone respects. The lock is a

@@ -12,7 +12,7 @@ blocked until ``T``, as the bank does. The close's answer is the vendor's signed
 is kept (with the certificate that names the signing key) only if it verifies against the
 certificate checked at the offer; one that does not counts as a failed close.
 
-How many tokens the units cost is the core's rule (:mod:`protocol.rules.pricing`), the same the
+How many tokens the units cost is the core's rule (:mod:`m2mpay.protocol.rules.pricing`), the same the
 vendor's meter follows: the blocking token is the first token owed.
 """
 
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import aiocoap
 from aiocoap.numbers.codes import Code
 
-from protocol.errors import RemoteProtocolError
-from protocol.messages import CertificateBody, OpenSession, Receipt, SessionOpened
-from protocol.receipts import verify_receipt
-from protocol.rules import wallet
-from protocol.rules.pricing import units_paid
+from m2mpay.protocol.errors import RemoteProtocolError
+from m2mpay.protocol.messages import CertificateBody, OpenSession, Receipt, SessionOpened
+from m2mpay.protocol.receipts import verify_receipt
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.pricing import units_paid
 
 from ..policy.config import PolicyConfig
 from ..policy.engine import Decision, OfferView, PolicyEngine, Spend

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiocoap
 
-from protocol.errors import ProtocolError
+from m2mpay.protocol.errors import ProtocolError
 
 from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig

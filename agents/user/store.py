@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import cbor, cose
-from protocol.messages import Coin, FinalReceipt, WithdrawRequest
-from protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
+from m2mpay.protocol import cbor, cose
+from m2mpay.protocol.messages import Coin, FinalReceipt, WithdrawRequest
+from m2mpay.protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
 
 from ..policy.engine import Spend
 

@@ -1,18 +1,18 @@
 """The vendor's logic between CoAP and the bank: offers, sessions, tokens, settlements.
 
-The rules are the core's (:mod:`protocol.rules.vendor`, :mod:`protocol.rules.settlement`): the
+The rules are the core's (:mod:`m2mpay.protocol.rules.vendor`, :mod:`m2mpay.protocol.rules.settlement`): the
 agent moves bytes, writes what the core hands it before committing it, and starts the attempts
 the core says are due. Transports stay outside: the CoAP resources call :class:`VendorAgent` with
-decoded messages; the agent talks to the bank through a :class:`~agents.mqtt.BankClient`, which
-raises only our :class:`~agents.mqtt.TransportError`. :meth:`VendorAgent._exchange` is where an
+decoded messages; the agent talks to the bank through a :class:`~m2mpay.agents.mqtt.BankClient`, which
+raises only our :class:`~m2mpay.agents.mqtt.TransportError`. :meth:`VendorAgent._exchange` is where an
 exchange's outcome becomes the core's input: the bank's verified answer, its signed refusal, or
-:class:`~protocol.rules.settlement.NoAnswer` (a transport failure, or an answer that does not
+:class:`~m2mpay.protocol.rules.settlement.NoAnswer` (a transport failure, or an answer that does not
 verify) — never final.
 
 Settlements run in the background (:meth:`VendorAgent.tend`, called by the settler): a close
 writes the final settlement to the outbox, starts its first attempt and waits at most
 ``close_wait`` for it; the user gets the final receipt signed by the vendor's certified key
-(:mod:`protocol.receipts`), ``pending`` while the bank has not answered.
+(:mod:`m2mpay.protocol.receipts`), ``pending`` while the bank has not answered.
 After a restart :meth:`VendorAgent.restore` reads back the sessions still open or closing; those
 left open are closed at once.
 """
@@ -30,9 +30,9 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import envelope
-from protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
-from protocol.messages import (
+from m2mpay.protocol import envelope
+from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import (
     BlockAnswer,
     Due,
     FinalReceipt,
@@ -45,10 +45,10 @@ from protocol.messages import (
     SettleAnswer,
     StatusAnswer,
 )
-from protocol.receipts import sign_receipt
-from protocol.rules.keyring import Keyring
-from protocol.rules.settlement import NoAnswer, RetryPolicy, Settlement, SettlementEvent, SettlementState
-from protocol.rules.vendor import Change, SessionEvent, SessionState, VendorSession
+from m2mpay.protocol.receipts import sign_receipt
+from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.settlement import NoAnswer, RetryPolicy, Settlement, SettlementEvent, SettlementState
+from m2mpay.protocol.rules.vendor import Change, SessionEvent, SessionState, VendorSession
 
 from ..mqtt import BankClient, TransportError
 from .config import VendorConfig
@@ -93,7 +93,7 @@ class VendorAgent:
     monotonic: Callable[[], float] = time.monotonic
     """The clock retries are scheduled on (``clock`` is protocol time, in which ``T`` is)."""
     draw: Callable[[], float] = random.random
-    """Spreads retries in time (see :class:`~protocol.rules.settlement.RetryPolicy`)."""
+    """Spreads retries in time (see :class:`~m2mpay.protocol.rules.settlement.RetryPolicy`)."""
     unanswered: int = 0
     """Settlement attempts (and status queries) that got no usable answer, since start."""
     offers: OfferBook = field(init=False, repr=False)

@@ -26,7 +26,7 @@ from aiocoap.blockwise import ContinueException, IncompleteException
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.optiontypes import BlockOption
 
-from protocol.errors import ErrorCode
+from m2mpay.protocol.errors import ErrorCode
 
 from .limits import CoapError, CoapLimits, peer_of
 

@@ -1,12 +1,12 @@
-"""The vendor's CoAP site: small resources over :class:`~agents.vendor.agent.VendorAgent`.
+"""The vendor's CoAP site: small resources over :class:`~m2mpay.agents.vendor.agent.VendorAgent`.
 
 Every body is CBOR (content-format 60). Bad input — wrong content-format, oversize or malformed
 CBOR, unknown session, a wrong or late token — is answered with a 4.xx and a CBOR error body
 ``{code, message}``; anything unexpected becomes aiocoap's bare 5.00 (nothing internal leaks).
 
-What a peer can make the vendor hold is bounded (:class:`~agents.vendor.limits.CoapLimits`):
+What a peer can make the vendor hold is bounded (:class:`~m2mpay.agents.vendor.limits.CoapLimits`):
 observers (:mod:`.watchers`), block-wise transfers (:mod:`.blockwise`) and requests waiting for
-the bank (:class:`~agents.vendor.limits.Gate`); offers hold nothing (:mod:`.offers`).
+the bank (:class:`~m2mpay.agents.vendor.limits.Gate`); offers hold nothing (:mod:`.offers`).
 :meth:`VendorSite.held` says how much is held right now.
 """
 
@@ -24,8 +24,8 @@ import aiocoap.resource as resource
 from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Message, OpenSession, Pay
+from m2mpay.protocol.errors import ErrorCode, ProtocolError
+from m2mpay.protocol.messages import Message, OpenSession, Pay
 
 from .agent import VendorAgent
 from .blockwise import Blocks
@@ -257,7 +257,7 @@ async def serve_coap(agent: VendorAgent, host: str = "::1", port: int = 5683,
                      limits: CoapLimits | None = None) -> AsyncIterator[aiocoap.Context]:
     """One aiocoap server context for the process, shut down on exit.
 
-    A port that cannot be bound (or a failing shutdown) raises :class:`~agents.mqtt.TransportError`.
+    A port that cannot be bound (or a failing shutdown) raises :class:`~m2mpay.agents.mqtt.TransportError`.
     """
     site = build_site(agent, limits)
     with coap_seam(f"CoAP server on [{host}]:{port}"):

@@ -67,7 +67,7 @@ class Pricing:
     """What is sold and at what price.
 
     ``price`` is money per unit (minor units); each coin pays it in its own tokens, rounded up
-    to a whole token (:func:`protocol.rules.pricing.tokens_owed`).
+    to a whole token (:func:`m2mpay.protocol.rules.pricing.tokens_owed`).
     """
 
     service: str = "service"

@@ -22,8 +22,8 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.util import hostportsplit
 
-from protocol.errors import ErrorCode
-from protocol.messages import ErrorAnswer
+from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.messages import ErrorAnswer
 
 __all__ = ["CBOR", "CoapError", "CoapLimits", "Gate", "peer_of"]
 

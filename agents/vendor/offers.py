@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from protocol import cbor
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import Offer
+from m2mpay.protocol import cbor
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import Offer
 
 __all__ = ["MAX_REMEMBERED", "OFFER_TTL", "OfferBook", "Terms", "offer_secret"]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol.certificates import verify_announcement
-from protocol.rules.keyring import Keyring
-from protocol.rules.vendor import SessionState
+from m2mpay.protocol.certificates import verify_announcement
+from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.vendor import SessionState
 
 from ..mqtt import BankClient, TlsLogin
 from .agent import Credentials, VendorAgent

@@ -1,7 +1,7 @@
 """The vendor's durable memory: sessions, the last token of each, and a settlement outbox.
 
 A token is on disk before its receipt leaves the device, so a crash never loses a token the user
-was told we hold: it goes to the token log (:mod:`agents.vendor.tokenlog`, one ``fdatasync``
+was told we hold: it goes to the token log (:mod:`m2mpay.agents.vendor.tokenlog`, one ``fdatasync``
 of a preallocated file), which is folded into the session rows (SQLite, WAL,
 ``synchronous=FULL``) when it fills, before sessions are read, and when the store opens. A
 settlement is written to the outbox as the exact signed bytes before it is sent, in the same

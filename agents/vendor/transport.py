@@ -1,9 +1,9 @@
 """The vendor's CoAP side as a transport: where aiocoap's and the socket's errors become ours.
 
 The CoAP server answers peers through aiocoap; what aiocoap (or the socket under it) raises while
-the vendor binds, shuts down or pushes a notification becomes :class:`~agents.mqtt.TransportError`
+the vendor binds, shuts down or pushes a notification becomes :class:`~m2mpay.agents.mqtt.TransportError`
 here, the foreign error as its ``__cause__``, so no agent logic ever sees an aiocoap exception.
-(The bank side has its seam in :mod:`agents.mqtt`.)
+(The bank side has its seam in :mod:`m2mpay.agents.mqtt`.)
 """
 
 from __future__ import annotations

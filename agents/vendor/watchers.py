@@ -14,8 +14,8 @@ from typing import Any
 import aiocoap
 from aiocoap.numbers.codes import Code
 
-from protocol.errors import ErrorCode
-from protocol.messages import Due
+from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.messages import Due
 
 from .limits import CBOR, CoapError, CoapLimits
 from .transport import coap_seam

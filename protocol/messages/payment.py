@@ -18,7 +18,7 @@ class Offer(Message):
     unit: str = field(Text(16, min_len=1))
     price: int = field(UInt(1 << 20, minimum=1))
     """Money per unit of service, in minor units; the tokens owed follow from the coin's token value
-    (:func:`protocol.rules.pricing.tokens_owed`)."""
+    (:func:`m2mpay.protocol.rules.pricing.tokens_owed`)."""
     deadline: int = field(TIME)
     nonce: bytes = field(NONCE)
     bank: str = field(IDENT)

@@ -3,7 +3,7 @@
 A settlement (the final one of a session, or a checkpoint) is written to the outbox as the exact
 signed bytes before it is first sent, and is sent again, same bytes, until the bank answers it or
 refuses it for good. Nothing the network does is final: a transport failure, an answer that does
-not verify and the bank's own trouble (a refusal that is not :attr:`~protocol.envelope.Refusal.final`)
+not verify and the bank's own trouble (a refusal that is not :attr:`~m2mpay.protocol.envelope.Refusal.final`)
 are all :class:`NoAnswer`, and only put the entry back in the queue with a longer wait.
 
 ::
@@ -17,7 +17,7 @@ are all :class:`NoAnswer`, and only put the entry back in the queue with a longe
     any live state ──SUPERSEDE──► SUPERSEDED (a checkpoint the session's final settlement covers)
 
 Past the deadline ``T`` the bank has let the block lapse, and a late settlement is accepted only
-while nobody has blocked the coin since (:func:`protocol.rules.bank.apply_settle`). So a final
+while nobody has blocked the coin since (:func:`m2mpay.protocol.rules.bank.apply_settle`). So a final
 settlement that is due after ``T`` first asks the bank for the coin's status (``CHECK``):
 :func:`after_status` turns the answer into ``LATE_OK`` (send it) or ``LATE_REFUSED`` (the rules
 refuse it, and it never reached the bank: nothing to learn by sending it).
@@ -26,7 +26,7 @@ Durable outcomes (``ANSWER``, ``REFUSAL``, ``LATE_REFUSED``, ``SUPERSEDE``) are 
 session computes the next state with :meth:`Settlement.after`, the agent writes it, and only then
 :meth:`Settlement.move` applies it. The others (``SEND``, ``CHECK``, ``NO_ANSWER``, ``LATE_OK``)
 concern the attempt in flight and are never written. A pair missing from :data:`TRANSITIONS`
-raises :class:`~protocol.errors.LocalProtocolError` and leaves the entry in ``ERROR``.
+raises :class:`~m2mpay.protocol.errors.LocalProtocolError` and leaves the entry in ``ERROR``.
 
 Times: ``now`` is protocol time (Unix seconds, what ``T`` is measured in); ``mono`` is the
 agent's monotonic clock, in which waits are scheduled (a wait is a duration, whatever the clock).

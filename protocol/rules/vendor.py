@@ -17,7 +17,7 @@ it was: no state to restore). Only one change is pending at a time. Which change
   superseded in it;
 - a settlement's outcome (``CHECKPOINTED``, ``SETTLED``, ``SETTLEMENT_REFUSED``, ``FORFEIT``).
 
-Every settlement is an outbox entry (:class:`~protocol.rules.settlement.Settlement`) sent until
+Every settlement is an outbox entry (:class:`~m2mpay.protocol.rules.settlement.Settlement`) sent until
 the bank answers it or refuses it for good; the network's failures are never final. Ending a
 session needs no answer from the bank: once the final settlement is written the session is
 ``CLOSING`` (the tokens are the vendor's), and its receipt says ``pending`` until the bank answers.
@@ -349,7 +349,7 @@ class VendorSession:
     def due(self, units: int, reason: str) -> Due:
         """The meter counted ``units`` more units of service; returns the Observe notification.
 
-        It asks for ``tokens_owed(units so far) − tokens paid`` (:mod:`protocol.rules.pricing`).
+        It asks for ``tokens_owed(units so far) − tokens paid`` (:mod:`m2mpay.protocol.rules.pricing`).
         """
         if units < 0:
             raise LocalProtocolError("units of service are not negative")

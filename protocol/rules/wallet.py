@@ -98,7 +98,7 @@ class WalletCoin:
 
     def tokens_for(self, units: int, price: int) -> int:
         """Tokens of this coin that pay for ``units`` units at ``price`` (money per unit), the
-        blocking token included: the vendor's own rule (:func:`~protocol.rules.pricing.tokens_owed`)."""
+        blocking token included: the vendor's own rule (:func:`~m2mpay.protocol.rules.pricing.tokens_owed`)."""
         return tokens_owed(units, price, self.token_value)
 
     def available(self, now: int) -> bool:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.service import BankService
-from agents.bench.world import BANK, NOW, BankWorld, Clock, Device, Send
+from m2mpay.agents.bank.keys import init_bank, load_bank
+from m2mpay.agents.bank.service import BankService
+from m2mpay.agents.bench.world import BANK, NOW, BankWorld, Clock, Device, Send
 
 __all__ = ["BANK", "NOW", "BankWorld", "Clock", "Device", "Send"]
 

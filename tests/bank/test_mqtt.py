@@ -16,14 +16,14 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.mqtt import BankClient, broker_address
-from broker.launcher import Mosquitto
-from protocol.certificates import verify_announcement
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import BlockAnswer, WithdrawAnswer
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.mqtt import BankClient, broker_address
+from m2mpay.broker.launcher import Mosquitto
+from m2mpay.protocol.certificates import verify_announcement
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import BlockAnswer, WithdrawAnswer
+from m2mpay.protocol.rules import wallet
 
 from .conftest import BANK, BankWorld
 
@@ -176,7 +176,7 @@ async def test_broker_restart_bank_and_device_reconnect(world: BankWorld, tmp_pa
 
 
 async def test_prometheus_metrics(world: BankWorld, mosquitto: str) -> None:
-    from broker.launcher import free_port
+    from m2mpay.broker.launcher import free_port
 
     port = free_port()
     ready = asyncio.Event()

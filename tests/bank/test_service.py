@@ -10,11 +10,11 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.bank import admin
-from protocol import cbor, cose
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import BlockAnswer, BlockRequest, StatusAnswer, StatusRequest
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.protocol import cbor, cose
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import BlockAnswer, BlockRequest, StatusAnswer, StatusRequest
+from m2mpay.protocol.rules import wallet
 
 from .conftest import BankWorld
 
@@ -145,8 +145,8 @@ async def test_key_files_are_private(world: BankWorld) -> None:
 
 
 async def test_retired_keyset_is_refused_for_withdrawal(world: BankWorld) -> None:
-    from agents.bank.keys import load_bank, retire_keyset
-    from agents.bank.service import BankService
+    from m2mpay.agents.bank.keys import load_bank, retire_keyset
+    from m2mpay.agents.bank.service import BankService
 
     user = world.user("alice")
     retired = world.keyset

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank.sqlite import SqliteEngine
-from agents.bank.store import Store, StoreError, Tx
+from m2mpay.agents.bank.sqlite import SqliteEngine
+from m2mpay.agents.bank.store import Store, StoreError, Tx
 
 
 def _insert(name: str):  # type: ignore[no-untyped-def]

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank import admin
-from agents.bank.keys import retire_keyset
-from agents.bank.status import bank_status
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import retire_keyset
+from m2mpay.agents.bank.status import bank_status
+from m2mpay.protocol.rules import wallet
 
 from ..cli.test_bank_cli import m2mpay
 from .conftest import BankWorld

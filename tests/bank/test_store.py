@@ -11,12 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agents.bank import store as store_module
-from agents.bank.schema import MIGRATIONS, statements
-from agents.bank.store import Rows, Store, Tx
-from protocol.envelope import StoredAnswer
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.rules.bank import BlockStatus, CoinRecord
+from m2mpay.agents.bank import store as store_module
+from m2mpay.agents.bank.schema import MIGRATIONS, statements
+from m2mpay.agents.bank.store import Rows, Store, Tx
+from m2mpay.protocol.envelope import StoredAnswer
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.rules.bank import BlockStatus, CoinRecord
 
 
 def _coin(tip: bytes, position: int = 100) -> CoinRecord:
@@ -198,7 +198,7 @@ def test_commits_are_synchronous_even_where_the_server_default_is_off(pg_databas
 
 @pytest.mark.asyncio
 async def test_wire_parameters_and_results_survive_quotes_backslashes_and_nulls(pg_database: str) -> None:
-    from agents.bank.pgwire import BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, Wire
+    from m2mpay.agents.bank.pgwire import BYTEA, BYTEA_ARRAY, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY, Wire
 
     conn = await psycopg.AsyncConnection.connect(pg_database, autocommit=True)
     wire = Wire(conn.pgconn, owner=conn)

@@ -20,8 +20,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from broker.launcher import Mosquitto
-from broker.pki import make_pki
+from m2mpay.broker.launcher import Mosquitto
+from m2mpay.broker.pki import make_pki
 
 __all__ = ["WAIT", "TlsClient", "broker_rss_kib", "pki", "tls_login"]
 

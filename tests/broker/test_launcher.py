@@ -9,7 +9,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.launcher import Mosquitto
+from m2mpay.broker.launcher import Mosquitto
 
 pytestmark = pytest.mark.network
 

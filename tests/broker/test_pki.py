@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.cli import main
-from broker.launcher import Mosquitto
-from broker.pki import make_pki, revoke
+from m2mpay.agents.cli import main
+from m2mpay.broker.launcher import Mosquitto
+from m2mpay.broker.pki import make_pki, revoke
 from tests.broker.clients import WAIT, TlsClient
 
 pytestmark = pytest.mark.network

@@ -10,8 +10,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker.launcher import Mosquitto
-from broker.pki import make_pki
+from m2mpay.broker.launcher import Mosquitto
+from m2mpay.broker.pki import make_pki
 from tests.broker.clients import WAIT, TlsClient, tls_login
 
 pytestmark = pytest.mark.network
@@ -66,10 +66,10 @@ async def test_bank_and_device_over_tls(tmp_path: Path) -> None:
     import contextlib
     import os
 
-    from agents.bank.keys import init_bank, load_bank
-    from agents.bank.server import serve
-    from agents.bank.service import BankService
-    from agents.mqtt import BankClient, TlsLogin
+    from m2mpay.agents.bank.keys import init_bank, load_bank
+    from m2mpay.agents.bank.server import serve
+    from m2mpay.agents.bank.service import BankService
+    from m2mpay.agents.mqtt import BankClient, TlsLogin
 
     pki = tmp_path / "pki"
     make_pki(pki, ("bank", "meter-1"))

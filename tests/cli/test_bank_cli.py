@@ -13,7 +13,7 @@ import pytest
 
 
 def m2mpay(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "agents.cli", *map(str, args)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)], capture_output=True, text=True,
                             timeout=120, cwd=cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"m2mpay {args} failed: {result.stdout}{result.stderr}")
@@ -67,19 +67,19 @@ def test_broker_run_and_bank_serve_as_processes(tmp_path: Path) -> None:
     import re
     import signal
 
-    from agents.mqtt import BankClient
-    from protocol.certificates import verify_announcement
+    from m2mpay.agents.mqtt import BankClient
+    from m2mpay.protocol.certificates import verify_announcement
 
     data = tmp_path / "bank"
     m2mpay("bank", "init", "--data", data, "--bank", "bank-p")
     m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
-    broker = subprocess.Popen([sys.executable, "-m", "agents.cli", "broker", "run", "--data", tmp_path / "mq"],
+    broker = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "broker", "run", "--data", tmp_path / "mq"],
                               stdout=subprocess.PIPE, text=True)
     bank = None
     try:
         assert broker.stdout is not None
         url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
-        bank = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+        bank = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(data),
                                  "--broker", url, "--log-json"], stderr=subprocess.PIPE, text=True)
         fingerprint = json.loads((tmp_path / "alice.json").read_text())["ca_fingerprint"]
 
@@ -123,10 +123,10 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
     import signal
     import time
 
-    from agents.mqtt import BankClient
-    from protocol.certificates import verify_announcement
-    from protocol.messages import WithdrawAnswer
-    from protocol.rules import wallet
+    from m2mpay.agents.mqtt import BankClient
+    from m2mpay.protocol.certificates import verify_announcement
+    from m2mpay.protocol.messages import WithdrawAnswer
+    from m2mpay.protocol.rules import wallet
     from tests.bank.conftest import Device
 
     data = tmp_path / "bank"
@@ -136,12 +136,12 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
     creds = json.loads((tmp_path / "alice.json").read_text())
 
     def start() -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+        return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(data),
                                  "--broker", mosquitto, "--workers", "2"], stderr=subprocess.DEVNULL, text=True)
 
     async def withdraw_many() -> int:
-        from protocol import envelope
-        from protocol.rules.keyring import Keyring
+        from m2mpay.protocol import envelope
+        from m2mpay.protocol.rules.keyring import Keyring
 
         key = Device.load(tmp_path / "alice.json").key
         async with BankClient(mosquitto, "bank-w", f"alice-{time.monotonic_ns()}") as client:

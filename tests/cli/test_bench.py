@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from agents.bench.cli import GOALS, cpu_table, summary
+from m2mpay.agents.bench.cli import GOALS, cpu_table, summary
 
 from .test_bank_cli import m2mpay
 

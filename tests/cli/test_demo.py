@@ -11,7 +11,7 @@ import pytest
 
 @pytest.mark.network
 def test_demo_runs_and_balances() -> None:
-    result = subprocess.run([sys.executable, "-m", "agents.cli", "demo", "--duration", "3"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "m2mpay.agents.cli", "demo", "--duration", "3"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "audit passed" in result.stdout

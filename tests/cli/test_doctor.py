@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank.server import serve
-from agents.doctor import run_doctor
-from broker.launcher import free_port
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.doctor import run_doctor
+from m2mpay.broker.launcher import free_port
 
 from ..bank.conftest import BankWorld
 from .test_bank_cli import m2mpay

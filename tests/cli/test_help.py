@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from agents.cli import build_parser
+from m2mpay.agents.cli import build_parser
 
 
 def _undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import free_port
+from m2mpay.broker.launcher import free_port
 
 from .test_bank_cli import m2mpay
 
-_CLI = [sys.executable, "-m", "agents.cli"]
+_CLI = [sys.executable, "-m", "m2mpay.agents.cli"]
 
 
 def _one_line(stderr: str) -> str:
@@ -117,7 +117,7 @@ def test_bank_mistakes_get_one_line(tmp_path: Path, args: list[str], status: int
 def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     """`m2mpay bank keys … | head -c 1` used to end in a BrokenPipeError traceback."""
-    from agents.cli import main
+    from m2mpay.agents.cli import main
 
     bank = tmp_path / "bank"
     m2mpay("bank", "init", "--data", bank)

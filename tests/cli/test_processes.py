@@ -39,7 +39,7 @@ class Town:
 
 
 def _process(*args: str | Path, **options: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "agents.cli", *map(str, args)], text=True,
+    return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)], text=True,
                             **options)  # type: ignore[call-overload]
 
 

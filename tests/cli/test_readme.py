@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import free_port, free_udp_port
+from m2mpay.broker.launcher import free_port, free_udp_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.launcher import find_mosquitto, free_port, free_udp_port
+from m2mpay.broker.launcher import find_mosquitto, free_port, free_udp_port
 
 from .sandbox import Host
 

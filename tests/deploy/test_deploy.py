@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.user.run import RunConfig
-from agents.vendor.config import VendorConfig
+from m2mpay.agents.user.run import RunConfig
+from m2mpay.agents.vendor.config import VendorConfig
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.policy.config import PolicyConfig, PolicyError
-from agents.policy.engine import CoinView, OfferView, PolicyEngine, Spend
+from m2mpay.agents.policy.config import PolicyConfig, PolicyError
+from m2mpay.agents.policy.engine import CoinView, OfferView, PolicyEngine, Spend
 
 NOW = 1_800_000_000
 POLICY = PolicyConfig.from_dict({

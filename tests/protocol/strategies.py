@@ -7,8 +7,8 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from protocol.messages import MAX_TOKENS, KeysetInfo, Message, keyset_id
-from protocol.messages._schema import Bool, Bytes, Kind, ListOf, Nested, Optional, Text, UInt
+from m2mpay.protocol.messages import MAX_TOKENS, KeysetInfo, Message, keyset_id
+from m2mpay.protocol.messages._schema import Bool, Bytes, Kind, ListOf, Nested, Optional, Text, UInt
 
 _IDENT = "abcdefghijklmnopqrstuvwxyz0123456789-_."
 

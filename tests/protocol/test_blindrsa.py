@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import blindrsa
-from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from m2mpay.protocol import blindrsa
+from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 VECTORS: list[dict[str, Any]] = json.loads((Path(__file__).parent.parent / "data" / "rfc9474.json").read_text())
 

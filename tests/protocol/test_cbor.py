@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor
-from protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol import cbor
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**64), 2**64 - 1) | st.binary(max_size=40)

@@ -7,8 +7,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cwt import COSE, COSEKey
 
-from protocol import cose
-from protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol import cose
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 

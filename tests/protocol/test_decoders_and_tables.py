@@ -10,12 +10,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import certificates, cose, envelope, sealing
-from protocol.errors import ProtocolError, RemoteProtocolError
-from protocol.messages import BlockAnswer, Offer, Pay
-from protocol.rules import bank, wallet
-from protocol.rules.vendor import TRANSITIONS as VENDOR_TRANSITIONS
-from protocol.rules.vendor import SessionEvent, SessionState, VendorSession
+from m2mpay.protocol import certificates, cose, envelope, sealing
+from m2mpay.protocol.errors import ProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import BlockAnswer, Offer, Pay
+from m2mpay.protocol.rules import bank, wallet
+from m2mpay.protocol.rules.vendor import TRANSITIONS as VENDOR_TRANSITIONS
+from m2mpay.protocol.rules.vendor import SessionEvent, SessionState, VendorSession
 
 CA = Ed25519PrivateKey.generate()
 SEAL = X25519PrivateKey.generate()
@@ -117,7 +117,7 @@ def test_closed_session_refuses_payment() -> None:
 
 
 def test_certificate_cache_checks_validity_every_time() -> None:
-    from protocol.messages import CertificateBody
+    from m2mpay.protocol.messages import CertificateBody
 
     body = CertificateBody(bank="bank", vendor="v", account="a", name="V", category="c", key=os.urandom(32),
                            nbf=100, exp=200)

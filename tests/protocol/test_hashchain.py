@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor, hashchain
-from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from m2mpay.protocol import cbor, hashchain
+from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 SEED = bytes(range(32))
 STRATEGIES = [hashchain.NaiveTraversal, hashchain.CheckpointTraversal, hashchain.PebbleTraversal]

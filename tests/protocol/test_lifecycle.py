@@ -14,10 +14,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import envelope, hashchain, sealing
-from protocol.certificates import issue_certificate
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import (
+from m2mpay.protocol import envelope, hashchain, sealing
+from m2mpay.protocol.certificates import issue_certificate
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import (
     Authorization,
     BlockAnswer,
     BlockRequest,
@@ -30,9 +30,9 @@ from protocol.messages import (
     StatusRequest,
     WithdrawAnswer,
 )
-from protocol.rules import wallet
-from protocol.rules.keyring import Keyring
-from protocol.rules.vendor import SessionState, VendorSession
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.vendor import SessionState, VendorSession
 
 from .world import BANK, NOW, MemoryBank, Vendor, det_rng, make_keyset
 

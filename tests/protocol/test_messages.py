@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import cbor, messages
-from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from protocol.messages import Coin, Message, Pay
+from m2mpay.protocol import cbor, messages
+from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import Coin, Message, Pay
 
 from .strategies import for_message
 

@@ -1,6 +1,6 @@
 """Prices are money: one function of the core says how many tokens a number of units costs.
 
-The vendor asks for what :func:`~protocol.rules.pricing.tokens_owed` says after each metered unit
+The vendor asks for what :func:`~m2mpay.protocol.rules.pricing.tokens_owed` says after each metered unit
 and the wallet pays exactly that much for the units it buys; the blocking token is the first
 token owed. Pure: the vendor's session and the bank's rules back to back, no I/O.
 """
@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol.errors import LocalProtocolError
-from protocol.rules import wallet
-from protocol.rules.pricing import tokens_owed, units_paid
-from protocol.rules.vendor import VendorSession
+from m2mpay.protocol.errors import LocalProtocolError
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.pricing import tokens_owed, units_paid
+from m2mpay.protocol.rules.vendor import VendorSession
 
 from .test_lifecycle import authorize, block, make_offer, settle, withdraw
 from .world import NOW, MemoryBank, make_keyset

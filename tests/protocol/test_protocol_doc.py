@@ -10,8 +10,8 @@ import os
 import re
 from pathlib import Path
 
-import protocol.messages as messages
-from protocol.messages import cddl
+import m2mpay.protocol.messages as messages
+from m2mpay.protocol.messages import cddl
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 _SECTION = re.compile(r"(<!-- cddl:begin -->\n)(.*?)(<!-- cddl:end -->)", re.S)

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from protocol import cose
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import CertificateBody, FinalReceipt
-from protocol.receipts import AAD_RECEIPT, sign_receipt, verify_receipt
+from m2mpay.protocol import cose
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import CertificateBody, FinalReceipt
+from m2mpay.protocol.receipts import AAD_RECEIPT, sign_receipt, verify_receipt
 
 from .world import BANK, NOW
 

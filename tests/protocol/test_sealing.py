@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol import sealing
-from protocol.errors import RemoteProtocolError
+from m2mpay.protocol import sealing
+from m2mpay.protocol.errors import RemoteProtocolError
 
 KEY = X25519PrivateKey.generate()
 INFO = sealing.info_for_bank("bank-a")

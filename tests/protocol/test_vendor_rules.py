@@ -17,12 +17,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocol import envelope, hashchain
-from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from protocol.messages import Pay, SettleAnswer, StatusAnswer
-from protocol.rules import wallet
-from protocol.rules.settlement import TRANSITIONS as ENTRY_TRANSITIONS
-from protocol.rules.settlement import (
+from m2mpay.protocol import envelope, hashchain
+from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from m2mpay.protocol.messages import Pay, SettleAnswer, StatusAnswer
+from m2mpay.protocol.rules import wallet
+from m2mpay.protocol.rules.settlement import TRANSITIONS as ENTRY_TRANSITIONS
+from m2mpay.protocol.rules.settlement import (
     NoAnswer,
     RetryPolicy,
     Settlement,
@@ -31,7 +31,7 @@ from protocol.rules.settlement import (
     after_status,
     retry_delay,
 )
-from protocol.rules.vendor import TRANSITIONS, Change, SessionEvent, SessionState, VendorSession
+from m2mpay.protocol.rules.vendor import TRANSITIONS, Change, SessionEvent, SessionState, VendorSession
 
 from .test_lifecycle import T, authorize, bank, block, make_offer, open_session, rsa_keys, withdraw  # noqa: F401
 from .world import BANK, NOW, MemoryBank, Vendor

@@ -15,16 +15,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from protocol import blindrsa, cose, envelope, hashchain
-from protocol.certificates import (
+from m2mpay.protocol import blindrsa, cose, envelope, hashchain
+from m2mpay.protocol.certificates import (
     ca_fingerprint,
     issue_certificate,
     issue_delegation,
     sign_announcement,
     verify_announcement,
 )
-from protocol.errors import RemoteProtocolError
-from protocol.messages import (
+from m2mpay.protocol.errors import RemoteProtocolError
+from m2mpay.protocol.messages import (
     OPS,
     BlockAnswer,
     CertificateBody,
@@ -41,9 +41,9 @@ from protocol.messages import (
     WithdrawRequest,
     keyset_id,
 )
-from protocol.rules import bank as rules
-from protocol.rules.keyring import Keyring
-from protocol.rules.requests import BlockWindow, verify_block, verify_signed
+from m2mpay.protocol.rules import bank as rules
+from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.requests import BlockWindow, verify_block, verify_signed
 
 NOW = 1_800_000_000
 BANK = "bank-a"

@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.launcher import free_port, free_udp_port
+from m2mpay.broker.launcher import free_port, free_udp_port
 
 
 @dataclass

@@ -9,11 +9,11 @@ import os
 import gmpy2
 import pytest
 
-from agents.bench.world import BankWorld
-from protocol import blindrsa, cbor, cose
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import BlockRequest, Coin, WithdrawAnswer, WithdrawRequest
-from protocol.rules import wallet
+from m2mpay.agents.bench.world import BankWorld
+from m2mpay.protocol import blindrsa, cbor, cose
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import BlockRequest, Coin, WithdrawAnswer, WithdrawRequest
+from m2mpay.protocol.rules import wallet
 
 pytestmark = pytest.mark.asyncio
 

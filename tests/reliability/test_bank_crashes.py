@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank import admin
-from agents.bench.world import BANK, BankWorld
-from agents.mqtt import BankClient
-from protocol import envelope
-from protocol.messages import BlockAnswer, SettleAnswer
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bench.world import BANK, BankWorld
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.protocol import envelope
+from m2mpay.protocol.messages import BlockAnswer, SettleAnswer
+from m2mpay.protocol.rules import wallet
 
 pytestmark = pytest.mark.network
 
 
 def _serve(data: Path, broker: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(data),
+    return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(data),
                              "--broker", broker], stderr=subprocess.DEVNULL)
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import RemoteProtocolError
+from m2mpay.protocol.errors import RemoteProtocolError
 
 from ..protocol.strategies import for_message
 from ..protocol.test_decoders_and_tables import DECODERS

@@ -21,12 +21,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agents.mqtt import BankClient, broker_address
-from agents.vendor.coap import CoapLimits
-from protocol import cbor, cose, envelope
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import OPS, FinalReceipt, StatusAnswer, StatusRequest
-from protocol.rules import wallet
+from m2mpay.agents.mqtt import BankClient, broker_address
+from m2mpay.agents.vendor.coap import CoapLimits
+from m2mpay.protocol import cbor, cose, envelope
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import OPS, FinalReceipt, StatusAnswer, StatusRequest
+from m2mpay.protocol.rules import wallet
 from tests.bank.conftest import BANK, BankWorld
 from tests.bank.test_mqtt import online  # noqa: F401  (fixture)
 from tests.security.test_vendor_exhaustion import observation_request, request, served, upload_block

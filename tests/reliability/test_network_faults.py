@@ -14,16 +14,16 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.bench.world import BANK, BankWorld
-from agents.mqtt import BankClient, broker_address
-from agents.user.agent import UserAgent, UserCredentials
-from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
-from agents.vendor.server import load_credentials, run_vendor
-from broker.launcher import Mosquitto, free_udp_port
-from protocol.messages import SettleAnswer
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.bench.world import BANK, BankWorld
+from m2mpay.agents.mqtt import BankClient, broker_address
+from m2mpay.agents.user.agent import UserAgent, UserCredentials
+from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
+from m2mpay.agents.vendor.server import load_credentials, run_vendor
+from m2mpay.broker.launcher import Mosquitto, free_udp_port
+from m2mpay.protocol.messages import SettleAnswer
+from m2mpay.protocol.rules import wallet
 
 from .faults import CuttingTcp, LossyUdp
 

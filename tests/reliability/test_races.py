@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank import admin
-from agents.bench.world import BANK, BankWorld
-from agents.mqtt import BankClient
-from protocol import envelope
-from protocol.errors import ErrorCode
-from protocol.messages import BlockAnswer
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bench.world import BANK, BankWorld
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.protocol import envelope
+from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.messages import BlockAnswer
 
 pytestmark = pytest.mark.network
 
@@ -35,7 +35,7 @@ async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tup
     keys, store = world.keys, world.store
     user = world.user("payer", deposit=100 * trials)
     vendors = [world.vendor("north"), world.vendor("south")]
-    bank = subprocess.Popen([sys.executable, "-m", "agents.cli", "bank", "serve", "--data", str(tmp_path / "bank"),
+    bank = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(tmp_path / "bank"),
                              "--broker", mosquitto, "--workers", "2"], stderr=subprocess.DEVNULL)
     clients = [BankClient(mosquitto, BANK, f"{v.name}-{uuid.uuid4().hex[:6]}", timeout=10) for v in vendors]
     try:

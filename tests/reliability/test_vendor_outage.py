@@ -23,18 +23,18 @@ import pytest
 from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.bench.world import BANK, BankWorld
-from agents.mqtt import BankClient
-from agents.user.agent import UserAgent, UserCredentials
-from agents.vendor.config import Pricing, SessionPolicy, SettlementPolicy, VendorConfig
-from agents.vendor.server import load_credentials, run_vendor
-from broker.launcher import free_udp_port
-from protocol import cose
-from protocol.messages import CertificateBody, FinalReceipt
-from protocol.receipts import AAD_RECEIPT
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.bench.world import BANK, BankWorld
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.user.agent import UserAgent, UserCredentials
+from m2mpay.agents.vendor.config import Pricing, SessionPolicy, SettlementPolicy, VendorConfig
+from m2mpay.agents.vendor.server import load_credentials, run_vendor
+from m2mpay.broker.launcher import free_udp_port
+from m2mpay.protocol import cose
+from m2mpay.protocol.messages import CertificateBody, FinalReceipt
+from m2mpay.protocol.receipts import AAD_RECEIPT
+from m2mpay.protocol.rules import wallet
 from tests.vendor.test_server import _until
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
@@ -150,9 +150,9 @@ async def _pay_while_the_bank_stops(ctx: aiocoap.Context, user: UserAgent, vendo
 
 def _vendor_logs(caplog: pytest.LogCaptureFixture) -> tuple[int, list[str]]:
     """Unanswered settlement attempts the vendors logged, and any error or IntegrityError."""
-    retries = sum("unanswered" in r.getMessage() for r in caplog.records if r.name == "agents.vendor.agent")
+    retries = sum("unanswered" in r.getMessage() for r in caplog.records if r.name == "m2mpay.agents.vendor.agent")
     bad = [r.getMessage() for r in caplog.records
-           if (r.levelno >= logging.ERROR and r.name.startswith("agents.vendor"))
+           if (r.levelno >= logging.ERROR and r.name.startswith("m2mpay.agents.vendor"))
            or "IntegrityError" in r.getMessage() or (r.exc_info and "IntegrityError" in repr(r.exc_info[1]))]
     return retries, bad
 

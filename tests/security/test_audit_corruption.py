@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from agents.bank import admin, store as store_module
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.schema import MIGRATIONS
-from agents.bank.service import BankService
-from agents.bank.store import Store, Tx
-from protocol import hashchain
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin, store as store_module
+from m2mpay.agents.bank.keys import init_bank, load_bank
+from m2mpay.agents.bank.schema import MIGRATIONS
+from m2mpay.agents.bank.service import BankService
+from m2mpay.agents.bank.store import Store, Tx
+from m2mpay.protocol import hashchain
+from m2mpay.protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld, Clock
 
@@ -137,7 +137,7 @@ async def test_deleted_journal_row(books: Books, kind: str) -> None:
 
 async def test_bank_audit_command_fails_naming_the_corruption(books: Books) -> None:
     books.forge_coin(books.unissued, 1000, 970)
-    result = subprocess.run([sys.executable, "-m", "agents.cli", "bank", "audit", "--data",
+    result = subprocess.run([sys.executable, "-m", "m2mpay.agents.cli", "bank", "audit", "--data",
                              str(books.world.directory / "bank")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"keyset {books.unissued}" in result.stderr and "never issued" in result.stderr

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.bank import admin
-from agents.bank.keys import init_bank, load_bank
-from agents.bench.world import BANK, NOW, BankWorld
-from protocol import cose
-from protocol.certificates import AAD_KEYS, ca_fingerprint, verify_announcement
-from protocol.errors import RemoteProtocolError
-from protocol.messages import BlockAnswer, Offer, SettleAnswer
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import init_bank, load_bank
+from m2mpay.agents.bench.world import BANK, NOW, BankWorld
+from m2mpay.protocol import cose
+from m2mpay.protocol.certificates import AAD_KEYS, ca_fingerprint, verify_announcement
+from m2mpay.protocol.errors import RemoteProtocolError
+from m2mpay.protocol.messages import BlockAnswer, Offer, SettleAnswer
 
 from ..cli.test_bank_cli import m2mpay
 
@@ -79,7 +79,7 @@ def test_ca_key_loaded_by_every_serve_no_longer(tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match="ca.key"):  # certifying needs the CA key: a clear error
             admin.enroll_vendor(keys, store, "meter", "parking", tmp_path / "meter.json", NOW + 60)
         assert not (tmp_path / "meter.json").exists()
-        from agents.bank.keys import load_ca_key
+        from m2mpay.agents.bank.keys import load_ca_key
 
         admin.enroll_vendor(keys, store, "meter", "parking", tmp_path / "meter.json", NOW + 60,
                             ca_key=load_ca_key(data, offline))  # `--ca-key FILE`: where it is kept offline
@@ -90,8 +90,8 @@ def test_ca_key_loaded_by_every_serve_no_longer(tmp_path: Path) -> None:
 
 def test_ca_key_loaded_by_every_serve_delegation_is_checked() -> None:
     """Devices accept an announcement only under a CA-certified, unexpired, announce-only key."""
-    from protocol.certificates import issue_delegation, sign_announcement
-    from protocol.messages import KeyDelegation, KeysAnnouncement
+    from m2mpay.protocol.certificates import issue_delegation, sign_announcement
+    from m2mpay.protocol.messages import KeyDelegation, KeysAnnouncement
 
     ca, online = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     fingerprint = ca_fingerprint(cose.public_key_bytes(ca.public_key()))
@@ -149,7 +149,7 @@ def test_ca_key_loaded_by_every_serve_old_data_dir_and_renewal(tmp_path: Path) -
     with pytest.raises(ValueError, match="bank delegate"):
         load_bank(data, later)
     m2mpay("bank", "delegate", "--data", data)  # the CLI renews with the real clock
-    from agents.bank.keys import delegate
+    from m2mpay.agents.bank.keys import delegate
     delegate(data, later)
     keys, store = load_bank(data, later)
     store.close()
@@ -181,7 +181,7 @@ async def test_vendor_revocation_refuses_blocks_and_settlements(world: BankWorld
     store.close()
     announcement = verify_announcement(keys.announcement, keys.fingerprint, world.clock.now)
     assert announcement.revoked == ("meter",)
-    from agents.user.agent import UserAgent
+    from m2mpay.agents.user.agent import UserAgent
 
     wallet_dir = tmp_path / "wallet"
     wallet_dir.mkdir()
@@ -248,9 +248,9 @@ def test_file_modes_database_password_kept_out_of_bank_json(tmp_path: Path, url:
 
 
 def test_file_modes_device_databases_and_logs_are_0600(tmp_path: Path, umask_zero: None) -> None:
-    from agents.policy.engine import Decision
-    from agents.user.agent import UserAgent
-    from agents.vendor.store import VendorStore
+    from m2mpay.agents.policy.engine import Decision
+    from m2mpay.agents.user.agent import UserAgent
+    from m2mpay.agents.vendor.store import VendorStore
 
     vendor = VendorStore(tmp_path / "vendor" / "vendor.sqlite3")
     vendor.close()

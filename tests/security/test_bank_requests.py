@@ -26,17 +26,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agents.bank import admin
-from agents.bank.keys import load_bank, retire_keyset
-from agents.bank.metrics import BankMetrics
-from agents.bank.server import serve
-from agents.bank.service import BankService, Reply
-from agents.mqtt import BankClient, broker_address
-from protocol import envelope
-from protocol.certificates import verify_announcement
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import BlockAnswer, SettleAnswer, StatusAnswer, StatusRequest, WithdrawAnswer
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import load_bank, retire_keyset
+from m2mpay.agents.bank.metrics import BankMetrics
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.bank.service import BankService, Reply
+from m2mpay.agents.mqtt import BankClient, broker_address
+from m2mpay.protocol import envelope
+from m2mpay.protocol.certificates import verify_announcement
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import BlockAnswer, SettleAnswer, StatusAnswer, StatusRequest, WithdrawAnswer
+from m2mpay.protocol.rules import wallet
 from tests.bank.conftest import BANK, BankWorld
 
 pytestmark = pytest.mark.asyncio

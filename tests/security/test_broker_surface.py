@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from agents.cli import main
-from broker.config import MAX_PACKET_BYTES, BrokerConfig, render_config
-from broker.launcher import Mosquitto
-from protocol.messages import OPS
+from m2mpay.agents.cli import main
+from m2mpay.broker.config import MAX_PACKET_BYTES, BrokerConfig, render_config
+from m2mpay.broker.launcher import Mosquitto
+from m2mpay.protocol.messages import OPS
 from tests.broker.clients import WAIT, TlsClient, broker_rss_kib, pki
 
 __all__ = ["pki"]  # the fixture, imported for pytest
@@ -193,7 +193,7 @@ def test_broker_config_bank_without_tls_refused(tmp_path: Path, capsys: pytest.C
 
 
 def test_broker_run_bank_without_tls_refused(tmp_path: Path) -> None:
-    run = subprocess.Popen([sys.executable, "-m", "agents.cli", "broker", "run", "--data", str(tmp_path / "mq"),
+    run = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "broker", "run", "--data", str(tmp_path / "mq"),
                             "--bank", BANK], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _, err = run.communicate(timeout=15)

@@ -3,7 +3,7 @@
 "An Observe on any unknown ``/sessions/<hex>/due`` leaves a watcher entry forever; 1,024
 ``GET /offer`` evict a real user's pending offer; Block1 bodies are reassembled without bound
 before the 4 KiB limit applies." Each test floods one part of the vendor's CoAP surface and checks
-what the vendor holds afterwards (:meth:`~agents.vendor.coap.VendorSite.held`) and that a real
+what the vendor holds afterwards (:meth:`~m2mpay.agents.vendor.coap.VendorSite.held`) and that a real
 user is still served.
 
 The vendor is the ``scene``'s agent served on a second port (:func:`served`), so a test can choose
@@ -27,16 +27,16 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 
-from agents.mqtt import BankClient
-from agents.vendor.agent import VendorAgent
-from agents.vendor.coap import CBOR, CoapLimits, VendorSite, serve_coap
-from agents.vendor.offers import OFFER_TTL
-from agents.vendor.store import VendorStore
-from broker.launcher import free_udp_port
-from protocol import cbor, sealing
-from protocol.certificates import cert_hash
-from protocol.messages import Due, Offer, OpenSession, SessionOpened
-from protocol.rules import wallet
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.vendor.agent import VendorAgent
+from m2mpay.agents.vendor.coap import CBOR, CoapLimits, VendorSite, serve_coap
+from m2mpay.agents.vendor.offers import OFFER_TTL
+from m2mpay.agents.vendor.store import VendorStore
+from m2mpay.broker.launcher import free_udp_port
+from m2mpay.protocol import cbor, sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.messages import Due, Offer, OpenSession, SessionOpened
+from m2mpay.protocol.rules import wallet
 from tests.bank.conftest import BANK
 from tests.vendor.test_coap_payment import Scene, _open, scene  # noqa: F401  (fixture)
 

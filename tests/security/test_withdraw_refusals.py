@@ -11,12 +11,12 @@ import dataclasses
 
 import pytest
 
-from agents.bank import admin
-from agents.bank.keys import add_keyset, retire_keyset
-from protocol import blindrsa, cbor, cose, envelope
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import MAX_WITHDRAW_BATCH, WithdrawAnswer
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import add_keyset, retire_keyset
+from m2mpay.protocol import blindrsa, cbor, cose, envelope
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, WithdrawAnswer
+from m2mpay.protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld, Device
 

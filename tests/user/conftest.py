@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest_asyncio
 
-from agents.bank.keys import init_bank, load_bank
-from agents.bank.server import serve
-from agents.bank.service import BankService
+from m2mpay.agents.bank.keys import init_bank, load_bank
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.bank.service import BankService
 from tests.bank.conftest import db_url, world  # noqa: F401  (fixtures)
 
 from ..bank.conftest import BANK, NOW, BankWorld, Clock

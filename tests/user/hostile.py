@@ -1,6 +1,6 @@
 """Vendors that misbehave, for the wallet's tests: the real vendor with one behaviour changed.
 
-Each runs the real vendor logic (:class:`~agents.vendor.agent.VendorAgent`), its CoAP site, its
+Each runs the real vendor logic (:class:`~m2mpay.agents.vendor.agent.VendorAgent`), its CoAP site, its
 token store and its bank connection, with one change a hostile or broken vendor could make. The
 vendor's own code is untouched: the change is a subclass or a wrapper here.
 """
@@ -19,20 +19,20 @@ from typing import Any
 import aiocoap
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.mqtt import BankClient
-from agents.vendor.agent import VendorAgent
-from agents.vendor.coap import build_site
-from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
-from agents.vendor.server import load_credentials
-from agents.vendor.store import VendorStore
-from broker.launcher import free_udp_port
-from protocol import cose
-from protocol.certificates import verify_announcement
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.messages import Due, FinalReceipt, Pay, Receipt
-from protocol.receipts import AAD_RECEIPT
-from protocol.rules.keyring import Keyring
-from protocol.rules.vendor import SessionState
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.vendor.agent import VendorAgent
+from m2mpay.agents.vendor.coap import build_site
+from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
+from m2mpay.agents.vendor.server import load_credentials
+from m2mpay.agents.vendor.store import VendorStore
+from m2mpay.broker.launcher import free_udp_port
+from m2mpay.protocol import cose
+from m2mpay.protocol.certificates import verify_announcement
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import Due, FinalReceipt, Pay, Receipt
+from m2mpay.protocol.receipts import AAD_RECEIPT
+from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.vendor import SessionState
 
 from ..bank.conftest import BankWorld
 

@@ -117,7 +117,7 @@ def test_user_pay_outcomes_and_exit_codes(cli_town: Town, tmp_path: Path) -> Non
     assert stopped.returncode == 4 and "vendor_stopped" in _one_line(stopped), stopped.stdout + stopped.stderr
 
     held = {c["tip"] for c in _coins(big) if c["status"] == "in_session"}  # blocked until the vendor's T
-    payer = subprocess.Popen([sys.executable, "-m", "agents.cli", "user", "pay", "--wallet", str(big), t.vendor,
+    payer = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "user", "pay", "--wallet", str(big), t.vendor,
                               "--units", "60", "--policy", str(unlimited)], text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 20
@@ -136,7 +136,7 @@ def test_two_payments_one_wallet_respect_budget(cli_town: Town, tmp_path: Path) 
     wallet = tmp_path / "shared"
     _withdraw(t, wallet, 2)
     policy = _policy(tmp_path, "hourly", "[budget]\nper_hour = 30\n")  # one payment of 20 fits, two do not
-    payers = [subprocess.Popen([sys.executable, "-m", "agents.cli", "user", "pay", "--wallet", str(wallet), t.vendor,
+    payers = [subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "user", "pay", "--wallet", str(wallet), t.vendor,
                                 "--units", "2", "--policy", str(policy)], text=True, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE) for _ in range(2)]
     results = [(p.wait(60), *p.communicate()) for p in payers]
@@ -169,9 +169,9 @@ def test_refused_withdrawal_cli_one_line_exit_4(cli_town: Town, tmp_path: Path) 
 
 def test_withdraw_says_when_the_count_differs(cli_town: Town, tmp_path: Path) -> None:
     """An earlier withdrawal whose answer was lost completes with the new one: the output says so."""
-    from agents.user.agent import UserAgent, UserCredentials
-    from protocol import envelope
-    from protocol.rules import wallet as rules
+    from m2mpay.agents.user.agent import UserAgent, UserCredentials
+    from m2mpay.protocol import envelope
+    from m2mpay.protocol.rules import wallet as rules
 
     t = cli_town
     wallet = tmp_path / "resent"
@@ -198,9 +198,9 @@ def test_user_receipts_cli(cli_town: Town, tmp_path: Path) -> None:
     each entry carries what proves it: the receipt and the certificate of the key that signed it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    from protocol import cose
-    from protocol.messages import CertificateBody, FinalReceipt
-    from protocol.receipts import AAD_RECEIPT
+    from m2mpay.protocol import cose
+    from m2mpay.protocol.messages import CertificateBody, FinalReceipt
+    from m2mpay.protocol.receipts import AAD_RECEIPT
 
     t = cli_town
     wallet = tmp_path / "receipts"

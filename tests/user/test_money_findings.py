@@ -13,14 +13,14 @@ import aiocoap
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.bank import admin
-from agents.policy.config import PolicyConfig
-from agents.user.agent import PolicyRefusal, UserAgent
-from agents.user.outcome import Stop
-from protocol import cose
-from protocol.certificates import verify_certificate
-from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.policy.config import PolicyConfig
+from m2mpay.agents.user.agent import PolicyRefusal, UserAgent
+from m2mpay.agents.user.outcome import Stop
+from m2mpay.protocol import cose
+from m2mpay.protocol.certificates import verify_certificate
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.rules import wallet
 
 from .conftest import BANK, BankWorld
 from .hostile import Misbehaviour, hostile_vendor
@@ -113,7 +113,7 @@ async def test_final_receipt_signed_and_kept(served: BankWorld, mosquitto: str, 
                                              tmp_path: Path) -> None:
     """The close answers with a receipt the vendor's certified key signed; the wallet keeps it. A
     receipt that does not verify is refused: not kept, and the coin waits for its deadline."""
-    from protocol.receipts import AAD_RECEIPT, verify_receipt
+    from m2mpay.protocol.receipts import AAD_RECEIPT, verify_receipt
 
     user = UserAgent(tmp_path / "wallet", clock=served.clock)
     try:

@@ -17,13 +17,13 @@ import aiocoap
 import pytest
 import pytest_asyncio
 
-from agents.bank import admin
-from agents.mqtt import BankClient
-from agents.policy.config import PolicyConfig
-from agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
-from agents.user.outcome import Stop
-from protocol.errors import ProtocolError
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.policy.config import PolicyConfig
+from m2mpay.agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
+from m2mpay.agents.user.outcome import Stop
+from m2mpay.protocol.errors import ProtocolError
+from m2mpay.protocol.rules import wallet
 
 from .conftest import BANK, BankWorld
 from .hostile import Misbehaviour, hostile_vendor
@@ -107,7 +107,7 @@ async def test_vendor_asking_nothing_is_closed_by_deadline(served: BankWorld, mo
 
 async def test_unresponsive_vendor_does_not_end_user_run(served: BankWorld, mosquitto: str, tmp_path: Path) -> None:
     """A vendor that never answers a token: each payment ends at its deadline, logged; the loop goes on."""
-    from agents.user.run import RunConfig, run_user
+    from m2mpay.agents.user.run import RunConfig, run_user
 
     served.user("alice")
     async with hostile_vendor(served, mosquitto, "mute", Misbehaviour.SILENT_PAY) as vendor:

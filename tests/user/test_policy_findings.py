@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.policy.config import PolicyConfig, PolicyError
+from m2mpay.agents.policy.config import PolicyConfig, PolicyError
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agents.bank import admin
-from agents.policy.config import PolicyConfig
-from agents.user.run import RunConfig, run_user
+from m2mpay.agents.bank import admin
+from m2mpay.agents.policy.config import PolicyConfig
+from m2mpay.agents.user.run import RunConfig, run_user
 
 from .conftest import NOW, BankWorld
 

@@ -13,18 +13,18 @@ import aiocoap
 import pytest
 import pytest_asyncio
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.mqtt import BankClient
-from agents.policy.config import PolicyConfig
-from agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
-from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
-from agents.vendor.server import load_credentials, run_vendor
-from protocol import cbor, envelope, sealing
-from protocol.certificates import cert_hash
-from protocol.errors import ErrorCode
-from protocol.messages import Offer, OpenSession, SessionOpened
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.policy.config import PolicyConfig
+from m2mpay.agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
+from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
+from m2mpay.agents.vendor.server import load_credentials, run_vendor
+from m2mpay.protocol import cbor, envelope, sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.messages import Offer, OpenSession, SessionOpened
+from m2mpay.protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld
 from ..vendor.test_coap_payment import _free_udp_port
@@ -151,7 +151,7 @@ async def test_malicious_user_is_stopped_by_the_bank(world: BankWorld, town: dic
 
 async def test_autonomous_agent_refills_and_takes_the_cheapest_allowed_offer(
         world: BankWorld, town: dict[str, str], tmp_path: Path) -> None:
-    from agents.user.run import RunConfig, run_user
+    from m2mpay.agents.user.run import RunConfig, run_user
 
     config = RunConfig(wallet=tmp_path / "auto", credentials=tmp_path / "alice.json", broker=town["broker"],
                        vendors=(town["charger"], town["parking"], "coap://[::1]:9"), units=5, rounds=2, interval=0.1,

@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agents.user.store import KeptReceipt, WalletStore
-from protocol import blindrsa, envelope
-from protocol.messages import FinalReceipt, WithdrawAnswer
-from protocol.receipts import sign_receipt
-from protocol.rules import wallet
+from m2mpay.agents.user.store import KeptReceipt, WalletStore
+from m2mpay.protocol import blindrsa, envelope
+from m2mpay.protocol.messages import FinalReceipt, WithdrawAnswer
+from m2mpay.protocol.receipts import sign_receipt
+from m2mpay.protocol.rules import wallet
 
 from ..protocol.world import BANK, NOW, MemoryBank, det_rng, make_keyset
 

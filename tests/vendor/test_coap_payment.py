@@ -18,19 +18,19 @@ import pytest
 import pytest_asyncio
 from aiocoap.numbers.codes import Code
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.mqtt import BankClient, TransportError, answer_properties, connect
-from agents.vendor.agent import Credentials, VendorAgent
-from agents.vendor.coap import CBOR, serve_coap
-from agents.vendor.store import VendorStore
-from broker.launcher import free_udp_port
-from protocol import cbor, cose, sealing
-from protocol.certificates import cert_hash
-from protocol.certificates import verify_certificate
-from protocol.messages import Due, FinalReceipt, Offer, OpenSession, Receipt, SessionOpened
-from protocol.receipts import verify_receipt
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.mqtt import BankClient, TransportError, answer_properties, connect
+from m2mpay.agents.vendor.agent import Credentials, VendorAgent
+from m2mpay.agents.vendor.coap import CBOR, serve_coap
+from m2mpay.agents.vendor.store import VendorStore
+from m2mpay.broker.launcher import free_udp_port
+from m2mpay.protocol import cbor, cose, sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.certificates import verify_certificate
+from m2mpay.protocol.messages import Due, FinalReceipt, Offer, OpenSession, Receipt, SessionOpened
+from m2mpay.protocol.receipts import verify_receipt
+from m2mpay.protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld
 

@@ -12,15 +12,15 @@ import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
 
-from agents.bank import admin
-from agents.bank.server import serve
-from agents.vendor import cli as vendor_cli
-from agents.vendor.config import Pricing, SessionPolicy, VendorConfig
-from agents.vendor.server import load_credentials, run_vendor
-from protocol import sealing
-from protocol.certificates import cert_hash
-from protocol.messages import Due, Offer, OpenSession, SessionOpened
-from protocol.rules import wallet
+from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.server import serve
+from m2mpay.agents.vendor import cli as vendor_cli
+from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
+from m2mpay.agents.vendor.server import load_credentials, run_vendor
+from m2mpay.protocol import sealing
+from m2mpay.protocol.certificates import cert_hash
+from m2mpay.protocol.messages import Due, Offer, OpenSession, SessionOpened
+from m2mpay.protocol.rules import wallet
 
 from ..bank.conftest import BANK, BankWorld
 from .test_coap_payment import _free_udp_port

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.vendor.config import ConfigError, VendorConfig
-from agents.vendor.store import OutboxEntry, StoredSession, VendorStore
+from m2mpay.agents.vendor.config import ConfigError, VendorConfig
+from m2mpay.agents.vendor.store import OutboxEntry, StoredSession, VendorStore
 
 
 def test_config_from_toml(tmp_path: Path) -> None:
