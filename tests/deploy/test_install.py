@@ -224,7 +224,7 @@ def test_installer_pins_hashed_wheel(deployment: Deployment, open_tmp: Path) -> 
     installed = {p["name"].lower().replace("_", "-"): p["version"] for p in json.loads(frozen)}
     assert installed.pop("m2mpay") == "0.1.0"
     assert installed == {name: version for name, (version, _) in runtime.items()}
-    where = subprocess.run([python, "-c", "import agents, json, importlib.metadata as m; "
+    where = subprocess.run([python, "-c", "import m2mpay.agents as agents, json, importlib.metadata as m; "
                             "print(agents.__file__); print(m.distribution('m2mpay').read_text('direct_url.json'))"],
                            capture_output=True, text=True, cwd="/", check=True).stdout.splitlines()
     assert where[0].startswith(str(deployment.host.path("/opt/m2mpay/venv")))
