@@ -62,7 +62,7 @@ async def _settled(vendor_dirs: list[Path], timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
-def _process(*args: str | Path) -> subprocess.Popen[bytes]:
+def _process(*args: str | Path | int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -92,7 +92,7 @@ async def _shopper(agent: UserAgent, ctx: aiocoap.Context, vendors: list[str], u
             await asyncio.sleep(0.05)
 
 
-async def population(users: int, vendors: int, seconds: float, coins: int = 3) -> dict[str, float]:
+async def population(users: int, vendors: int, seconds: float, coins: int = 3) -> dict[str, object]:
     """Run the population for ``seconds``; sessions/s, tokens/s, audit and memory figures."""
     work = Path(tempfile.mkdtemp(prefix="m2mpay-population-"))
     now = int(time.time())
