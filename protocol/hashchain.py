@@ -193,7 +193,8 @@ class CheckpointTraversal:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> CheckpointTraversal:
         walker = cls.__new__(cls)
-        walker.n, walker._position, walker.step, walker.hashes = state["n"], state["p"], state["step"], 0
+        walker.n, walker.step, walker.hashes = state["n"], state["step"], 0
+        walker._position = state["p"]  # noqa: SLF001 - the class's own alternate constructor
         walker.marks = {int(i): bytes(v) for i, v in state["marks"]}
         return walker
 

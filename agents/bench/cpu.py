@@ -13,6 +13,7 @@ bank's requests compete with.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -48,10 +49,8 @@ def children(pid: int) -> list[int]:
         current = todo.pop()
         found.append(current)
         path = _PROC / str(current) / "task" / str(current) / "children"
-        try:
+        with contextlib.suppress(OSError):  # the process ended meanwhile
             todo += [int(p) for p in path.read_text().split()]
-        except OSError:
-            pass
     return found
 
 

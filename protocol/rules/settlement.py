@@ -129,7 +129,7 @@ class RetryPolicy:
     """A wait is its nominal value times a factor drawn in ``[1 - jitter/2, 1 + jitter/2)``."""
 
     def __post_init__(self) -> None:
-        if not (0 < self.first <= self.cap and 0 < self.urgent_cap and 0 <= self.jitter < 2 and self.margin >= 0):
+        if not (0 < self.first <= self.cap and self.urgent_cap > 0 and 0 <= self.jitter < 2 and self.margin >= 0):
             raise LocalProtocolError("retry policy out of range")
 
 

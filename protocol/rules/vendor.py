@@ -191,7 +191,7 @@ class VendorSession:
         With a final settlement among them it is ``CLOSING``; otherwise ``OPEN``.
         """
         s = cls.__new__(cls)
-        s._blank(vendor)
+        s._blank(vendor)  # noqa: SLF001 - the class's own alternate constructor
         s.session, s.tip, s.token_value, s.start = session, tip, token_value, start
         s.position, s.last, s.deadline, s.credited, s.last_paid = position, last, deadline, credited, last_paid
         s.checkpointed = s.paid

@@ -70,7 +70,8 @@ def run(*args: str | Path, env: dict[str, str] | None = None, check: bool = True
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout,
                             env=None if env is None else {**os.environ, **env})
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+        command = " ".join(map(str, args))
+        raise AssertionError(f"{command} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     return result
 
 

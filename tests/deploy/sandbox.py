@@ -102,8 +102,8 @@ def _expand(word: str, env: dict[str, str]) -> list[str]:
 
 def _environment_file(path: Path) -> dict[str, str]:
     found: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
         if not line or line[0] in "#;" or "=" not in line:
             continue
         key, _, value = line.partition("=")
@@ -194,7 +194,8 @@ class Service:
             if not origin.exists():
                 raise Refused(f"{self.unit.name}: Failed to set up credentials: {source} does not exist")
             files = [(ident, origin)] if origin.is_file() else [
-                (f"{ident}_{item.name}", item) for item in sorted(origin.iterdir()) if item.is_file() and not item.is_symlink()]
+                (f"{ident}_{item.name}", item) for item in sorted(origin.iterdir())
+                if item.is_file() and not item.is_symlink()]
             for name, item in files:
                 target = self.credentials / name
                 shutil.copyfile(item, target)

@@ -84,7 +84,8 @@ def test_installer_refuses_a_broker_open_without_certificates(conf: str, tmp_pat
     assert _tree(root) == before
 
 
-@pytest.mark.parametrize("args", [["--role"], ["--role", "bank", "--wheel", "nothing.whl"], ["--role", "bank", "--root"],
+@pytest.mark.parametrize("args", [["--role"], ["--role", "bank", "--wheel", "nothing.whl"],
+                                  ["--role", "bank", "--root"],
                                   ["--role", "bank", "--root", "/nonexistent"], ["--role", "bank", "--bank-id", "a/b"],
                                   ["--role", "bank", "--root", "/tmp", "--start"], ["--role", "bank", "--frobnicate"]])
 def test_installer_usage_mistakes(args: list[str]) -> None:

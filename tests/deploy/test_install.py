@@ -198,8 +198,8 @@ def _mosquitto_gid() -> int:
 def _requirements(lock: Path) -> dict[str, tuple[str, list[str]]]:
     """name → (version, hashes) of a hashed requirements file."""
     found: dict[str, tuple[str, list[str]]] = {}
-    for entry in lock.read_text().replace("\\\n", " ").splitlines():
-        entry = entry.split("#", 1)[0].strip()
+    for line in lock.read_text().replace("\\\n", " ").splitlines():
+        entry = line.split("#", 1)[0].strip()
         if not entry:
             continue
         spec = entry.split()[0]

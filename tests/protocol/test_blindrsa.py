@@ -97,7 +97,8 @@ def test_refusals(key: rsa.RSAPrivateKey) -> None:
     public = blindrsa.PublicKey.from_cryptography(key.public_key())
     input_msg, sig = _issue(key, b"m", variant)
     tampered = sig[:-1] + bytes([sig[-1] ^ 1])
-    other = blindrsa.PublicKey.from_cryptography(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key())
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    other = blindrsa.PublicKey.from_cryptography(other_key.public_key())
     for bad_key, bad_sig in [(public, tampered), (other, sig), (public, sig[:-1]), (public, b"\xff" * 256)]:
         with pytest.raises(RemoteProtocolError) as info:
             blindrsa.verify(bad_key, input_msg, bad_sig, variant)

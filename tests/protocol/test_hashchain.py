@@ -120,6 +120,7 @@ def test_naive_costs_more_than_pebbling() -> None:
 
 def test_damaged_state_is_refused() -> None:
     state = hashchain.PebbleTraversal(SEED, 16, 16).to_state()
-    for broken in ({**state, "z": state["z"][:-1]}, {**state, "r": 10**6}, {k: v for k, v in state.items() if k != "z"}):
+    without_z = {k: v for k, v in state.items() if k != "z"}
+    for broken in ({**state, "z": state["z"][:-1]}, {**state, "r": 10**6}, without_z):
         with pytest.raises(LocalProtocolError):
             hashchain.PebbleTraversal.from_state(broken)
