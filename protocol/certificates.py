@@ -17,7 +17,7 @@ import hashlib
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import cose
+from . import cose, wire
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import PURPOSE_ANNOUNCE, CertificateBody, KeyDelegation, KeysAnnouncement
 
@@ -36,9 +36,9 @@ __all__ = [
     "verify_delegation",
 ]
 
-AAD_CERT = b"m2mpay/cert/1"
-AAD_DELEGATION = b"m2mpay/delegation/1"
-AAD_KEYS = b"m2mpay/keys/2"  # /1 was signed by the CA key itself
+AAD_CERT = wire.AAD_CERT
+AAD_DELEGATION = wire.AAD_DELEGATION
+AAD_KEYS = wire.AAD_KEYS
 
 
 def ca_fingerprint(ca_key: bytes) -> str:

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import cbor, cose
+from . import cbor, cose, wire
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .messages import OPS, ErrorAnswer, Message
 
@@ -38,7 +38,7 @@ A = TypeVar("A", bound=Message)
 
 def request_aad(bank: str, op: str) -> bytes:
     """What a request signature is bound to besides its payload."""
-    return f"m2mpay/req/1/{bank}/{op}".encode()
+    return wire.request_aad(bank, op)
 
 
 def answer_aad(bank: str, op: str, request_digest: bytes) -> bytes:
@@ -48,7 +48,7 @@ def answer_aad(bank: str, op: str, request_digest: bytes) -> bytes:
     """
     if len(request_digest) != 32:
         raise LocalProtocolError("a request digest is 32 bytes")
-    return f"m2mpay/resp/2/{bank}/{op}/".encode() + request_digest
+    return wire.answer_context(bank, op) + request_digest
 
 
 def sign_request(message: Message, key: Ed25519PrivateKey, signer: str, bank: str, op: str) -> bytes:

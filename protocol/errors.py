@@ -49,6 +49,11 @@ class ErrorCode(enum.Enum):
     REPLAY = ("replay", "4.09")
     SESSION_CLOSED = ("session_closed", "4.09")
     NO_PROGRESS = ("no_progress", "4.09")
+    # Coin lifecycle (docs/LIFECYCLE.md): an exchange whose outputs and change cannot add up to
+    # the coin's remainder exactly; an announcement that moves a keyset's phase back or brings
+    # its redeem deadline forward (a wallet keeps the phase it had).
+    VALUE_MISMATCH = ("value_mismatch", "4.03")
+    PHASE_ROLLBACK = ("phase_rollback", "4.03")
     INTERNAL = ("internal", "5.00")
     UNAVAILABLE = ("unavailable", "5.03")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from . import cose
+from . import cose, wire
 from .errors import ErrorCode, RemoteProtocolError
 from .messages import CertificateBody, FinalReceipt
 
 __all__ = ["AAD_RECEIPT", "sign_receipt", "verify_receipt"]
 
-AAD_RECEIPT = b"m2mpay/receipt/1"
+AAD_RECEIPT = wire.AAD_RECEIPT
 
 
 def sign_receipt(receipt: FinalReceipt, key: Ed25519PrivateKey) -> bytes:

@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from . import wire
 from .errors import ErrorCode, RemoteProtocolError
 
 __all__ = ["MAX_SEALED", "SEAL_OVERHEAD", "info_for_bank", "open_sealed", "seal"]
@@ -28,7 +29,7 @@ _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_PO
 
 def info_for_bank(bank: str) -> bytes:
     """The HPKE ``info`` for sealing to ``bank``."""
-    return b"m2mpay/sealed/1/" + bank.encode("utf-8")
+    return wire.sealing_info(bank)
 
 
 def seal(plaintext: bytes, public_key: X25519PublicKey, info: bytes) -> bytes:

@@ -18,6 +18,7 @@ from .bank import (
 from .coins import (
     COIN_DOMAIN,
     MAX_REVOKED,
+    PHASES,
     PURPOSE_ANNOUNCE,
     Authorization,
     CertificateBody,
@@ -25,9 +26,11 @@ from .coins import (
     KeyDelegation,
     KeysAnnouncement,
     KeysetInfo,
+    KeysetPhase,
     coin_message,
     keyset_id,
 )
+from .exchange import ExchangeAnswer, ExchangeProof, ExchangeRequest, Output
 from .payment import Due, FinalReceipt, Offer, OpenSession, Pay, Receipt, SessionOpened
 
 
@@ -47,6 +50,7 @@ __all__ = [
     "MAX_REVOKED",
     "MAX_WITHDRAW_BATCH",
     "OPS",
+    "PHASES",
     "PURPOSE_ANNOUNCE",
     "Authorization",
     "BlockAnswer",
@@ -55,13 +59,18 @@ __all__ = [
     "Coin",
     "Due",
     "ErrorAnswer",
+    "ExchangeAnswer",
+    "ExchangeProof",
+    "ExchangeRequest",
     "FinalReceipt",
     "KeyDelegation",
     "KeysAnnouncement",
     "KeysetInfo",
+    "KeysetPhase",
     "Message",
     "Offer",
     "OpenSession",
+    "Output",
     "Pay",
     "Receipt",
     "SessionOpened",

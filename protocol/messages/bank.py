@@ -13,6 +13,7 @@ from ..errors import ErrorCode, LocalProtocolError
 from ._fields import AMOUNT, COSE_BLOB, IDENT, NONCE, POSITION, REQ_ID, SESSION_ID, TIME, TOKEN
 from ._schema import Bool, Bytes, ListOf, Message, Nested, Optional, Text, field, message
 from .coins import Coin
+from .exchange import ExchangeAnswer, ExchangeRequest
 
 __all__ = [
     "MAX_WITHDRAW_BATCH",
@@ -150,6 +151,7 @@ OPS = {
     "block": (BlockRequest, BlockAnswer),
     "settle": (SettleRequest, SettleAnswer),
     "status": (StatusRequest, StatusAnswer),
+    "exchange": (ExchangeRequest, ExchangeAnswer),  # plain CBOR: no account signs it (docs/LIFECYCLE.md)
 }
 """Each bank operation's request and answer message types, by topic name."""
 

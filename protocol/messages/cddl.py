@@ -11,22 +11,31 @@ import dataclasses
 import re
 from typing import Any
 
-from . import bank, coins, payment
+from .. import wire
+from . import bank, coins, exchange, payment
 from ._schema import VERSION, Bool, Bytes, Kind, ListOf, Message, Nested, Optional, Text, UInt
 
-__all__ = ["MESSAGES", "NOTES", "render"]
+__all__ = ["LIFECYCLE", "MESSAGES", "NOTES", "render"]
 
 MESSAGES: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
-    ("Coins and keys", (coins.KeysetInfo, coins.Coin, coins.KeyDelegation, coins.KeysAnnouncement,
-                        coins.CertificateBody, coins.Authorization)),
+    ("Coins and keys", (coins.KeysetInfo, coins.KeysetPhase, coins.Coin, coins.KeyDelegation,
+                        coins.KeysAnnouncement, coins.CertificateBody, coins.Authorization)),
     ("Bank requests and answers (MQTT, inside COSE_Sign1)", (
         bank.WithdrawRequest, bank.WithdrawAnswer, bank.BlockRequest, bank.BlockAnswer, bank.SettleRequest,
         bank.SettleAnswer, bank.StatusRequest, bank.StatusAnswer, bank.ErrorAnswer)),
-    ("Vendor resources (CoAP, content-format 60)", (
+    (f"Vendor resources (CoAP, content-format {wire.CONTENT_FORMAT_CBOR})", (
         payment.Offer, payment.OpenSession, payment.SessionOpened, payment.Due, payment.Pay, payment.Receipt,
         payment.FinalReceipt)),
+    ("Exchange (MQTT, plain CBOR: no account signs it)", (
+        exchange.Output, exchange.ExchangeProof, exchange.ExchangeRequest, exchange.ExchangeAnswer)),
 )
 """Every message, grouped as the document presents them."""
+
+LIFECYCLE: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
+    ("Restore (not served yet)", (exchange.RestoreRequest, exchange.RestoreAnswer)),
+)
+"""The coin-lifecycle messages, rendered into docs/LIFECYCLE.md until the bank serves them; then
+they join :data:`MESSAGES` (and docs/PROTOCOL.md)."""
 
 _TIME = "Unix time, seconds"
 _MONEY = "money, minor units of the keyset's currency"
@@ -54,7 +63,7 @@ NOTES: dict[str, str] = {
     "deadline": "the block's deadline T; " + _TIME,
     "delegation": "COSE_Sign1 of KeyDelegation by the CA: the key that signs this announcement",
     "exp": "end of validity (exclusive); " + _TIME,
-    "id": "keyset id: \"ks-\" + first 16 hex digits of SHA-256(CBOR([\"m2mpay/keyset/1\", value, n, "
+    "id": f"keyset id: \"ks-\" + first 16 hex digits of SHA-256(CBOR([\"{wire.KEYSET_DOMAIN}\", value, n, "
           "currency, withdraw_until, spend_until, public_key]))",
     "index": _INDEX + " of the token",
     "Receipt.index": "position of the last token the vendor holds",
@@ -91,7 +100,7 @@ NOTES: dict[str, str] = {
     "seq": "notification sequence number",
     "service": "what the vendor sells",
     "session": "session id (16 bytes)",
-    "sig": "RSA-PSS (SHA-384, salt 48) signature on prefix || CBOR([\"m2mpay/coin/1\", keyset, tip])",
+    "sig": f"RSA-PSS (SHA-384, salt 48) signature on prefix || CBOR([\"{wire.COIN_DOMAIN}\", keyset, tip])",
     "spend_until": "last time coins of the keyset may be spent; " + _TIME,
     "spent": "whether every token of the coin is revealed and no block is open",
     "start": "position up to which the session is credited",
@@ -106,6 +115,34 @@ NOTES: dict[str, str] = {
     "vendor": "vendor id",
     "FinalReceipt.vendor": "vendor id: the certificate whose key signed the receipt names it",
     "withdraw_until": "last time coins of the keyset may be withdrawn; " + _TIME,
+    # coin lifecycle (LIFECYCLE)
+    "KeysetPhase.keyset": "keyset id the phase is of",
+    "KeysAnnouncement.phases": "phase records, at most one per listed keyset; left out when none (a keyset "
+                               "without one is active by its dates)",
+    "phase": "active, spend-only, exchange-only or closed: the phase as announced (dates may move it on)",
+    "KeysetPhase.withdraw_until": "withdrawals end: the keyset's own date, or its retirement if earlier; " + _TIME,
+    "redeem_until": "last time coins of the keyset may be exchanged (not before spend_until); " + _TIME,
+    "retired": "when the keyset was retired; " + _TIME,
+    "Output.keyset": "keyset id of the coin to be (its value is the keyset's)",
+    "Output.blinded": "RFC 9474 blinded message for the keyset's key (the modulus' length)",
+    "ExchangeProof.token": "the coin's deepest preimage H^0(S): spends its whole remainder",
+    "ExchangeProof.outputs": "SHA-256 of CBOR([outputs, change]) of the request",
+    "ExchangeRequest.coin": "the coin exchanged",
+    "ExchangeRequest.sealed": "HPKE (RFC 9180) enc || ct of the ExchangeProof, for the bank's sealing key",
+    "outputs": "coins to be, all signed: their keysets' values (" + _MONEY + ") add up to at most the remainder",
+    "ExchangeRequest.req_id": "16 random bytes: the idempotency key, with the coin's tip",
+    "ExchangeProof.req_id": "the request's req_id, bound under the seal",
+    "ExchangeAnswer.req_id": "the request's req_id",
+    "RestoreRequest.req_id": "16 random bytes: the idempotency key",
+    "RestoreAnswer.req_id": "the request's req_id",
+    "change": "further coins to be, signed only as far as they cover the rest of the remainder",
+    "ExchangeAnswer.position": "the coin's remainder the exchange spent; " + _TOKENS,
+    "ExchangeAnswer.blind_sigs": "RFC 9474 blind signatures, one per output, in order",
+    "change_used": "indexes of the change slots signed, increasing",
+    "change_sigs": "RFC 9474 blind signatures of the change slots used, in order",
+    "RestoreRequest.blinded": "blinded messages the wallet recomputed from its seed",
+    "found": "indexes of the asked messages the bank has signed, increasing",
+    "RestoreAnswer.blind_sigs": "the blind signatures the bank issued on them, in order",
 }
 
 
@@ -157,10 +194,10 @@ def _message(cls: type[Message], *, versioned: bool) -> list[str]:
     return lines
 
 
-def _nested() -> set[type[Message]]:
+def _nested(groups: tuple[tuple[str, tuple[type[Message], ...]], ...]) -> set[type[Message]]:
     """Messages carried inside another (without their own ``v``)."""
     found: set[type[Message]] = set()
-    for _, group in MESSAGES:
+    for _, group in groups:
         for cls in group:
             for f in dataclasses.fields(cls):
                 kind = f.metadata["kind"]
@@ -171,14 +208,16 @@ def _nested() -> set[type[Message]]:
     return found
 
 
-def render() -> str:
-    """The CDDL of every message, as the Markdown that docs/PROTOCOL.md carries."""
-    nested = _nested()
+def render(groups: tuple[tuple[str, tuple[type[Message], ...]], ...] = MESSAGES, *,
+           inside: frozenset[type[Message]] = frozenset()) -> str:
+    """The CDDL of ``groups`` (every served message by default), as the Markdown that
+    docs/PROTOCOL.md carries; ``inside`` adds messages to be carried inside another."""
+    nested = _nested(groups) | inside
     out = ["```cddl",
            "; A name: 1 to N characters of [a-z0-9-_.].",
            *(f'name{n} = tstr .regexp "[a-z0-9_.-]{{1,{n}}}"' for n in (32,)),
            "```"]
-    for title, group in MESSAGES:
+    for title, group in groups:
         out += ["", f"**{title}**", "", "```cddl"]
         for cls in group:
             carried = " (carried inside another message: no v)" if cls in nested else ""

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 from typing import ClassVar
 
-from .. import cbor
+from .. import cbor, wire
 from ..errors import LocalProtocolError
 from ._fields import COSE_BLOB, IDENT, MAX_TOKENS, NONCE, POSITION, RSA_SIG, TIME, TOKEN
-from ._schema import Bytes, ListOf, Message, Nested, Text, UInt, field, message
+from ._schema import Bytes, ListOf, Message, Nested, Optional, Text, UInt, field, message
 
 __all__ = [
     "COIN_DOMAIN",
     "MAX_REVOKED",
+    "PHASES",
     "PURPOSE_ANNOUNCE",
     "Authorization",
     "CertificateBody",
@@ -20,11 +21,12 @@ __all__ = [
     "KeyDelegation",
     "KeysAnnouncement",
     "KeysetInfo",
+    "KeysetPhase",
     "coin_message",
     "keyset_id",
 ]
 
-COIN_DOMAIN = "m2mpay/coin/1"
+COIN_DOMAIN = wire.COIN_DOMAIN
 
 
 def coin_message(keyset: str, tip: bytes) -> bytes:
@@ -37,7 +39,7 @@ def keyset_id(
 ) -> str:
     """A keyset's id: a digest of everything it fixes, so one id never names two keysets."""
     digest = hashlib.sha256(
-        cbor.encode(["m2mpay/keyset/1", value, n, currency, withdraw_until, spend_until, public_key])
+        cbor.encode([wire.KEYSET_DOMAIN, value, n, currency, withdraw_until, spend_until, public_key])
     ).hexdigest()
     return "ks-" + digest[:16]
 
@@ -113,6 +115,35 @@ class KeyDelegation(Message):
             raise LocalProtocolError("KeyDelegation: exp must follow nbf")
 
 
+PHASES = ("active", "spend-only", "exchange-only", "closed")
+"""A keyset's phases, in the only order they move (docs/LIFECYCLE.md)."""
+
+
+@message
+class KeysetPhase(Message):
+    """A keyset's phase as the bank announces it, with the dates that move it on by themselves.
+
+    ``withdraw_until`` is the keyset's own date, or the moment it was retired if earlier;
+    ``spend_until`` stays the keyset's own (its id binds it); ``redeem_until`` (not before
+    ``spend_until``) ends exchanges. ``phase`` may be ahead of the dates (a retirement), never
+    behind them: a device takes the later of the two.
+    """
+
+    keyset: str = field(IDENT)
+    phase: str = field(Text(16, min_len=1))
+    withdraw_until: int = field(TIME)
+    redeem_until: int = field(TIME)
+    retired: int | None = field(Optional(TIME), default=None)
+
+    def validate(self) -> None:
+        if self.phase not in PHASES:
+            raise LocalProtocolError(f"KeysetPhase.phase must be one of {', '.join(PHASES)}")
+        if self.redeem_until < self.withdraw_until:
+            raise LocalProtocolError("KeysetPhase: redeem_until precedes withdraw_until")
+        if self.retired is not None and self.withdraw_until > self.retired:
+            raise LocalProtocolError("KeysetPhase: withdrawals end at the retirement at the latest")
+
+
 @message
 class KeysAnnouncement(Message):
     """The bank's public keys, retained on ``m2mpay/{bank}/keys``, signed by the online key that
@@ -129,6 +160,17 @@ class KeysAnnouncement(Message):
     sealing_key: bytes = field(Bytes(size=32))
     keysets: tuple[KeysetInfo, ...] = field(ListOf(Nested(KeysetInfo), 64))
     revoked: tuple[str, ...] = field(ListOf(IDENT, MAX_REVOKED))
+    phases: tuple[KeysetPhase, ...] | None = field(Optional(ListOf(Nested(KeysetPhase), 64, min_items=1)),
+                                                   default=None)
+    """Phase records, at most one per listed keyset; left out when there are none (a keyset
+    without one is active by its dates). Devices adopt them through
+    :func:`~m2mpay.protocol.rules.phases.follow_phases`, which also checks each against its keyset."""
+
+    def validate(self) -> None:
+        listed = {k.id for k in self.keysets}
+        named = [p.keyset for p in self.phases or ()]
+        if len(set(named)) != len(named) or not listed.issuperset(named):
+            raise LocalProtocolError("KeysAnnouncement: a phase record for an unlisted keyset, or two for one")
 
     def keyset(self, keyset_id: str) -> KeysetInfo | None:
         """The listed keyset with this id, or ``None``."""

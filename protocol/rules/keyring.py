@@ -2,20 +2,23 @@
 
 Every party verifies with the same keyring: the bank, a vendor checking a coin before relaying
 it, and a wallet choosing a keyset. Keysets not listed in the announcement do not exist for it
-(DESIGN.md §5, tagging). Vendors the announcement lists as revoked are refused by name.
+(DESIGN.md §5, tagging). Vendors the announcement lists as revoked are refused by name. Each
+keyset's phase record (docs/LIFECYCLE.md) decides what it may still be used for: a retired keyset
+takes no withdrawals but its coins are spent until ``spend_until``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from .. import blindrsa
 from ..errors import ErrorCode, RemoteProtocolError
-from ..messages import Coin, KeysAnnouncement, KeysetInfo
+from ..messages import Coin, KeysAnnouncement, KeysetInfo, KeysetPhase
+from .phases import Use, follow_phases, require
 
 __all__ = ["COIN_VARIANT", "Keyring"]
 
@@ -24,8 +27,8 @@ COIN_VARIANT = blindrsa.SHA384_PSS_RANDOMIZED
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
-    """Public keys of one bank: CA, answer signing, sealing, each keyset's RSA key, and the
-    names of the vendors whose certificates it revoked."""
+    """Public keys of one bank: CA, answer signing, sealing, each keyset's RSA key, the names of
+    the vendors whose certificates it revoked, and the keysets' phase records."""
 
     bank: str
     ca_key: Ed25519PublicKey
@@ -34,10 +37,28 @@ class Keyring:
     keysets: Mapping[str, KeysetInfo]
     rsa_keys: Mapping[str, blindrsa.PublicKey]
     revoked: frozenset[str] = frozenset()
+    phases: Mapping[str, KeysetPhase] = field(default_factory=dict)
+    """Phase records by keyset id, as followed (never moved back): see :meth:`following`."""
 
     @classmethod
-    def from_announcement(cls, announcement: KeysAnnouncement) -> Keyring:
-        """Build a keyring from a verified announcement."""
+    def from_announcement(cls, announcement: KeysAnnouncement,
+                          known: Mapping[str, KeysetPhase] | None = None) -> Keyring:
+        """Build a keyring from a verified announcement, following the phase records ``known``
+        from earlier ones (see :meth:`following`)."""
+        return cls.following(announcement, known or {})[0]
+
+    @classmethod
+    def following(cls, announcement: KeysAnnouncement,
+                  known: Mapping[str, KeysetPhase]) -> tuple[Keyring, tuple[str, ...]]:
+        """The keyring of a verified announcement, its phase records merged into ``known`` by
+        :func:`~m2mpay.protocol.rules.phases.follow_phases`, and the keysets whose record update
+        was refused as a rollback (the old record stays). A record that does not fit its keyset
+        refuses the whole announcement (``bad_request``)."""
+        phases, refused = follow_phases(known, announcement.keysets, announcement.phases or ())
+        return cls._build(announcement, phases), refused
+
+    @classmethod
+    def _build(cls, announcement: KeysAnnouncement, phases: Mapping[str, KeysetPhase]) -> Keyring:
         return cls(
             bank=announcement.bank,
             ca_key=Ed25519PublicKey.from_public_bytes(announcement.ca_key),
@@ -46,6 +67,7 @@ class Keyring:
             keysets={k.id: k for k in announcement.keysets},
             rsa_keys={k.id: blindrsa.PublicKey.from_der(k.public_key) for k in announcement.keysets},
             revoked=frozenset(announcement.revoked),
+            phases=phases,
         )
 
     def refuse_revoked(self, vendor: str) -> None:
@@ -61,17 +83,26 @@ class Keyring:
         return info
 
     def withdrawable(self, keyset_id: str, now: int) -> KeysetInfo:
-        """A keyset one may withdraw from at ``now``."""
+        """A keyset one may withdraw from at ``now`` (``keyset_expired`` once retired or past its date)."""
         info = self.keyset(keyset_id)
-        if now > info.withdraw_until:
-            raise RemoteProtocolError("keyset closed for withdrawal", ErrorCode.KEYSET_EXPIRED)
+        require(info, self.phases.get(info.id), now, Use.WITHDRAW)
         return info
+
+    def spendable(self, keyset_id: str, now: int) -> bool:
+        """Whether coins of this listed keyset may still be spent (blocked, settled) at ``now``."""
+        info = self.keysets.get(keyset_id)
+        if info is None:
+            return False
+        try:
+            require(info, self.phases.get(info.id), now, Use.SPEND)
+        except RemoteProtocolError:
+            return False
+        return True
 
     def verify_coin(self, coin: Coin, now: int) -> KeysetInfo:
         """Check that ``coin`` carries the bank's signature under a keyset spendable at ``now``."""
         info = self.keyset(coin.keyset)
-        if now > info.spend_until:
-            raise RemoteProtocolError("keyset no longer spendable", ErrorCode.KEYSET_EXPIRED)
+        require(info, self.phases.get(info.id), now, Use.SPEND)
         if not blindrsa.is_valid(self.rsa_keys[coin.keyset], coin.signed_input, coin.sig, COIN_VARIANT):
             raise RemoteProtocolError("coin signature does not verify", ErrorCode.BAD_SIGNATURE)
         return info

@@ -7,7 +7,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from m2mpay.protocol.messages import MAX_TOKENS, KeysetInfo, Message, keyset_id
+from m2mpay.protocol.messages import MAX_TOKENS, PHASES, KeysetInfo, KeysetPhase, Message, keyset_id
 from m2mpay.protocol.messages._schema import Bool, Bytes, Kind, ListOf, Nested, Optional, Text, UInt
 
 _IDENT = "abcdefghijklmnopqrstuvwxyz0123456789-_."
@@ -44,10 +44,21 @@ def _keyset(draw: st.DrawFn) -> KeysetInfo:
                       currency="EUR", withdraw_until=withdraw_until, spend_until=spend_until, public_key=key)
 
 
+@st.composite
+def _phase(draw: st.DrawFn) -> KeysetPhase:
+    withdraw_until = draw(st.integers(0, 1 << 39))
+    retired = draw(st.none() | st.integers(withdraw_until, 1 << 40))
+    return KeysetPhase(keyset=draw(st.text(_IDENT, min_size=1, max_size=32)), phase=draw(st.sampled_from(PHASES)),
+                       withdraw_until=withdraw_until, redeem_until=draw(st.integers(withdraw_until, 1 << 40)),
+                       retired=retired)
+
+
 def for_message(cls: type[Message]) -> st.SearchStrategy[Any]:
     """Valid instances of ``cls`` (drawn values failing cross-field checks are filtered out)."""
     if cls is KeysetInfo:
         return _keyset()
+    if cls is KeysetPhase:
+        return _phase()
     fields = {f.name: for_kind(f.metadata["kind"]) for f in dataclasses.fields(cls)}
 
     def build(values: dict[str, Any]) -> Any:

@@ -1,17 +1,15 @@
 """A whole payment life in memory, and every way the bank and vendor refuse one.
 
-Only the pure core is used: wallet rules, vendor sessions, the bank's rules behind
-``MemoryBank``. No mocks, no I/O; time is a number passed in.
+The wallet rules, vendor sessions, and the bank's own request pipeline behind ``LocalBank``
+(SQLite in memory). No mocks, no network; time is a number passed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from m2mpay.protocol import envelope, hashchain, sealing
@@ -23,106 +21,20 @@ from m2mpay.protocol.messages import (
     BlockRequest,
     CertificateBody,
 
-    Offer,
     OpenSession,
     SettleAnswer,
     StatusAnswer,
     StatusRequest,
-    WithdrawAnswer,
 )
 from m2mpay.protocol.rules import wallet
-from m2mpay.protocol.rules.keyring import Keyring
 from m2mpay.protocol.rules.vendor import SessionState, VendorSession
 
-from .world import BANK, NOW, MemoryBank, Vendor, det_rng, make_keyset
-
-T = NOW + 600
-
-
-@pytest.fixture(scope="module")
-def rsa_keys() -> list[rsa.RSAPrivateKey]:
-    return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2)]
-
-
-@pytest.fixture
-def bank(rsa_keys: list[rsa.RSAPrivateKey]) -> Iterator[MemoryBank]:
-    small = make_keyset(rsa_keys[0], value=100, n=100)
-    big = make_keyset(rsa_keys[1], value=1000, n=1000)
-    world = MemoryBank(keysets={small.info.id: small, big.info.id: big})
-    yield world
-    world.audit()  # every test ends with the books balanced
-
-
-def small_keyset(bank: MemoryBank) -> str:
-    return next(k for k, v in bank.keysets.items() if v.info.n == 100)
-
-
-def withdraw(bank: MemoryBank, count: int = 1, *, keyset: str | None = None, seed: int = 1) -> list[wallet.WalletCoin]:
-    key = bank.open_account(f"user{seed}", 10_000)
-    ks = bank.keysets[keyset or small_keyset(bank)]
-    pending = wallet.prepare_withdrawal(f"user{seed}", ks.info, ks.public, count, det_rng(seed))
-    data = envelope.sign_request(pending.request, key, f"user{seed}", BANK, "withdraw")
-    answer = envelope.open_answer(bank.handle("withdraw", data), bank.answer_key.public_key(), BANK,
-                                  "withdraw", WithdrawAnswer, request=data)
-    return wallet.complete_withdrawal(pending, answer, ks.info, ks.public)
-
-
-def make_offer(vendor: Vendor, keyring: Keyring, *, deadline: int = T) -> Offer:
-    return Offer(cert=vendor.cert, service="parking", unit="minute", price=1, deadline=deadline,
-                 nonce=os.urandom(16), bank=BANK, keysets=tuple(sorted(keyring.keysets)))
-
-
-def authorize(bank: MemoryBank, wc: wallet.WalletCoin, offer: Offer, now: int = NOW,
-              ) -> tuple[wallet.WalletCoin, OpenSession]:
-    wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce,
-                                cert_hash=hashchain.h(offer.cert), now=now)
-    sealed = sealing.seal(auth.encode(), bank.keyring().sealing_key, sealing.info_for_bank(BANK))
-    return wc, OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce)
-
-
-def block(bank: MemoryBank, vendor: Vendor, request: BlockRequest, now: int = NOW) -> BlockAnswer:
-    signed = vendor.sign(request, "block")
-    return envelope.open_answer(bank.handle("block", signed, now), bank.answer_key.public_key(), BANK, "block",
-                                BlockAnswer, request=signed)
-
-
-def open_session(bank: MemoryBank, vendor: Vendor, wc: wallet.WalletCoin, now: int = NOW,
-                 ) -> tuple[wallet.WalletCoin, VendorSession]:
-    keyring = bank.keyring()
-    session = VendorSession(make_offer(vendor, keyring, deadline=now + 600), keyring, vendor.name)
-    wc, request = authorize(bank, wc, session.offer, now)
-    session.blocked(block(bank, vendor, session.open(request, os.urandom(16), now), now))
-    return wc, session
-
-
-def pay(session: VendorSession, wc: wallet.WalletCoin, tokens: int, now: int = NOW) -> wallet.WalletCoin:
-    """Pay ``tokens`` tokens at once (what metering asks for is :mod:`tests.protocol.test_pricing`'s)."""
-    wc, message = wallet.reveal(wc, tokens)
-    session.pay(message, now)
-    return wc
-
-
-def settle(bank: MemoryBank, vendor: Vendor, session: VendorSession, *, keep_open: bool = False,
-           now: int = NOW) -> SettleAnswer:
-    request = session.settle_request(os.urandom(16), keep_open=keep_open)
-    signed = vendor.sign(request, "settle")
-    answer = envelope.open_answer(bank.handle("settle", signed, now), bank.answer_key.public_key(), BANK, "settle",
-                                  SettleAnswer, request=signed)
-    session.settled(answer)
-    return answer
-
-
-def refusal(bank: MemoryBank, op: str, request: bytes, now: int = NOW) -> ErrorCode:
-    """The code of the bank's signed refusal of ``request``."""
-    with pytest.raises(RemoteProtocolError) as info:
-        envelope.open_answer(bank.handle(op, request, now), bank.answer_key.public_key(), BANK, op, BlockAnswer,
-                             request=request)
-    return info.value.code
-
+from .flows import T, authorize, block, make_offer, open_session, pay, refusal, settle, small_keyset, withdraw
+from .world import BANK, NOW, LocalBank, Vendor, det_rng
 
 # --- the lifecycle --------------------------------------------------------------------------
 
-def test_full_lifecycle(bank: MemoryBank) -> None:
+def test_full_lifecycle(bank: LocalBank) -> None:
     """withdraw → block → pay 10 → settle → block at a second vendor → spend to zero."""
     (wc,) = withdraw(bank)
     assert bank.balances["user1"] == 10_000 - 100 and wc.remaining == 100
@@ -148,7 +60,7 @@ def test_full_lifecycle(bank: MemoryBank) -> None:
     assert sum(c.amount for c in bank.credits) == bank.withdrawn == 100
 
 
-def test_checkpoint_lapse_and_late_settlement(bank: MemoryBank) -> None:
+def test_checkpoint_lapse_and_late_settlement(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -162,7 +74,7 @@ def test_checkpoint_lapse_and_late_settlement(bank: MemoryBank) -> None:
     assert late.credited == 3 and bank.balances[vendor.account] == 8
 
 
-def test_lapse_credits_the_blocking_token(bank: MemoryBank) -> None:
+def test_lapse_credits_the_blocking_token(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, _ = open_session(bank, vendor, wc)
@@ -170,7 +82,7 @@ def test_lapse_credits_the_blocking_token(bank: MemoryBank) -> None:
     assert bank.balances[vendor.account] == 1
 
 
-def test_settlement_delivered_twice_credits_once(bank: MemoryBank) -> None:
+def test_settlement_delivered_twice_credits_once(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -180,10 +92,10 @@ def test_settlement_delivered_twice_credits_once(bank: MemoryBank) -> None:
     assert first == second and bank.balances[vendor.account] == 3
 
 
-def test_status(bank: MemoryBank) -> None:
+def test_status(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
-    wc, session = open_session(bank, vendor, wc)
+    wc, _ = open_session(bank, vendor, wc)
     ask = vendor.sign(StatusRequest(tip=wc.coin.tip, req_id=os.urandom(16)), "status")
     status = envelope.open_answer(bank.handle("status", ask), bank.answer_key.public_key(), BANK, "status",
                                   StatusAnswer, request=ask)
@@ -192,7 +104,7 @@ def test_status(bank: MemoryBank) -> None:
 
 # --- withdraw idempotency -------------------------------------------------------------------
 
-def test_withdraw_retry_debits_once_and_other_request_under_same_id_is_replay(bank: MemoryBank) -> None:
+def test_withdraw_retry_debits_once_and_other_request_under_same_id_is_replay(bank: LocalBank) -> None:
     key = bank.open_account("alice", 1_000)
     ks = bank.keysets[small_keyset(bank)]
     pending = wallet.prepare_withdrawal("alice", ks.info, ks.public, 2, det_rng(7))
@@ -204,7 +116,7 @@ def test_withdraw_retry_debits_once_and_other_request_under_same_id_is_replay(ba
     assert refusal(bank, "withdraw", reused) is ErrorCode.REPLAY and bank.balances["alice"] == 800
 
 
-def test_withdraw_refusals(bank: MemoryBank) -> None:
+def test_withdraw_refusals(bank: LocalBank) -> None:
     key = bank.open_account("bob", 150)
     ks = bank.keysets[small_keyset(bank)]
     pending = wallet.prepare_withdrawal("bob", ks.info, ks.public, 2, det_rng(8))
@@ -217,14 +129,14 @@ def test_withdraw_refusals(bank: MemoryBank) -> None:
 
 # --- every rejection path of a block --------------------------------------------------------
 
-def _open(bank: MemoryBank, vendor: Vendor, wc: wallet.WalletCoin, **offer: int) -> tuple[VendorSession, OpenSession]:
+def _open(bank: LocalBank, vendor: Vendor, wc: wallet.WalletCoin, **offer: int) -> tuple[VendorSession, OpenSession]:
     keyring = bank.keyring()
     session = VendorSession(make_offer(vendor, keyring, **offer), keyring, vendor.name)
     _, request = authorize(bank, wc, session.offer)
     return session, request
 
 
-def _block_code(bank: MemoryBank, vendor: Vendor, request: BlockRequest, now: int = NOW) -> ErrorCode:
+def _block_code(bank: LocalBank, vendor: Vendor, request: BlockRequest, now: int = NOW) -> ErrorCode:
     return refusal(bank, "block", vendor.sign(request, "block"), now)
 
 
@@ -234,7 +146,7 @@ def _raw_block(session: VendorSession, request: OpenSession, **changes: object) 
                      deadline=request.deadline, nonce=request.nonce, req_id=os.urandom(16)), **changes)
 
 
-def test_forged_coin(bank: MemoryBank) -> None:
+def test_forged_coin(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc)
@@ -245,7 +157,7 @@ def test_forged_coin(bank: MemoryBank) -> None:
     assert _block_code(bank, vendor, _raw_block(session, request, coin=forged)) is ErrorCode.BAD_SIGNATURE
 
 
-def test_coin_signed_under_another_keyset(bank: MemoryBank) -> None:
+def test_coin_signed_under_another_keyset(bank: LocalBank) -> None:
     big = next(k for k, v in bank.keysets.items() if v.info.n == 1000)
     (wc,) = withdraw(bank, keyset=big)
     relabelled = dataclasses.replace(wc.coin, keyset=small_keyset(bank))  # claim the other denomination
@@ -254,11 +166,11 @@ def test_coin_signed_under_another_keyset(bank: MemoryBank) -> None:
     assert _block_code(bank, vendor, _raw_block(session, request)) is ErrorCode.BAD_SIGNATURE
 
 
-def _seal(bank: MemoryBank, auth: Authorization) -> bytes:
+def _seal(bank: LocalBank, auth: Authorization) -> bytes:
     return sealing.seal(auth.encode(), bank.keyring().sealing_key, sealing.info_for_bank(BANK))
 
 
-def test_chain_position_above_n_and_wrong_chain(bank: MemoryBank) -> None:
+def test_chain_position_above_n_and_wrong_chain(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc)
@@ -267,11 +179,12 @@ def test_chain_position_above_n_and_wrong_chain(bank: MemoryBank) -> None:
     above = _raw_block(session, request, sealed=_seal(bank, base))
     assert _block_code(bank, vendor, above) is ErrorCode.BAD_REQUEST
     wrong = dataclasses.replace(base, index=99, token=os.urandom(32))
-    assert _block_code(bank, vendor, _raw_block(session, request, sealed=_seal(bank, wrong))) is ErrorCode.CHAIN_MISMATCH
+    code = _block_code(bank, vendor, _raw_block(session, request, sealed=_seal(bank, wrong)))
+    assert code is ErrorCode.CHAIN_MISMATCH
     assert wc.coin.tip not in bank.coins  # nothing registered by a refusal
 
 
-def test_tampered_sealed_blob(bank: MemoryBank) -> None:
+def test_tampered_sealed_blob(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc)
@@ -279,7 +192,7 @@ def test_tampered_sealed_blob(bank: MemoryBank) -> None:
     assert _block_code(bank, vendor, _raw_block(session, request, sealed=tampered)) is ErrorCode.BAD_SIGNATURE
 
 
-def test_sealed_blob_replayed_in_another_session_or_to_another_vendor(bank: MemoryBank) -> None:
+def test_sealed_blob_replayed_in_another_session_or_to_another_vendor(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor, thief = bank.enroll("meter", "parking"), bank.enroll("thief", "parking")
     session, request = _open(bank, vendor, wc)
@@ -293,7 +206,7 @@ def test_sealed_blob_replayed_in_another_session_or_to_another_vendor(bank: Memo
     assert _block_code(bank, vendor, _raw_block(session, request)) is ErrorCode.REPLAY
 
 
-def test_wrong_or_expired_certificate(bank: MemoryBank) -> None:
+def test_wrong_or_expired_certificate(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     rogue_body = CertificateBody(bank=BANK, vendor="meter", account="acct-meter", name="Meter",
@@ -307,14 +220,14 @@ def test_wrong_or_expired_certificate(bank: MemoryBank) -> None:
 
 
 @pytest.mark.parametrize("deadline", [NOW + 1, NOW + 2 * 86400], ids=["too-soon", "too-far"])
-def test_deadline_outside_window(bank: MemoryBank, deadline: int) -> None:
+def test_deadline_outside_window(bank: LocalBank, deadline: int) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc, deadline=deadline)
     assert _block_code(bank, vendor, _raw_block(session, request)) is ErrorCode.DEADLINE
 
 
-def test_coin_blocked_by_another_vendor_then_late_settlement_refused(bank: MemoryBank) -> None:
+def test_coin_blocked_by_another_vendor_then_late_settlement_refused(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     first, second = bank.enroll("first", "parking"), bank.enroll("second", "ev")
     wc_after, session = open_session(bank, first, wc)
@@ -328,7 +241,7 @@ def test_coin_blocked_by_another_vendor_then_late_settlement_refused(bank: Memor
     assert bank.balances[first.account] == 1  # what the bank saw, credited at lapse
 
 
-def test_coin_spent(bank: MemoryBank) -> None:
+def test_coin_spent(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -344,7 +257,7 @@ def test_coin_spent(bank: MemoryBank) -> None:
     assert _block_code(bank, vendor, _raw_block(s2, req)) is ErrorCode.COIN_SPENT
 
 
-def test_forged_bank_answer_is_refused(bank: MemoryBank) -> None:
+def test_forged_bank_answer_is_refused(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session, request = _open(bank, vendor, wc)
@@ -358,7 +271,7 @@ def test_forged_bank_answer_is_refused(bank: MemoryBank) -> None:
         envelope.open_answer(raw, bank.answer_key.public_key(), BANK, "settle", SettleAnswer, request=signed)
 
 
-def test_vendor_refuses_bad_tokens_and_repeats_receipts(bank: MemoryBank) -> None:
+def test_vendor_refuses_bad_tokens_and_repeats_receipts(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -375,7 +288,7 @@ def test_vendor_refuses_bad_tokens_and_repeats_receipts(bank: MemoryBank) -> Non
     assert session.paid == 3
 
 
-def test_wallet_gap_after_lost_token_is_accepted(bank: MemoryBank) -> None:
+def test_wallet_gap_after_lost_token_is_accepted(bank: LocalBank) -> None:
     """Write-ahead: a token whose fate is unknown is skipped; the vendor accepts the gap."""
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")

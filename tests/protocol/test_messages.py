@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m2mpay.protocol import cbor, messages
+from m2mpay.protocol import cbor
 from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import Coin, Message, Pay
 
+from .catalog import ALL
 from .strategies import for_message
 
-ALL = [getattr(messages, name) for name in messages.__all__
-       if isinstance(getattr(messages, name), type) and issubclass(getattr(messages, name), Message)
-       and getattr(messages, name) is not Message]
 
 
 def test_catalog_is_complete() -> None:
@@ -41,10 +41,8 @@ def test_round_trip(cls: type[Message], data: st.DataObject) -> None:
 @settings(max_examples=150, deadline=None)
 @given(blob=st.binary(max_size=200))
 def test_random_bytes_raise_only_protocol_errors(cls: type[Message], blob: bytes) -> None:
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         cls.decode(blob)
-    except RemoteProtocolError:
-        pass
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
@@ -53,10 +51,8 @@ def test_random_bytes_raise_only_protocol_errors(cls: type[Message], blob: bytes
                            st.none() | st.booleans() | st.integers(-5, 2**70) | st.binary(max_size=40)
                            | st.text(max_size=5) | st.lists(st.integers(), max_size=2), max_size=6))
 def test_random_maps_raise_only_protocol_errors(cls: type[Message], obj: dict[str, object]) -> None:
-    try:
+    with contextlib.suppress(RemoteProtocolError):
         cls.decode(cbor.encode(obj))
-    except RemoteProtocolError:
-        pass
 
 
 def _pay_obj(**changes: object) -> bytes:

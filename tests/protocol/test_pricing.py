@@ -21,8 +21,8 @@ from m2mpay.protocol.rules import wallet
 from m2mpay.protocol.rules.pricing import tokens_owed, units_paid
 from m2mpay.protocol.rules.vendor import VendorSession
 
-from .test_lifecycle import authorize, block, make_offer, settle, withdraw
-from .world import NOW, MemoryBank, make_keyset
+from .flows import authorize, block, make_offer, settle, withdraw
+from .world import NOW, LocalBank, make_keyset
 
 OWED = [
     # (units, price in minor units, token value in minor units, tokens owed)
@@ -72,16 +72,19 @@ def rsa_keys() -> list[rsa.RSAPrivateKey]:
 
 
 @pytest.fixture
-def bank(rsa_keys: list[rsa.RSAPrivateKey]) -> Iterator[MemoryBank]:
+def bank(rsa_keys: list[rsa.RSAPrivateKey]) -> Iterator[LocalBank]:
     """Two keysets whose tokens are worth 1 and 10."""
     ones = make_keyset(rsa_keys[0], value=100, n=100)
     tens = make_keyset(rsa_keys[1], value=1000, n=100)
-    world = MemoryBank(keysets={ones.info.id: ones, tens.info.id: tens})
-    yield world
-    world.audit()
+    world = LocalBank(keysets={ones.info.id: ones, tens.info.id: tens})
+    try:
+        yield world
+        world.audit()
+    finally:
+        world.close()
 
 
-def _metered(bank: MemoryBank, token_value: int, price: int, units: int) -> tuple[int, int]:
+def _metered(bank: LocalBank, token_value: int, price: int, units: int) -> tuple[int, int]:
     """A session at ``price`` metered ``units`` times, each ask paid as it comes.
 
     Returns the tokens the session holds and the money the bank credited its vendor.
@@ -106,7 +109,7 @@ def _metered(bank: MemoryBank, token_value: int, price: int, units: int) -> tupl
 
 @pytest.mark.parametrize(("token_value", "price", "units"), [(1, 2, 2), (1, 3, 5), (10, 2, 1), (10, 2, 6),
                                                               (10, 7, 9), (1, 1, 0)])
-def test_vendor_meter_asks_what_the_wallet_pays(bank: MemoryBank, token_value: int, price: int, units: int) -> None:
+def test_vendor_meter_asks_what_the_wallet_pays(bank: LocalBank, token_value: int, price: int, units: int) -> None:
     """After each unit the vendor asks ``tokens_owed(units so far) − paid``; the session ends holding
     exactly what the wallet pays for the units, and the bank credits that many tokens' money."""
     tokens, credited = _metered(bank, token_value, price, units)
@@ -114,12 +117,12 @@ def test_vendor_meter_asks_what_the_wallet_pays(bank: MemoryBank, token_value: i
     assert credited == tokens * token_value
 
 
-def test_blocking_token_is_the_first_token_owed(bank: MemoryBank) -> None:
+def test_blocking_token_is_the_first_token_owed(bank: LocalBank) -> None:
     """2 units at price 2 with tokens of 1: 4 tokens, not 5 (the blocking token was an extra charge)."""
     assert _metered(bank, 1, 2, 2) == (4, 4)
 
 
-def test_what_is_owed_never_exceeds_the_coin(bank: MemoryBank) -> None:
+def test_what_is_owed_never_exceeds_the_coin(bank: LocalBank) -> None:
     """At the highest price an offer carries, one unit owes more tokens than a coin has: the vendor
     asks for what is left on the coin, a number a ``Due`` can carry."""
     (wc,) = withdraw(bank, keyset=next(k for k, ks in bank.keysets.items() if ks.info.token_value == 1))

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from m2mpay.protocol import cose
+from m2mpay.protocol import cose, wire
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import CertificateBody, FinalReceipt
 from m2mpay.protocol.receipts import AAD_RECEIPT, sign_receipt, verify_receipt
@@ -31,7 +31,7 @@ def test_final_receipt_round_trip_and_verification() -> None:
 
 @pytest.mark.parametrize(("name", "signed", "code"), [
     ("another key", sign_receipt(RECEIPT, Ed25519PrivateKey.generate()), ErrorCode.BAD_SIGNATURE),
-    ("another context", cose.sign1(RECEIPT.encode(), KEY, b"meter", b"m2mpay/req/1/bank/settle"),
+    ("another context", cose.sign1(RECEIPT.encode(), KEY, b"meter", wire.request_aad("bank", "settle")),
      ErrorCode.BAD_SIGNATURE),
     ("another vendor's name", sign_receipt(dataclasses.replace(RECEIPT, vendor="kiosk"), KEY),
      ErrorCode.BAD_SIGNATURE),

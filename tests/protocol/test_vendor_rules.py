@@ -33,8 +33,8 @@ from m2mpay.protocol.rules.settlement import (
 )
 from m2mpay.protocol.rules.vendor import TRANSITIONS, Change, SessionEvent, SessionState, VendorSession
 
-from .test_lifecycle import T, authorize, bank, block, make_offer, open_session, rsa_keys, withdraw  # noqa: F401
-from .world import BANK, NOW, MemoryBank, Vendor
+from .flows import T, authorize, block, make_offer, open_session, withdraw
+from .world import BANK, NOW, LocalBank, Vendor
 
 POLICY = RetryPolicy(first=1.0, cap=60.0, margin=60, urgent_cap=5.0, jitter=0.5)
 Result = SettleAnswer | StatusAnswer | envelope.Refusal | NoAnswer
@@ -116,7 +116,8 @@ def test_tables_reach_every_state_and_terminal_states_only_answer_closes() -> No
     # the network never ends an entry: no answer always leads back to the queue (or to nothing new)
     for (state, event), nxt in ENTRY_TRANSITIONS.items():
         if event is SettlementEvent.NO_ANSWER:
-            assert nxt in (SettlementState.QUEUED, SettlementState.SUPERSEDED) and nxt in (state, SettlementState.QUEUED)
+            assert nxt in (SettlementState.QUEUED, SettlementState.SUPERSEDED)
+            assert nxt in (state, SettlementState.QUEUED)
 
 
 # --- two-phase changes ----------------------------------------------------------------------
@@ -192,7 +193,7 @@ def test_outcome_is_two_phase() -> None:
 
 # --- transitions through the API, back to back with the bank ----------------------------------
 
-def attempt(bank: MemoryBank, vendor: Vendor, session: VendorSession, item: Settlement, event: SettlementEvent,
+def attempt(bank: LocalBank, vendor: Vendor, session: VendorSession, item: Settlement, event: SettlementEvent,
             now: int, *, mono: float = 0.0, lose: str | None = None) -> Change | None:
     """One attempt as the agent makes it; ``lose`` = "request" or "answer" drops that leg."""
     item.start(event)
@@ -230,7 +231,7 @@ def paid(session: VendorSession, wc: wallet.WalletCoin, tokens: int, now: int = 
     return wc
 
 
-def test_open_refused_for_good_frees_the_offer(bank: MemoryBank) -> None:  # noqa: F811
+def test_open_refused_for_good_frees_the_offer(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session = VendorSession(make_offer(vendor, bank.keyring()), bank.keyring(), vendor.name)
@@ -242,7 +243,7 @@ def test_open_refused_for_good_frees_the_offer(bank: MemoryBank) -> None:  # noq
 
 @pytest.mark.parametrize("result", [NoAnswer("timeout"), envelope.Refusal("db down", ErrorCode.INTERNAL),
                                     envelope.Refusal("busy", ErrorCode.UNAVAILABLE)], ids=["none", "internal", "busy"])
-def test_open_unanswered_keeps_the_offer_used(bank: MemoryBank, result: envelope.Refusal | NoAnswer) -> None:  # noqa: F811
+def test_open_unanswered_keeps_the_offer_used(bank: LocalBank, result: envelope.Refusal | NoAnswer) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     session = VendorSession(make_offer(vendor, bank.keyring()), bank.keyring(), vendor.name)
@@ -253,7 +254,7 @@ def test_open_unanswered_keeps_the_offer_used(bank: MemoryBank, result: envelope
     assert not session.offer_reusable  # the coin may be blocked under this offer
 
 
-def test_settlement_survives_any_number_of_lost_attempts(bank: MemoryBank) -> None:  # noqa: F811
+def test_settlement_survives_any_number_of_lost_attempts(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -275,7 +276,7 @@ def test_settlement_survives_any_number_of_lost_attempts(bank: MemoryBank) -> No
     assert session.closed(NOW).credited == 10 == bank.balances[vendor.account]  # once, whatever was lost
 
 
-def test_final_refusal_forfeits_and_refused_checkpoint_goes_on(bank: MemoryBank) -> None:  # noqa: F811
+def test_final_refusal_forfeits_and_refused_checkpoint_goes_on(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -294,7 +295,8 @@ def test_final_refusal_forfeits_and_refused_checkpoint_goes_on(bank: MemoryBank)
     # another session took the coin meanwhile (as after a lapse): the bank refuses this one for good
     bank.coins[session.tip] = dataclasses.replace(bank.coins[session.tip], session=b"x" * 16)
     change = attempt(bank, vendor, session, final, SettlementEvent.SEND, NOW)
-    assert change is not None and change.event is SessionEvent.FORFEIT and change.settlement_state is SettlementState.REFUSED
+    assert change is not None and change.event is SessionEvent.FORFEIT
+    assert change.settlement_state is SettlementState.REFUSED
     session.commit(change)
     assert session.state is SessionState.FORFEITED and session.done
     assert session.closed(NOW).pending is None
@@ -308,7 +310,7 @@ def queue_signed(vendor: Vendor, session: VendorSession, *, keep_open: bool) -> 
     return change.settlement
 
 
-def test_late_settlement_asks_the_status_first(bank: MemoryBank) -> None:  # noqa: F811
+def test_late_settlement_asks_the_status_first(bank: LocalBank) -> None:
     (wc,) = withdraw(bank)
     vendor = bank.enroll("meter", "parking")
     wc, session = open_session(bank, vendor, wc)
@@ -328,7 +330,7 @@ def test_late_settlement_asks_the_status_first(bank: MemoryBank) -> None:  # noq
 
 
 @pytest.mark.parametrize("sent", [False, True], ids=["never-sent", "maybe-sent"])
-def test_late_settlement_after_another_block(bank: MemoryBank, sent: bool) -> None:  # noqa: F811
+def test_late_settlement_after_another_block(bank: LocalBank, sent: bool) -> None:
     (wc,) = withdraw(bank)
     first, second = bank.enroll("meter", "parking"), bank.enroll("kiosk", "parking")
     wc, session = open_session(bank, first, wc)
@@ -347,7 +349,7 @@ def test_late_settlement_after_another_block(bank: MemoryBank, sent: bool) -> No
     assert session.state is SessionState.FORFEITED and bank.balances[first.account] == 1
 
 
-def test_chain_attack_the_late_settlement_lands_before_the_next_vendor(bank: MemoryBank) -> None:  # noqa: F811
+def test_chain_attack_the_late_settlement_lands_before_the_next_vendor(bank: LocalBank) -> None:
     """The bank unreachable for A until after T, then the same wallet at B: A is credited what it
     delivered service for, B only for B's own tokens (the wallet never reveals A's again)."""
     (wc,) = withdraw(bank)
