@@ -11,14 +11,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from m2mpay.protocol import cose
 from m2mpay.protocol.certificates import issue_certificate
-from m2mpay.protocol.messages import CertificateBody
-from m2mpay.protocol.messages._fields import IDENT
+from m2mpay.broker.pki import is_bank_login
+from m2mpay.protocol.messages import CertificateBody, is_name
 
 from ..files import write_private
 from .audit import AuditReport, audit
 from .keys import BankKeys
 from .revocation import revoke
-from .store import Store, Tx
+from .store import Store
+from .tx import Tx
 
 __all__ = ["AuditReport", "audit", "balance", "deposit", "enroll_vendor", "open_account", "revoke_vendor"]
 
@@ -34,15 +35,21 @@ def _write_private_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def _check_name(name: str) -> None:
-    try:
-        IDENT.check(name)
-    except ValueError as exc:
-        raise ValueError(f"name {name!r}: {exc}") from None
+    if not is_name(name):
+        raise ValueError(f"name {name!r}: must be 1 to 32 characters of a-z, 0-9, '-', '_' and '.'")
+
+
+def _check_device_name(name: str) -> None:
+    """A device's name is its broker login: never one of the bank workers' (``bank``, ``bank-<n>``),
+    whose certificates read every request."""
+    _check_name(name)
+    if is_bank_login(name):
+        raise ValueError(f"name {name!r}: reserved for the bank's own broker logins (bank, bank-<n>)")
 
 
 def open_account(keys: BankKeys, store: Store, name: str, out: Path, now: int) -> None:
     """Open a user account and write its credentials (account, key, bank, CA fingerprint)."""
-    _check_name(name)
+    _check_device_name(name)
     key = Ed25519PrivateKey.generate()
 
     def create(tx: Tx) -> None:
@@ -61,9 +68,7 @@ def _name_free(tx: Tx, name: str) -> None:
     ``m2mpay/{bank}/resp/{name}`` and are remembered under ``(name, req_id)``, so a user named like
     a vendor could read that vendor's answers (whose session ids open its CoAP sessions).
     """
-    taken = tx.one("SELECT 1 FROM accounts WHERE name = ? UNION ALL SELECT 1 FROM vendors WHERE vendor = ?",
-                   (name, name))
-    if taken is not None:
+    if tx.name_taken(name):
         raise ValueError(f"the name {name!r} is taken by an account or a vendor")
 
 
@@ -74,11 +79,11 @@ def deposit(store: Store, name: str, amount: int, now: int) -> int:
 
     def pay_in(tx: Tx) -> int:
         account = tx.account(name, lock=True)
-        if account is None or account[0] != "user":
+        if account is None or account.kind != "user":
             # Only user accounts keep a running balance; vendors are paid by settlements only
             raise KeyError(name)
         tx.transfer("world", name, amount, "deposit", None, now, running=(name,))
-        return account[2] + amount
+        return account.balance + amount
 
     return store.run_sync(pay_in)
 
@@ -90,7 +95,7 @@ def enroll_vendor(keys: BankKeys, store: Store, name: str, category: str, out: P
     Signs with ``ca_key``, or reads the CA's private key from the data directory for this one
     signature.
     """
-    _check_name(name)
+    _check_device_name(name)
     _check_name(category)
     ca_key = ca_key or keys.load_ca_key()  # before anything is written: without it nothing happens
     key = Ed25519PrivateKey.generate()
@@ -104,8 +109,7 @@ def enroll_vendor(keys: BankKeys, store: Store, name: str, category: str, out: P
         _name_free(tx, name)
         _name_free(tx, account)
         tx.create_account(account, "vendor", public, now)
-        tx.execute("INSERT INTO vendors (vendor, account, category, public_key, cert) VALUES (?, ?, ?, ?, ?)",
-                   (name, account, category, public, cert))
+        tx.add_vendor(name, account, category, public, cert)
 
     store.run_sync(enroll)
     _write_private_json(out, {"vendor": name, "account": account, "key": _private_hex(key), "cert": cert.hex(),
@@ -125,7 +129,7 @@ def balance(store: Store, name: str) -> int:
         for candidate in (name, f"v-{name}"[:32]):
             account = tx.account(candidate)
             if account is not None:
-                return account[2] if account[0] == "user" else tx.journal_balance(candidate)
+                return account.balance if account.kind == "user" else tx.journal_balance(candidate)
         raise KeyError(name)
 
     return store.run_sync(read)

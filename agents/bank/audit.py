@@ -19,6 +19,11 @@ a forged coin while real coins of its keyset remain unregistered (until they are
 
 Withdrawals journalled before issuance was recorded (schema migration 2) carry no keyset: they
 form one pool that may back the coins of any keyset.
+
+Exchanges (docs/LIFECYCLE.md) move value between keysets inside ``outstanding``: per keyset,
+``withdrawn + issued_by_exchange`` backs what its coins were paid, exchanged and still hold. Each
+exchange row is checked against its journal rows, its output rows and its coin (spent to 0, its
+exchanged tokens making up the coin's ``n``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ from m2mpay.protocol import hashchain
 from m2mpay.protocol.messages import KeysetInfo
 from m2mpay.protocol.rules.bank import CoinRecord
 
-from .store import Store, Tx
+from .exchange_rows import ExchangeRow, OutputRow, exchange_outputs, exchanges
+from .rows import Entry, Issue
+from .store import Store
+from .tx import Tx
 
 __all__ = ["AuditReport", "audit"]
 
@@ -53,50 +61,25 @@ class AuditReport:
         return not self.problems
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One journal row."""
-
-    id: int
-    debit: str
-    credit: str
-    amount: int
-    kind: str
-    ref: bytes | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Issue:
-    """One issuance record; ``keyset`` is ``None`` for a withdrawal from before they were kept."""
-
-    account: str
-    req_id: bytes
-    keyset: str | None
-    coins: int | None
-    value: int
-
-
 @dataclass
 class _Books:
     """Every row the audit reads, loaded in one transaction."""
 
-    journal: list[_Entry]
+    journal: list[Entry]
     accounts: dict[str, tuple[str, int]]
-    issuance: list[_Issue]
+    issuance: list[Issue]
     coins: list[CoinRecord]
     keysets: dict[str, KeysetInfo]
     credits_per_coin: dict[bytes, int] = field(default_factory=dict)
+    exchanges: dict[bytes, ExchangeRow] = field(default_factory=dict)
+    outputs: list[OutputRow] = field(default_factory=list)
 
     @classmethod
     def load(cls, tx: Tx) -> _Books:
-        journal = [_Entry(int(r[0]), r[1], r[2], int(r[3]), r[4], None if r[5] is None else bytes(r[5]))
-                   for r in tx.all("SELECT id, debit, credit, amount, kind, ref FROM journal ORDER BY id")]
-        issuance = [_Issue(r[0], bytes(r[1]), r[2], None if r[3] is None else int(r[3]), int(r[4]))
-                    for r in tx.all("SELECT account, req_id, keyset, coins, value FROM issuance")]
-        books = cls(journal=journal,
-                    accounts={r[0]: (r[1], int(r[2])) for r in tx.all("SELECT name, kind, balance FROM accounts")},
-                    issuance=issuance, coins=tx.coins(),
-                    keysets={r[0]: KeysetInfo.decode(bytes(r[1])) for r in tx.all("SELECT id, info FROM keysets")})
+        journal = tx.journal()
+        books = cls(journal=journal, accounts={a.name: (a.kind, a.balance) for a in tx.accounts()},
+                    issuance=tx.issuance(), coins=tx.coins(), keysets={k.info.id: k.info for k in tx.keysets()},
+                    exchanges={e.tip: e for e in exchanges(tx)}, outputs=exchange_outputs(tx))
         for entry in journal:
             if entry.kind.startswith(_CREDIT) and entry.ref is not None:
                 books.credits_per_coin[entry.ref] = books.credits_per_coin.get(entry.ref, 0) + entry.amount
@@ -112,6 +95,7 @@ def audit(store: Store) -> AuditReport:
         report.problems += _check_issuance(books)
         report.problems += _check_coins(books)
         report.problems += _check_keysets(books)
+        report.problems += _check_exchanges(books)
         report.coins = len(books.coins)
         return report
 
@@ -122,7 +106,7 @@ def _label(value: bytes) -> str:
     return value.hex()[:16]
 
 
-def _movement_problem(entry: _Entry, accounts: dict[str, tuple[str, int]]) -> str | None:
+def _movement_problem(entry: Entry, accounts: dict[str, tuple[str, int]]) -> str | None:
     """Each kind of journal row moves money one way only: anything else was not written by the bank."""
     kinds = {name: kind for name, (kind, _) in accounts.items()}
     debit, credit = kinds.get(entry.debit), kinds.get(entry.credit)
@@ -132,6 +116,8 @@ def _movement_problem(entry: _Entry, accounts: dict[str, tuple[str, int]]) -> st
         fits = debit == "user" and entry.credit == "outstanding" and entry.ref is not None
     elif entry.kind.startswith(_CREDIT):
         fits = entry.debit == "outstanding" and credit == "vendor" and entry.ref is not None
+    elif entry.kind == "exchange":  # an old keyset's outstanding coins to a new keyset's
+        fits = entry.debit == entry.credit == "outstanding" and entry.ref is not None
     else:
         fits = False
     if fits:
@@ -223,13 +209,14 @@ def _check_coin(record: CoinRecord, books: _Books) -> list[str]:
     problems = []
     if not 0 <= record.position <= record.start or record.credited < 0:
         problems.append(f"{label}: position {record.position}, start {record.start}, credited {record.credited}")
-    held = record.credited + record.start
+    exchanged = books.exchanges[record.tip].tokens if record.tip in books.exchanges else 0
+    held = record.credited + record.start + exchanged
     if held > record.n:
-        problems.append(f"{label}: duplicated settlement: {record.credited} tokens credited and {record.start} "
-                        f"not yet credited exceed its {record.n}")
+        problems.append(f"{label}: duplicated settlement: {record.credited} tokens credited, {exchanged} exchanged "
+                        f"and {record.start} not yet credited exceed its {record.n}")
     elif held < record.n:
-        problems.append(f"{label}: {record.credited} tokens credited and {record.start} not yet credited fall short "
-                        f"of its {record.n}")
+        problems.append(f"{label}: {record.credited} tokens credited, {exchanged} exchanged and {record.start} not "
+                        f"yet credited fall short of its {record.n}")
     journal, recorded = books.credits_per_coin.get(record.tip, 0), record.credited * record.token_value
     if journal > recorded:
         problems.append(f"{label}: duplicated settlement: the journal credits {journal} but the coin {recorded}")
@@ -249,9 +236,13 @@ def _check_keysets(books: _Books) -> list[str]:
             unattributed += issue.value
         else:
             issued[issue.keyset] += issue.value
+    for output in books.outputs:
+        issued[output.keyset] += output.value  # issued by exchange
     claimed: dict[str, int] = defaultdict(int)
     for record in books.coins:
         claimed[record.keyset] += books.credits_per_coin.get(record.tip, 0) + record.start * record.token_value
+        if record.tip in books.exchanges:
+            claimed[record.keyset] += books.exchanges[record.tip].value  # exchanged in
     excess = {k: v - issued[k] for k, v in claimed.items() if v > issued[k]}
     if sum(excess.values()) <= unattributed:
         return []  # covered by withdrawals from before issuance was recorded
@@ -259,3 +250,36 @@ def _check_keysets(books: _Books) -> list[str]:
     return [f"coins of keyset {k} never issued: registered coins claim {claimed[k]}{beyond}" if issued[k] == 0
             else f"keyset {k}: registered coins claim {claimed[k]} but only {issued[k]} was issued{beyond}"
             for k in sorted(excess)]
+
+
+def _check_exchanges(books: _Books) -> list[str]:
+    """Each exchange: its coin spent to 0 and worth exactly what it issued, in the journal and in
+    its output rows; each output row and exchange journal row: its exchange."""
+    problems = []
+    coins = {record.tip: record for record in books.coins}
+    journalled: dict[bytes, int] = defaultdict(int)
+    for entry in books.journal:
+        if entry.kind == "exchange" and entry.ref is not None:
+            journalled[entry.ref] += entry.amount
+    issued: dict[bytes, int] = defaultdict(int)
+    for output in books.outputs:
+        info = books.keysets.get(output.keyset)
+        if info is None or output.coins * info.value != output.value:
+            problems.append(f"exchange {_label(output.tip)}: {output.coins} coins of keyset {output.keyset} recorded "
+                            f"as worth {output.value}")
+        issued[output.tip] += output.value
+    for tip in sorted(set(journalled) | set(issued) | set(books.exchanges)):
+        label = f"exchange {_label(tip)}"
+        row, record = books.exchanges.get(tip), coins.get(tip)
+        if row is None:
+            problems.append(f"{label}: journalled {journalled.get(tip, 0)} and issued {issued.get(tip, 0)} without "
+                            "an exchange")
+            continue
+        if record is None or record.position != 0 or record.keyset != row.keyset:
+            problems.append(f"{label}: its coin is not registered as spent in keyset {row.keyset}")
+        elif row.tokens * record.token_value != row.value:
+            problems.append(f"{label}: {row.tokens} tokens of {record.token_value} recorded as worth {row.value}")
+        if journalled.get(tip, 0) != row.value or issued.get(tip, 0) != row.value:
+            problems.append(f"{label}: worth {row.value}, journalled {journalled.get(tip, 0)}, issued "
+                            f"{issued.get(tip, 0)}")
+    return problems

@@ -12,7 +12,8 @@ directory, so the directory can be moved and commands run from anywhere) and ``k
   and one RSA key per keyset (PKCS#8 PEM), which signs coins of that keyset and nothing else.
 
 Every file is written whole with mode 0600 and every directory is 0700 (:mod:`m2mpay.agents.files`).
-Keyset descriptions, accounts and vendors live in the database.
+Keyset descriptions and phases, accounts and vendors live in the database; retiring a keyset is
+:func:`~m2mpay.agents.bank.phases.retire_keyset` (re-exported here).
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ from m2mpay.protocol.messages import PURPOSE_ANNOUNCE, KeyDelegation, KeysAnnoun
 from m2mpay.protocol.rules.keyring import Keyring
 
 from ..files import create_private, private_dir, write_private
+from .phases import Announced, backfill_phases, listed_keysets
+from .phases import retire_keyset as retire_keyset
 from .revocation import revoked_vendors
-from .store import Store, Tx
+from .store import Store
+from .tx import Tx
 
 __all__ = ["DELEGATION_DAYS", "BankKeys", "add_keyset", "delegate", "init_bank", "load_bank", "load_ca_key",
            "reannounce", "retire_keyset"]
@@ -123,19 +127,8 @@ def add_keyset(data_dir: Path, store: Store, *, value: int, tokens: int, withdra
     write_private(data_dir / "keys" / f"{info.id}.pem",
                   private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, _NONE),
                   exclusive=True)
-    store.run_sync(lambda tx: tx.execute("INSERT INTO keysets (id, info) VALUES (?, ?)", (info.id, info.encode())))
+    store.run_sync(lambda tx: tx.add_keyset(info))
     return info
-
-
-def retire_keyset(store: Store, keyset: str) -> None:
-    """Take a keyset out of the keys announcement (from the next ``bank serve`` on): wallets can no
-    longer withdraw from it and vendors no longer accept it. Coins already registered keep their
-    records, so their sessions can still settle."""
-    def retire(tx: Tx) -> None:
-        if tx.execute("UPDATE keysets SET retired = 1 WHERE id = ? AND retired = 0", (keyset,)).rowcount != 1:
-            raise KeyError(keyset)
-
-    store.run_sync(retire)
 
 
 def delegate(data_dir: Path, now: int, *, valid_days: float = DELEGATION_DAYS, bank: str | None = None,
@@ -197,11 +190,7 @@ def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
 
 
 def _all_keysets(tx: Tx) -> list[KeysetInfo]:
-    return [KeysetInfo.decode(bytes(r[0])) for r in tx.all("SELECT info FROM keysets ORDER BY id")]
-
-
-def _active_keysets(tx: Tx) -> list[KeysetInfo]:
-    return [KeysetInfo.decode(bytes(r[0])) for r in tx.all("SELECT info FROM keysets WHERE retired = 0 ORDER BY id")]
+    return [row.info for row in tx.keysets()]
 
 
 def _online_key(data_dir: Path, bank: str, now: int) -> tuple[Ed25519PublicKey, Ed25519PrivateKey, bytes]:
@@ -256,11 +245,12 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
     sealing = X25519PrivateKey.from_private_bytes((keys_dir / "sealing.key").read_bytes())
     store = Store(url if path is None else str(path), connections=connections)
     try:
-        infos = store.run_sync(_active_keysets)
+        store.run_sync(lambda tx: backfill_phases(tx, now))
+        infos, phases = store.run_sync(lambda tx: listed_keysets(tx, now))
         revoked = store.run_sync(lambda tx: revoked_vendors(tx, now))
         signers = {}
-        # Retired keysets too: a withdrawal paid for before the retirement is still signed when
-        # its device retries (no new one is accepted: the keyring knows only active keysets).
+        # Every keyset, retired ones too: a withdrawal paid for before the retirement is still
+        # signed when its device retries (a new one is refused: its phase is read at the debit).
         for info in store.run_sync(_all_keysets):
             private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None)
             if not isinstance(private, rsa.RSAPrivateKey):
@@ -272,7 +262,8 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
     announcement = KeysAnnouncement(
         bank=bank, issued=now, ca_key=cose.public_key_bytes(ca_public), delegation=delegation,
         answer_key=cose.public_key_bytes(answer.public_key()),
-        sealing_key=sealing.public_key().public_bytes_raw(), keysets=tuple(infos), revoked=revoked)
+        sealing_key=sealing.public_key().public_bytes_raw(), keysets=infos, revoked=revoked,
+        phases=tuple(phases.values()) or None)
     keys = BankKeys(bank=bank, data_dir=data_dir, ca_public=ca_public, announce_key=online,
                     delegation=KeyDelegation.decode(cose.decode_sign1(delegation).payload), answer_key=answer,
                     sealing_key=sealing, signers=signers, announcement=sign_announcement(announcement, online),
@@ -280,12 +271,20 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
     return keys, store
 
 
-def reannounce(keys: BankKeys, announcement: bytes, revoked: tuple[str, ...], now: int) -> bytes | None:
-    """``announcement`` signed again with ``revoked`` as its list, or ``None`` if the list is the same.
+def reannounce(keys: BankKeys, announcement: bytes, revoked: tuple[str, ...], now: int, *,
+               listed: Announced | None = None) -> bytes | None:
+    """``announcement`` signed again with ``revoked`` as its list (and, given ``listed``, its
+    keysets and phase records), or ``None`` if nothing changed.
 
-    How a running bank tells devices about a revocation without a restart.
+    How a running bank tells devices about a revocation or a retirement without a restart. Only
+    keysets this process can sign for are listed: one added since it started waits for a restart.
     """
     current = KeysAnnouncement.decode(cose.decode_sign1(announcement).payload)
-    if current.revoked == revoked:
+    fresh = dataclasses.replace(current, revoked=revoked)
+    if listed is not None:
+        infos = tuple(info for info in listed.keysets if info.id in keys.signers)
+        records = tuple(listed.phases[i.id] for i in infos if i.id in listed.phases)
+        fresh = dataclasses.replace(fresh, keysets=infos, phases=records or None)
+    if fresh == current:
         return None
-    return sign_announcement(dataclasses.replace(current, revoked=revoked, issued=now), keys.announce_key)
+    return sign_announcement(dataclasses.replace(fresh, issued=now), keys.announce_key)

@@ -60,7 +60,7 @@ class Wire:
         """Take in what arrived (so the level-triggered poll goes quiet) and wake the waiter."""
         try:
             self._pg.consume_input()
-        except Exception as exc:  # the connection failed: whoever waits finds out
+        except Exception as exc:  # noqa: BLE001 - the connection failed, however: whoever waits finds out
             self._loop.remove_reader(self._fd)
             self.broken = True
             if self._ready is not None and not self._ready.done():
@@ -220,7 +220,7 @@ _ENCODERS: dict[int, Callable[[Any], bytes]] = {
 def _encode(params: Sequence[Any], encoders: tuple[Callable[[Any], bytes], ...]) -> list[bytes | None]:
     if len(params) != len(encoders):
         raise errors.ProgrammingError(f"{len(params)} parameters for {len(encoders)}")
-    return [None if v is None else encode(v) for v, encode in zip(params, encoders)]
+    return [None if v is None else encode(v) for v, encode in zip(params, encoders, strict=True)]
 
 
 def _decode(result: pq.abc.PGresult) -> list[tuple[Any, ...]]:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # psycopg is optional: imported only where a PostgreSQL store connects
     from .pgwire import Command, Wire
 
-__all__ = ["Book", "NotFetched", "PgEngine", "is_race"]
+__all__ = ["Book", "NotFetched", "PgEngine", "is_lock_timeout", "is_race"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,7 +70,7 @@ def _statements() -> dict[bytes, tuple[str, tuple[int, ...]]]:
             _BOOK: ("SELECT FROM m2mpay_book(" + ", ".join(f"${i + 1}" for i in range(len(book))) + ")", book)}
 
 
-class NotFetched(Exception):  # noqa: N818 - a signal between the store's two roads, not an error
+class NotFetched(Exception):  # a signal between the store's two roads, not an error
     """The transaction needs a row, or makes a change, beyond what was fetched for it."""
 
 
@@ -96,8 +96,21 @@ class Book:
 
 
 def is_race(exc: BaseException) -> bool:
-    """Whether ``exc`` says a concurrent transaction won (retrying will see what it did)."""
-    return type(exc).__name__ in {"UniqueViolation", "SerializationFailure", "DeadlockDetected"}
+    """Whether ``exc`` says a concurrent transaction won (retrying will see what it did).
+
+    psycopg is imported here, not at the top: only a PostgreSQL store reaches this, and a SQLite
+    bank need not have psycopg installed.
+    """
+    from psycopg import errors
+
+    return isinstance(exc, errors.UniqueViolation | errors.SerializationFailure | errors.DeadlockDetected)
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` says a lock was not had within the transaction's ``lock_timeout``."""
+    from psycopg import errors  # optional, as in is_race
+
+    return isinstance(exc, errors.LockNotAvailable)
 
 
 class PgEngine:
@@ -339,7 +352,7 @@ class PgEngine:
                     await self._end(wire, ((b"ROLLBACK", ()),))
                 else:
                     await self._end(wire)
-            except Exception:  # noqa: BLE001 - nobody waits on this: the connection is dropped
+            except Exception:  # nobody waits on this: the connection is dropped
                 log.debug("an abandoned request's connection was dropped", exc_info=True)
                 self._drop(wire)
 

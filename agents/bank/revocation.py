@@ -14,7 +14,8 @@ from m2mpay.protocol import cose
 from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import MAX_REVOKED, CertificateBody
 
-from .store import Tx
+from .ledger import Ledger
+from .tx import Tx
 
 __all__ = ["is_revoked", "refuse_revoked", "revoke", "revoked_vendors"]
 
@@ -23,21 +24,21 @@ log = logging.getLogger(__name__)
 
 def revoke(tx: Tx, vendor: str, now: int) -> bool:
     """Mark ``vendor`` revoked at ``now``; ``False`` if it already was, ``KeyError`` if unknown."""
-    row = tx.one("SELECT revoked FROM vendors WHERE vendor = ?", (vendor,))
+    row = tx.vendor(vendor)
     if row is None:
         raise KeyError(vendor)
-    if row[0] is not None:
+    if row.revoked is not None:
         return False
-    tx.execute("UPDATE vendors SET revoked = ? WHERE vendor = ?", (now, vendor))
+    tx.revoke(vendor, now)
     return True
 
 
-def is_revoked(tx: Tx, vendor: str) -> bool:
+def is_revoked(tx: Ledger, vendor: str) -> bool:
     """Whether the bank revoked ``vendor`` (on PostgreSQL read with the coin, in one round trip)."""
     return tx.vendor_revoked(vendor)
 
 
-def refuse_revoked(tx: Tx, vendor: str) -> None:
+def refuse_revoked(tx: Ledger, vendor: str) -> None:
     """Raise ``revoked`` for a revoked vendor (inside the transaction that acts for it)."""
     if is_revoked(tx, vendor):
         raise RemoteProtocolError(f"vendor {vendor} revoked by the bank", ErrorCode.REVOKED)
@@ -47,10 +48,10 @@ def revoked_vendors(tx: Tx, now: int) -> tuple[str, ...]:
     """The revoked vendors whose certificate has not expired at ``now``, sorted: what the
     announcement lists. A vendor whose certificate expired is refused by every device anyway."""
     names = []
-    rows = tx.all("SELECT vendor, cert FROM vendors WHERE revoked IS NOT NULL ORDER BY revoked DESC, vendor")
-    for vendor, cert in rows:
+    for row in tx.vendors(revoked_only=True):
+        vendor = row.vendor
         try:
-            expires = CertificateBody.decode(cose.decode_sign1(bytes(cert)).payload).exp
+            expires = CertificateBody.decode(cose.decode_sign1(row.cert).payload).exp
         except ProtocolError:
             expires = None  # unreadable: list it, refusing too much is the safe side
         if expires is None or expires > now:

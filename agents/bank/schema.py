@@ -160,6 +160,41 @@ BEGIN
 END
 $$
 """}),
+    # Keyset phases (docs/LIFECYCLE.md): the keyset's KeysetPhase record, deterministic CBOR (NULL:
+    # none, active by its dates). ``bank keyset retire`` writes one; the announcement carries them.
+    # A keyset retired before this migration gets its record when the bank next loads its keys.
+    (5, """
+ALTER TABLE keysets ADD COLUMN phase {blob}
+"""),
+    # Exchanges (docs/LIFECYCLE.md): one row per exchanged coin, for ever, keyed by its tip (a
+    # coin is exchanged at most once); the request's hash and the answer make a retry get the
+    # same bytes. ``exchange_outputs`` is what it issued per keyset (the audit's
+    # issued_by_exchange), ``signed_messages`` every blinded message it had signed (never twice).
+    (6, """
+CREATE TABLE exchanges (
+    tip {blob} PRIMARY KEY,
+    req_id {blob} NOT NULL,
+    request_hash {blob} NOT NULL,      -- SHA-256 of the exact request bytes
+    keyset TEXT NOT NULL,              -- the exchanged coin's
+    tokens INTEGER NOT NULL CHECK (tokens > 0),
+    value BIGINT NOT NULL CHECK (value > 0),
+    change_used {blob} NOT NULL,       -- CBOR list of the change slots signed
+    answer {blob} NOT NULL,            -- empty until the outputs are signed
+    ts BIGINT NOT NULL
+);
+CREATE TABLE exchange_outputs (
+    tip {blob} NOT NULL,
+    keyset TEXT NOT NULL,
+    coins INTEGER NOT NULL CHECK (coins > 0),
+    value BIGINT NOT NULL CHECK (value > 0),
+    PRIMARY KEY (tip, keyset)
+);
+CREATE TABLE signed_messages (
+    blinded {blob} PRIMARY KEY,
+    keyset TEXT NOT NULL,
+    tip {blob} NOT NULL                -- the exchange that had it signed
+)
+"""),
 )
 
 SYSTEM_ACCOUNTS = ("world", "outstanding")

@@ -1,16 +1,19 @@
 """The bank as an MQTT service: shared subscription, batches of requests, lapse sweeps, reconnects.
 
-A reconnect loop (jittered exponential backoff) wraps one connection; inside it a TaskGroup runs
+A reconnect loop under the broker-reconnect rule (:class:`~m2mpay.agents.reach.Reconnect`: jittered
+exponential backoff; a login the broker will never accept again ends :func:`serve` with
+:class:`~m2mpay.agents.reach.BrokerRefused`) wraps one connection; inside it a TaskGroup runs
 the request handler and the periodic lapse sweep. The handler takes every request that has
 arrived, lets :class:`~m2mpay.agents.bank.service.BankService` answer each, makes their commits durable
 together, and publishes each answer to its request's Response Topic with its Correlation Data.
 
-Where answers go: a Response Topic must be exactly ``m2mpay/{bank}/resp/{name}`` with ``name`` a
-valid name (so never a wildcard, never another level); anything else is logged and dropped, since
-there is nobody to answer. Once the request's signature is verified, the answer goes only to
-``m2mpay/{bank}/resp/{signer}``: a request that names another device's topic gets no answer
-there (its signer's retry finds the stored answer). No single request can end the serve loop:
-whatever one request raises becomes a logged refusal or a dropped message.
+Where answers go: a Response Topic must be exactly an answer topic (``m2mpay/{bank}/resp/{name}``,
+:func:`~m2mpay.protocol.wire.response_name`) with ``name`` a valid name (so never a wildcard, never
+another level); anything else is logged and dropped, since there is nobody to answer. Once the
+request's signature is verified, the answer goes only to the signer's own answer topic
+(:func:`~m2mpay.protocol.wire.response_topic`): a request that names another device's topic gets
+no answer there (its signer's retry finds the stored answer). No single request can end the serve
+loop: whatever one request raises becomes a logged refusal or a dropped message.
 """
 
 from __future__ import annotations
@@ -18,19 +21,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import uuid
 from dataclasses import dataclass
 
 import aiomqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from m2mpay.protocol.messages import is_name
+from m2mpay.protocol import wire
 
-from ..mqtt import TlsLogin, answer_properties, connect, publish_nowait, response_prefix
+from ..mqtt import TlsLogin, connect, publish_nowait
+from ..reach import Reconnect
+from .coalesce import AnswerProperties, coalesce
 from .keys import BankKeys, reannounce
 from .metrics import BankMetrics, serve_metrics
-from .revocation import revoked_vendors
+from .phases import announced
 from .service import BankService, Reply
 
 __all__ = ["serve"]
@@ -49,17 +53,11 @@ class _Request:
     correlation: bytes
 
 
-def _reply_topic_ok(topic: object, bank: str) -> bool:
-    """``m2mpay/{bank}/resp/{name}`` exactly: one level below the prefix, a valid name."""
-    prefix = response_prefix(bank)
-    return isinstance(topic, str) and topic.startswith(prefix) and is_name(topic[len(prefix):])
-
-
 def _request(message: aiomqtt.Message, bank: str) -> _Request | None:
     """The request a message carries, or ``None`` when nobody can be answered."""
-    prefix = f"m2mpay/{bank}/req/"
     topic = message.topic.value
-    if not topic.startswith(prefix):
+    op = wire.request_op(bank, topic)
+    if op is None:
         return None
     if message.retain:
         # A retained request is one some device left on the broker for every future worker:
@@ -68,11 +66,11 @@ def _request(message: aiomqtt.Message, bank: str) -> _Request | None:
         return None
     reply_to = getattr(message.properties, "ResponseTopic", None)
     correlation = getattr(message.properties, "CorrelationData", None) or b""
-    if not _reply_topic_ok(reply_to, bank) or not isinstance(correlation, (bytes, bytearray)):
+    if wire.response_name(bank, reply_to) is None or not isinstance(correlation, (bytes, bytearray)):
         log.warning("request on %r without a usable Response Topic: dropped", topic[:80])
         return None
     payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-    return _Request(topic[len(prefix):], payload, str(reply_to), bytes(correlation))
+    return _Request(op, payload, str(reply_to), bytes(correlation))
 
 
 def _destination(request: _Request, reply: Reply, bank: str) -> str | None:
@@ -80,7 +78,7 @@ def _destination(request: _Request, reply: Reply, bank: str) -> str | None:
     request came from (a refusal signed over that request's digest, useless to anyone else)."""
     if reply.signer is None:
         return request.reply_to
-    own = response_prefix(bank) + reply.signer
+    own = wire.response_topic(bank, reply.signer) if wire.is_name(reply.signer) else None
     if request.reply_to != own:
         log.warning("answer to %s's %s not sent to %r: a signer is answered only on its own topic",
                     reply.signer, request.op[:32], request.reply_to[:80])
@@ -106,7 +104,7 @@ def _publish(client: aiomqtt.Client, bank: str, requests: list[_Request], replie
         if topic is None:
             continue
         try:
-            publish_nowait(client, topic, reply.answer, answer_properties(request.correlation))
+            publish_nowait(client, topic, reply.answer, AnswerProperties(request.correlation))
         except aiomqtt.MqttError:
             raise
         except Exception:
@@ -177,10 +175,12 @@ async def _sweeper(service: BankService, interval: float) -> None:
 
 async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankService, state: dict[str, bytes],
                      interval: float) -> None:
-    """Republish the keys announcement when the vendors revoked in the database change.
+    """Republish the keys announcement when the vendors revoked or the keysets' phases in the
+    database change.
 
-    A revocation is refused at once by every worker (it is read in each block and settlement);
-    this tells the devices, so wallets stop paying the vendor, without a restart.
+    A revocation is refused at once by every worker (it is read in each block and settlement), and
+    so is a withdrawal from a retired keyset (its phase is read at the debit); this tells the
+    devices, so wallets stop paying the vendor or withdrawing from the keyset, without a restart.
     """
     warned = 0.0
     while True:
@@ -192,23 +192,32 @@ async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankServic
                       "where the CA key is, then restart the bank", keys.delegation.exp, keys.delegation.exp - now)
             warned = now
         if await _refresh(keys, service, state):
-            await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
+            await client.publish(wire.keys_topic(keys.bank), state["announcement"], qos=1, retain=True)
 
 
 async def _refresh(keys: BankKeys, service: BankService, state: dict[str, bytes]) -> bool:
-    """Sign the announcement again if the revoked vendors changed; whether it did."""
+    """Sign the announcement again if the revoked vendors or the keysets' phases changed; whether it did."""
     try:
         now = int(service.clock())
-        revoked = await service.store.run(lambda tx: revoked_vendors(tx, now))
-        fresh = reannounce(keys, state["announcement"], revoked, now)
+        listed = await service.store.run(lambda tx: announced(tx, now))
+        fresh = reannounce(keys, state["announcement"], listed.revoked, now, listed=listed)
     except Exception:
-        log.exception("could not check the revoked vendors; the announcement stays as it is")
+        log.exception("could not check the revoked vendors and keyset phases; the announcement stays as it is")
         return False
     if fresh is None:
         return False
     state["announcement"] = fresh
-    log.info("keys announcement signed again: %d revoked vendor(s)", len(revoked))
+    log.info("keys announcement signed again: %d revoked vendor(s), %d keyset(s), %d phase record(s)",
+             len(listed.revoked), len(listed.keysets), len(listed.phases))
     return True
+
+
+def _first(group: BaseExceptionGroup[aiomqtt.MqttError]) -> BaseException:
+    """The first error in a (nested) group, for the log: the TaskGroup inside the connection nests its own."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 async def serve(keys: BankKeys, service: BankService, url: str, *,
@@ -216,30 +225,33 @@ async def serve(keys: BankKeys, service: BankService, url: str, *,
                 metrics_port: int | None = None, tls: TlsLogin | None = None) -> None:
     """Serve the bank until cancelled, reconnecting to the broker whenever it goes away.
 
-    ``sweep_interval`` ``None`` leaves lapse sweeps to another process.
+    ``sweep_interval`` ``None`` leaves lapse sweeps to another process. Raises
+    :class:`~m2mpay.agents.reach.BrokerRefused` when the broker will never accept our login again.
     """
     if metrics_port is not None:
         service.metrics = service.metrics or BankMetrics()
         async with serve_metrics(service.metrics, service.store, metrics_port):
             await serve(keys, service, url, sweep_interval=sweep_interval, ready=ready, tls=tls)
         return
-    backoff = 0.2
+    rule = Reconnect(url, tls, f"bank {keys.bank}")
     client_id = f"bank-{keys.bank}-{uuid.uuid4().hex[:8]}"
     state = {"announcement": keys.announcement}  # the latest one this process published
     while True:
+        error: BaseException | str = "the connection ended"
         try:
             async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
+                rule.connected()
+                coalesce(client)  # a batch's answers and PUBACKs in one send, reads in bulk
                 if sweep_interval is not None:
                     # One process announces (the one that sweeps): another worker, started before
                     # a revocation, must never put an older list back.
                     await _refresh(keys, service, state)
-                    await client.publish(f"m2mpay/{keys.bank}/keys", state["announcement"], qos=1, retain=True)
+                    await client.publish(wire.keys_topic(keys.bank), state["announcement"], qos=1, retain=True)
                 # Retain Handling 2: a request some device left retained is not handed to a new
                 # worker (Mosquitto 2.0.11 does that for shared subscriptions; later ones don't).
-                await client.subscribe(f"$share/{keys.bank}-workers/m2mpay/{keys.bank}/req/+",
+                await client.subscribe(wire.shared_request_filter(keys.bank),
                                        options=SubscribeOptions(qos=1, retainHandling=2))
                 log.info("bank %s serving on %s (pid %d)", keys.bank, url, os.getpid())
-                backoff = 0.2
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
@@ -249,7 +261,5 @@ async def serve(keys: BankKeys, service: BankService, url: str, *,
                         group.create_task(_announcer(client, keys, service, state, sweep_interval),
                                           name="bank-announcer")
         except* aiomqtt.MqttError as group_error:
-            log.warning("broker connection lost (%s); reconnecting in %.1f s",
-                        group_error.exceptions[0], backoff)
-        await asyncio.sleep(backoff * (0.5 + random.random()))
-        backoff = min(backoff * 2, 10.0)
+            error = _first(group_error)
+        await rule.after(error)  # logs the attempt and waits; a permanent refusal raises

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from m2mpay.protocol.messages import KeysetInfo
+from m2mpay.protocol.messages import KeysetInfo, KeysetPhase
+from m2mpay.protocol.rules.phases import phase_at
 
 from .keys import BankKeys
 from .store import Store, Tx
@@ -17,46 +18,36 @@ from .store import Store, Tx
 __all__ = ["bank_status", "keyset_phase"]
 
 
-def keyset_phase(info: KeysetInfo, retired: bool, now: int) -> str:
-    """``active`` (withdraw and spend), ``spend-only`` (retired or past ``withdraw_until``), or
-    ``closed`` (past ``spend_until``)."""
-    if now >= info.spend_until:
-        return "closed"
-    if retired or now >= info.withdraw_until:
-        return "spend-only"
-    return "active"
-
-
-def _sums(tx: Tx, sql: str, params: tuple[str, ...] = ()) -> dict[str, int]:
-    return {str(name): int(total) for name, total in tx.all(sql, params)}
+def keyset_phase(info: KeysetInfo, record: KeysetPhase | None, now: int) -> str:
+    """The keyset's phase at ``now`` (docs/LIFECYCLE.md): ``active``, ``spend-only`` (retired or
+    past ``withdraw_until``), ``exchange-only`` (past ``spend_until``, a retired keyset until its
+    ``redeem_until``) or ``closed``."""
+    return phase_at(info, record, now).value
 
 
 def bank_status(keys: BankKeys, store: Store, now: int) -> dict[str, Any]:
     """The bank's state as plain data (the ``--json`` output of ``bank status``)."""
     def read(tx: Tx) -> dict[str, Any]:
-        credits_in = _sums(tx, "SELECT credit, SUM(amount) FROM journal GROUP BY credit")
-        debits_out = _sums(tx, "SELECT debit, SUM(amount) FROM journal GROUP BY debit")
-        issued = _sums(tx, "SELECT keyset, SUM(value) FROM issuance WHERE keyset IS NOT NULL GROUP BY keyset")
-        paid = _sums(tx, "SELECT c.keyset, SUM(j.amount) FROM journal j JOIN coins c ON c.tip = j.ref "
-                         "WHERE j.kind LIKE ? GROUP BY c.keyset", ("credit:%",))
-        accounts = [{"name": str(name), "balance": int(balance)}
-                    for name, balance in tx.all("SELECT name, balance FROM accounts WHERE kind = 'user' ORDER BY name")]
-        vendors = [{"vendor": str(vendor), "account": str(account), "category": str(category),
-                    "credited": credits_in.get(str(account), 0) - debits_out.get(str(account), 0),
-                    "revoked": revoked is not None}
-                   for vendor, account, category, revoked
-                   in tx.all("SELECT vendor, account, category, revoked FROM vendors ORDER BY vendor")]
+        credits_in, debits_out = tx.account_totals()
+        issued, paid = tx.keyset_totals()
+        accounts = [{"name": a.name, "balance": a.balance} for a in tx.accounts(kind="user")]
+        vendors = [{"vendor": v.vendor, "account": v.account, "category": v.category,
+                    "credited": credits_in.get(v.account, 0) - debits_out.get(v.account, 0),
+                    "revoked": v.revoked is not None}
+                   for v in tx.vendors()]
         keysets = []
-        for info_blob, retired in tx.all("SELECT info, retired FROM keysets ORDER BY id"):
-            info = KeysetInfo.decode(bytes(info_blob))
+        phases = tx.keyset_phases()
+        for info, _ in tx.keysets():
+            record = phases.get(info.id)
             keysets.append({"id": info.id, "value": info.value, "n": info.n, "currency": info.currency,
-                            "phase": keyset_phase(info, bool(retired), now),
-                            "withdraw_until": info.withdraw_until, "spend_until": info.spend_until,
+                            "phase": keyset_phase(info, record, now),
+                            "withdraw_until": info.withdraw_until if record is None else record.withdraw_until,
+                            "spend_until": info.spend_until,
+                            "redeem_until": info.spend_until if record is None else record.redeem_until,
                             "issued": issued.get(info.id, 0),
                             "outstanding": issued.get(info.id, 0) - paid.get(info.id, 0)})
-        row = tx.one("SELECT COUNT(*) FROM coins WHERE status = 'open' AND deadline > ?", (now,))
         return {"bank": keys.bank, "time": now, "accounts": accounts, "vendors": vendors, "keysets": keysets,
-                "open_blocks": 0 if row is None else int(row[0]),
+                "open_blocks": tx.open_blocks(after=now),
                 "outstanding": credits_in.get("outstanding", 0) - debits_out.get("outstanding", 0)}
 
     return store.run_sync(read)

@@ -9,6 +9,12 @@ by itself, so a ``kill -9`` of the first leaves no orphans. Money stays correct 
 split: every request is one transaction that locks what it changes (SQLite's single writer, or
 row locks on PostgreSQL), and answers are stored by request id, so a retry that lands on another
 worker gets the same answer.
+
+Behind a TLS broker each worker logs in with its own certificate (:func:`worker_login`: ``bank``,
+``bank-2``, ``bank-3`` …): the broker takes a certificate's name as the client id, and a second
+login under one id takes the first one's session over, so workers sharing a certificate would
+push each other off the broker in turn. :func:`check_logins` finds a missing one before any
+process starts.
 """
 
 from __future__ import annotations
@@ -20,10 +26,32 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
-__all__ = ["orphan_watch", "run_workers", "stop_on_sigterm"]
+from m2mpay.broker.pki import bank_logins
+
+__all__ = ["check_logins", "orphan_watch", "run_workers", "stop_on_sigterm", "worker_login"]
 
 log = logging.getLogger(__name__)
+
+
+def worker_login(index: int, first: int = 1) -> str:
+    """The certificate name of worker ``index`` (0 is the first process) on a machine whose first
+    worker is number ``first``: ``bank``, ``bank-2`` … from 1; ``bank-5``, ``bank-6`` … from 5."""
+    return bank_logins(first + index)[-1]
+
+
+def check_logins(directory: Path, count: int, first: int = 1) -> None:
+    """Raise :class:`ValueError` naming the first worker certificate or key missing from ``directory``."""
+    names = bank_logins(first + count - 1)[first - 1:]
+    command = f"--workers {count}" + (f" --first-worker {first}" if first != 1 else "")
+    for name in names:
+        for suffix in (".crt", ".key"):
+            if not (directory / f"{name}{suffix}").is_file():
+                missing = name if suffix == ".crt" else f"{name}.key"
+                raise ValueError(f"{command} needs certificates {', '.join(names)} in {directory}: "
+                                 f"{missing} missing (m2mpay broker pki add-client {name} --role bank "
+                                 f"--dir {directory})")
 
 
 async def _keep_running(argv: Sequence[str], index: int) -> None:
@@ -66,7 +94,7 @@ async def orphan_watch(parent: int, interval: float = 1.0) -> None:
     The parent's pid comes on the command line: a parent killed while this worker was still
     starting would otherwise go unnoticed.
     """
-    while os.getppid() == parent:
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells a process its parent changed
         await asyncio.sleep(interval)
     log.warning("the first bank process is gone; this worker stops")
 

@@ -33,7 +33,8 @@ flight; ``pg_scale``: two PostgreSQL bank processes over one."""
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("bench", help="measure this machine: m2mpay beside its transports' and crypto's limits",
-                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                            description=(__doc__ or "").replace("``", ""),  # reST quotes are not for a terminal
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short runs (under a minute)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                         help=f"some of: {', '.join(SECTIONS)}")
@@ -109,6 +110,10 @@ def summary(results: dict[str, Any]) -> Table:
         table.add_column(column, justify="left" if column in ("figure", "baseline (same run)") else "right")
     if "bank" in results:
         for key, r in results["bank"].items():
+            if key == "lapse":
+                rates = ", ".join(f"{db} {rate:,.0f} coins/s" for db, rate in r["coins_per_s"].items())
+                _row(table, "lapse sweep", rates, "", None, None)
+                continue
             if key == "withdraw":
                 _row(table, "withdrawals (32 coins per request)", f"{r['coins_per_s']:,.0f} coins/s",
                      f"OpenSSL RSA-2048 {r['openssl_sign_per_s']:,.0f} sig/s", r["ratio"], GOALS["withdraw"])
@@ -182,6 +187,8 @@ def _chart(results: dict[str, Any], path: Path, console: Console) -> None:
         return
     labels, ratios, goals = [], [], []
     for key, r in results.get("bank", {}).items():
+        if key == "lapse":
+            continue
         if key == "withdraw":
             labels.append("withdraw / OpenSSL")
             ratios.append(r["ratio"])

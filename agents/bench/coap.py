@@ -33,16 +33,16 @@ from m2mpay.agents.vendor.agent import Credentials, VendorAgent
 from m2mpay.agents.vendor.coap import serve_coap
 from m2mpay.agents.vendor.store import VendorStore
 from m2mpay.broker.launcher import Mosquitto, free_udp_port
-from m2mpay.protocol import sealing
+from m2mpay.protocol import sealing, wire
 from m2mpay.protocol.certificates import cert_hash
 from m2mpay.protocol.messages import Offer, OpenSession, SessionOpened
 from m2mpay.protocol.rules import wallet
-from .world import BANK, BankWorld, Clock
+from .driver import BANK, BankDriver, Clock
 
 
 class Echo(resource.Resource):
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
-        return aiocoap.Message(code=Code.CHANGED, payload=request.payload, content_format=60)
+        return aiocoap.Message(code=Code.CHANGED, payload=request.payload, content_format=wire.CONTENT_FORMAT_CBOR)
 
 
 async def timed(client: aiocoap.Context, uri: str, bodies: list[bytes]) -> list[float]:
@@ -50,7 +50,7 @@ async def timed(client: aiocoap.Context, uri: str, bodies: list[bytes]) -> list[
     for body in bodies:
         start = time.perf_counter()
         response = await client.request(aiocoap.Message(code=Code.POST, uri=uri, payload=body,
-                                                        content_format=60)).response
+                                                        content_format=wire.CONTENT_FORMAT_CBOR)).response
         latencies.append(time.perf_counter() - start)
         if not response.code.is_successful():
             raise SystemExit(f"request refused: {response.code} {response.payload!r}")
@@ -75,7 +75,7 @@ async def main_async(tokens: int) -> dict[str, object]:
     init_bank(work / "bank", BANK, None, clock.now, keysets=((tokens + 10, tokens + 10),))
     keys, store = load_bank(work / "bank", clock.now)
     service = BankService(keys, store, clock=clock)
-    world = BankWorld(keys=keys, store=store, service=service, clock=clock, directory=work)
+    world = BankDriver(keys=keys, store=store, service=service, clock=clock, directory=work)
     vendor = world.vendor("meter")
     credentials = Credentials(vendor="meter", account=vendor.account, key=vendor.key, cert=vendor.cert, bank=BANK,
                               ca_fingerprint=keys.fingerprint)
@@ -94,13 +94,14 @@ async def main_async(tokens: int) -> dict[str, object]:
             async with serve_coap(agent, "::1", vendor_port):
                 client = await aiocoap.Context.create_client_context()
                 base = f"coap://[::1]:{vendor_port}"
-                offer = Offer.decode((await client.request(aiocoap.Message(code=Code.GET, uri=base + "/offer"))
+                offer_uri = wire.uri(base, wire.OFFER_PATH)
+                offer = Offer.decode((await client.request(aiocoap.Message(code=Code.GET, uri=offer_uri))
                                       .response).payload)
                 wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce,
                                             cert_hash=cert_hash(offer.cert), now=clock.now)
                 sealed = sealing.seal(auth.encode(), keys.keyring.sealing_key, sealing.info_for_bank(BANK))
                 opened = SessionOpened.decode((await client.request(aiocoap.Message(
-                    code=Code.POST, uri=base + "/sessions", content_format=60,
+                    code=Code.POST, uri=wire.uri(base, wire.SESSIONS_PATH), content_format=wire.CONTENT_FORMAT_CBOR,
                     payload=OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline,
                                         nonce=offer.nonce).encode())).response).payload)
                 bodies: list[bytes] = []
@@ -117,7 +118,8 @@ async def main_async(tokens: int) -> dict[str, object]:
                     chunk = bodies[r * share:(r + 1) * share if r < ROUNDS - 1 else len(bodies)]
                     echo_latencies += await timed(client, f"coap://[::1]:{echo_port}/echo",
                                                   [b"\x00" * len(bodies[0])] * len(chunk))
-                    pay_latencies += await timed(client, f"{base}/sessions/{opened.session.hex()}/pay", chunk)
+                    pay_latencies += await timed(client, wire.uri(base, wire.session_path(opened.session, wire.PAY)),
+                                                 chunk)
                 echo = describe("bare aiocoap echo", echo_latencies)
                 paid = describe("pay (checked, kept durably)", pay_latencies)
                 print(f"  ratio {paid['per_s'] / echo['per_s']:.2f} (goal ≥ 0.70)")

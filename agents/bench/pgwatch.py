@@ -16,6 +16,8 @@ from typing import Any
 
 __all__ = ["LockWatch"]
 
+# SQL outside the bank's store on purpose: a benchmark probe of the server's own statistics, read on
+# a connection of its own, not the bank's data.
 _QUERY = ("SELECT wait_event_type, wait_event FROM pg_stat_activity"
           " WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active'")
 

@@ -6,12 +6,10 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-import pytest_asyncio
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -20,38 +18,22 @@ from m2mpay.agents.bank import admin
 from m2mpay.agents.bank.server import serve
 from m2mpay.agents.mqtt import BankClient, broker_address
 from m2mpay.broker.launcher import Mosquitto
+from m2mpay.protocol import wire
 from m2mpay.protocol.certificates import verify_announcement
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import BlockAnswer, WithdrawAnswer
 from m2mpay.protocol.rules import wallet
 
-from .conftest import BANK, BankWorld
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
-
-
-@pytest_asyncio.fixture
-async def online(world: BankWorld, mosquitto: str) -> AsyncIterator[tuple[BankWorld, BankClient]]:
-    """The world's bank served over MQTT; ``world.send`` now goes through the broker."""
-    ready = asyncio.Event()
-    task = asyncio.create_task(serve(world.keys, world.service, mosquitto, sweep_interval=0.2,
-                                     ready=ready), name="bank-under-test")
-    try:
-        async with asyncio.timeout(10):
-            await ready.wait()
-        async with BankClient(mosquitto, world.keys.bank, f"dev-{uuid.uuid4().hex[:8]}", timeout=5) as client:
-            world.send = client.request
-            yield world, client
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_keys_announcement_is_retained_and_signed(online: tuple[BankWorld, BankClient]) -> None:
     world, client = online
     announcement = verify_announcement(await client.keys(), world.keys.fingerprint, world.clock.now)
-    assert announcement.bank == BANK and {k.id for k in announcement.keysets} == set(world.keys.keyring.keysets)
+    assert announcement.bank == world.bank and {k.id for k in announcement.keysets} == set(world.keys.keyring.keysets)
     with pytest.raises(RemoteProtocolError):
         verify_announcement(await client.keys(), "00" * 32, world.clock.now)  # another CA
 
@@ -67,11 +49,10 @@ async def test_withdraw_block_settle_checkpoint_lapse_status(online: tuple[BankW
     wc, pay = wallet.reveal(wc, 3)
     session.pay(pay, world.clock.now)
     assert (await world.settle(vendor, session)).credited == 3
-    _, session2 = await world.block(vendor, coins[1])
+    _, _ = await world.block(vendor, coins[1])
     world.clock.now += 601  # the second session's deadline passes: the sweep credits the blocking token
-    async with asyncio.timeout(5):
-        while admin.balance(world.store, "meter") != 10:
-            await asyncio.sleep(0.05)
+    await wait_until_async(lambda: admin.balance(world.store, "meter") == 10, timeout=5,
+                           what="the sweep credits the lapsed session's blocking token")
     assert world.audit().ok
 
 
@@ -108,15 +89,14 @@ async def test_lost_answer_retry_debits_once(online: tuple[BankWorld, BankClient
     lossy.loop_start()
     try:  # a request whose answer goes to a topic nobody reads: the answer is lost
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = f"m2mpay/{BANK}/resp/gone"
+        props.ResponseTopic = wire.response_topic(world.bank, "gone")
         props.CorrelationData = os.urandom(8)
-        lossy.publish(f"m2mpay/{BANK}/req/withdraw", data, qos=1, properties=props).wait_for_publish(5)
+        lossy.publish(wire.request_topic(world.bank, "withdraw"), data, qos=1, properties=props).wait_for_publish(5)
     finally:
         lossy.loop_stop()
         lossy.disconnect()
-    async with asyncio.timeout(5):
-        while admin.balance(world.store, "alice") == 10_000:
-            await asyncio.sleep(0.02)
+    await wait_until_async(lambda: admin.balance(world.store, "alice") != 10_000, timeout=5,
+                           what="the bank has carried out the withdrawal whose answer was lost")
     answer = world.open(await client.request("withdraw", data), "withdraw", WithdrawAnswer, request=data)
     assert isinstance(answer, WithdrawAnswer) and answer.balance == 10_000 - 300
     assert len(answer.blind_sigs) == 3 and admin.balance(world.store, "alice") == 10_000 - 300
@@ -130,7 +110,7 @@ async def test_request_without_response_topic_is_dropped_and_bank_keeps_serving(
     raw.connect(host, port)
     raw.loop_start()
     for payload in (b"garbage", b"\xff" * 10, os.urandom(100_000)):
-        raw.publish(f"m2mpay/{BANK}/req/block", payload, qos=1).wait_for_publish(5)
+        raw.publish(wire.request_topic(world.bank, "block"), payload, qos=1).wait_for_publish(5)
     raw.loop_stop()
     raw.disconnect()
     # the service still answers, and garbage with a Response Topic gets a signed refusal
@@ -160,7 +140,7 @@ async def test_broker_restart_bank_and_device_reconnect(world: BankWorld, tmp_pa
     task = asyncio.create_task(serve(world.keys, world.service, broker.url, ready=ready, sweep_interval=60))
     try:
         await asyncio.wait_for(ready.wait(), 10)
-        async with BankClient(broker.url, BANK, f"dev-{uuid.uuid4().hex[:8]}", timeout=3, retries=5) as client:
+        async with BankClient(broker.url, world.bank, f"dev-{uuid.uuid4().hex[:8]}", timeout=3, retries=5) as client:
             world.send = client.request
             user = world.user("alice")
             await world.withdraw(user)
@@ -183,7 +163,7 @@ async def test_prometheus_metrics(world: BankWorld, mosquitto: str) -> None:
     task = asyncio.create_task(serve(world.keys, world.service, mosquitto, ready=ready, metrics_port=port))
     try:
         await asyncio.wait_for(ready.wait(), 10)
-        async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}") as client:
+        async with BankClient(mosquitto, world.bank, f"dev-{uuid.uuid4().hex[:8]}") as client:
             world.send = client.request
             user, vendor = world.user("alice"), world.vendor("meter")
             (wc,) = await world.withdraw(user)

@@ -22,7 +22,7 @@ def _insert(name: str):  # type: ignore[no-untyped-def]
 @pytest.mark.asyncio
 async def test_requests_in_flight_share_fsyncs_and_all_commit(tmp_path: Path) -> None:
     store = Store(str(tmp_path / "bank.sqlite3"))
-    engine = store._sqlite
+    engine = store.engine
     assert isinstance(engine, SqliteEngine)
     before_commits, before_syncs = engine.commits, engine.syncs
     names = [f"user-{i}" for i in range(64)]

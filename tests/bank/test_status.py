@@ -12,8 +12,8 @@ from m2mpay.agents.bank.keys import retire_keyset
 from m2mpay.agents.bank.status import bank_status
 from m2mpay.protocol.rules import wallet
 
-from ..cli.test_bank_cli import m2mpay
-from .conftest import BankWorld
+from tests.commands import m2mpay
+from tests.bank_world import BankWorld
 
 @pytest.mark.asyncio
 async def test_bank_status_counts_what_the_books_say(world: BankWorld) -> None:
@@ -32,11 +32,16 @@ async def test_bank_status_counts_what_the_books_say(world: BankWorld) -> None:
     assert (keyset["phase"], keyset["issued"], keyset["outstanding"]) == ("active", 300, 295)
     assert status["open_blocks"] == 1 and status["outstanding"] == 295
     assert status["outstanding"] == world.audit().outstanding
-    retire_keyset(world.store, keyset["id"])
+    retire_keyset(world.store, keyset["id"], world.clock.now)
     admin.revoke_vendor(world.store, "meter", world.clock.now)
     status = bank_status(world.keys, world.store, world.clock.now)
     assert status["keysets"][0]["phase"] == "spend-only" and status["vendors"][0]["revoked"]
+    assert status["keysets"][0]["withdraw_until"] == world.clock.now
     world.clock.now = status["keysets"][0]["spend_until"]
+    assert bank_status(world.keys, world.store, world.clock.now)["keysets"][0]["phase"] == "spend-only"
+    world.clock.now += 1  # past spend_until: a retired keyset's coins are exchanged until redeem_until
+    assert bank_status(world.keys, world.store, world.clock.now)["keysets"][0]["phase"] == "exchange-only"
+    world.clock.now = status["keysets"][0]["redeem_until"] + 1
     assert bank_status(world.keys, world.store, world.clock.now)["keysets"][0]["phase"] == "closed"
 
 

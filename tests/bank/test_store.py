@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from m2mpay.agents.bank import store as store_module
+from m2mpay.agents.bank.postgresql import PgEngine
 from m2mpay.agents.bank.schema import MIGRATIONS, statements
 from m2mpay.agents.bank.store import Rows, Store, Tx
 from m2mpay.protocol.envelope import StoredAnswer
@@ -77,8 +78,8 @@ def pg_store(pg_database: str) -> Iterator[Store]:
 @pytest.mark.asyncio
 async def test_a_spend_is_two_round_trips_and_a_read_one(pg_store: Store) -> None:
     tip = os.urandom(32)
-    engine = pg_store._pg
-    assert engine is not None
+    engine = pg_store.engine
+    assert isinstance(engine, PgEngine)
 
     def block(tx: Tx) -> None:
         assert tx.coin(tip) is None and tx.answer("meter", b"b" * 16) is None and not tx.vendor_revoked("meter")
@@ -133,8 +134,8 @@ async def test_a_twin_waits_for_the_lock_then_reads_the_answer_committed_meanwhi
 @pytest.mark.asyncio
 async def test_what_was_not_fetched_goes_the_general_road(pg_store: Store) -> None:
     tip = os.urandom(32)
-    engine = pg_store._pg
-    assert engine is not None
+    engine = pg_store.engine
+    assert isinstance(engine, PgEngine)
 
     def needs_more(tx: Tx) -> int:
         tx.coin(tip)  # fetched, locked
@@ -224,8 +225,8 @@ async def test_cancelled_requests_leave_the_pool_whole(pg_database: str) -> None
     """Requests cancelled while they wait for a connection, or after a connection was handed to
     them with their first half already sent, neither leak a connection nor leave a lock behind."""
     store = Store(pg_database, connections=2)
-    engine = store._pg
-    assert engine is not None
+    engine = store.engine
+    assert isinstance(engine, PgEngine)
     try:
         store.run_sync(_keyset)
         tips = [os.urandom(32) for _ in range(60)]
@@ -256,3 +257,16 @@ async def test_cancelled_requests_leave_the_pool_whole(pg_database: str) -> None
         assert count == len(tips) and done > 0
     finally:
         store.close()
+
+
+def test_races_are_recognised_by_class_not_by_name() -> None:
+    """Only psycopg's own classes for the three SQLSTATEs of a lost race are retried: an
+    exception that merely carries one of their names is not."""
+    from psycopg import errors
+
+    from m2mpay.agents.bank.postgresql import is_race
+
+    assert [is_race(errors.lookup(state)("x")) for state in ("23505", "40001", "40P01", "23503", "57014")] == [
+        True, True, True, False, False]
+    impostor = type("UniqueViolation", (Exception,), {})
+    assert is_race(impostor("x")) is False
