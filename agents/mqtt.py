@@ -5,14 +5,15 @@ The one seam where aiomqtt, paho and socket exceptions become ours: :func:`_seam
 an answer that does not come in time is :class:`AnswerTimeout`, and a request that got no answer
 after every retry :class:`BankUnavailable`. A caller of :class:`BankClient` sees nothing else
 (besides cancellation); a refusal is never a transport error — it is an answer, signed by the
-bank, which the caller opens. Every wait is bounded. A request is published to
-``m2mpay/{bank}/req/{op}`` with a Response Topic and Correlation Data; the pending future is
-removed in ``finally`` whatever happens. An unanswered request is retried with the *same bytes*:
-the bank answers a repeat from its store.
+bank, which the caller opens. Every wait is bounded. A request is published to the operation's
+request topic (:func:`~m2mpay.protocol.wire.request_topic`) with a Response Topic and Correlation
+Data; the pending future is removed in ``finally`` whatever happens. An unanswered request is
+retried with the *same bytes*: the bank answers a repeat from its store.
 
-The bank answers a signed request only on ``m2mpay/{bank}/resp/{signer}``, the signer being the
-request's COSE ``kid``: with a certificate login that is the login's own name (the broker lets a
-device read nothing else); without one the client subscribes to each signer's topic it sends for.
+The bank answers a signed request only on its signer's answer topic
+(:func:`~m2mpay.protocol.wire.response_topic`), the signer being the request's COSE ``kid``: with
+a certificate login that is the login's own name (the broker lets a device read nothing else);
+without one the client subscribes to each signer's topic it sends for.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -35,9 +35,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from m2mpay.protocol import cose
+from m2mpay.protocol import cose, wire
 from m2mpay.protocol.errors import ProtocolError
-from m2mpay.protocol.messages import is_name
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -49,8 +48,6 @@ __all__ = [
     "answer_properties",
     "broker_address",
     "connect",
-    "request_topic",
-    "response_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,19 +104,14 @@ class TlsLogin:
         return cls(ca=directory / "ca.crt", cert=directory / f"{name}.crt", key=directory / f"{name}.key", name=name)
 
 
-def request_topic(bank: str, op: str) -> str:
-    """Where requests for ``op`` go."""
-    return f"m2mpay/{bank}/req/{op}"
-
-
-def response_prefix(bank: str) -> str:
-    """Every answer topic starts with this; the bank answers nowhere else."""
-    return f"m2mpay/{bank}/resp/"
+def publish_properties() -> Properties:
+    """Empty PUBLISH properties, typed (paho's constructor carries no annotations)."""
+    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho: unannotated __init__
 
 
 def answer_properties(correlation: bytes) -> Properties:
     """PUBLISH properties that echo a request's Correlation Data."""
-    props = Properties(PacketTypes.PUBLISH)
+    props = publish_properties()
     props.CorrelationData = correlation
     return props
 
@@ -149,7 +141,8 @@ def publish_nowait(client: aiomqtt.Client, topic: str, payload: bytes, propertie
     future per answer. paho keeps the message until it is acknowledged; aiomqtt ignores PUBACKs
     nobody waits for. (aiomqtt 2.x has no public call for this: its paho client is ``_client``.)
     """
-    info = client._client.publish(topic, payload, 1, False, properties)  # noqa: SLF001
+    inner = client._client  # noqa: SLF001 - aiomqtt 2.x has no public publish that does not wait
+    info = inner.publish(topic, payload, 1, False, properties)
     if info.rc != paho.MQTT_ERR_SUCCESS:
         raise aiomqtt.MqttCodeError(info.rc, "could not publish the answer")
 
@@ -162,8 +155,15 @@ _HANDSHAKE_S = 5.0
 class BankClient:
     """A device's connection to its bank: requests and the retained keys announcement.
 
-    A supervisor task keeps the connection up (jittered exponential backoff after a loss);
-    requests wait for it, bounded by their timeout, and are retried with the same bytes.
+    A supervisor task keeps the connection up under the broker-reconnect rule
+    (:class:`~m2mpay.agents.reach.Reconnect`: jittered exponential backoff, each failed attempt
+    judged by the start-up probe); requests wait for it, bounded by their timeout, and are retried
+    with the same bytes. When the broker will never take this login again (our certificate
+    revoked, say) the ``async with`` block ends with :class:`~m2mpay.agents.reach.BrokerRefused`:
+    like :func:`asyncio.timeout`, the client cancels the task that entered it and turns that
+    cancellation into the refusal on the way out.
+    The keys announcement is the latest the bank published: a bank that signs a new one (a
+    revocation, new keysets) replaces it here, and :attr:`keys_listeners` are told.
     """
 
     url: str
@@ -172,31 +172,55 @@ class BankClient:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = 3
     tls: TlsLogin | None = None
+    keys_listeners: list[Callable[[bytes], object]] = field(default_factory=list)
+    """Each is called with every keys announcement that differs from the one before (still signed:
+    the listener verifies it); what it raises is logged and stops neither the others nor the client."""
     _client: aiomqtt.Client | None = None
     _pending: dict[bytes, asyncio.Future[bytes]] = field(default_factory=dict)
     _connected: asyncio.Event = field(default_factory=asyncio.Event)
     _supervisor: asyncio.Task[None] | None = None
     _keys: asyncio.Future[bytes] | None = None
+    """Done with the first announcement; :attr:`_latest` is the last one."""
+    _latest: bytes = b""
     _reply_topics: set[str] = field(default_factory=set)
+    _owner: asyncio.Task[Any] | None = None
+    """The task that entered the ``async with``: cancelled when the broker refuses us for good."""
+    _owner_cancelling: int = 0
+    _refused: TransportError | None = None
+    """The broker's permanent refusal (a :class:`~m2mpay.agents.reach.BrokerRefused`), once it came."""
+    _cancelled_owner: bool = False
 
     @property
     def reply_topic(self) -> str:
-        """Where answers to requests with no readable signer come back."""
-        return response_prefix(self.bank) + (self.tls.name if self.tls else self.client_id)
+        """Where answers to requests with no readable signer come back: the login's (or client
+        id's) own answer topic. :class:`ValueError` if that is not a name (such a client is
+        answered only on the topics of the signers it sends for)."""
+        return wire.response_topic(self.bank, self.tls.name if self.tls else self.client_id)
+
+    def _own_topics(self) -> list[str]:
+        """The answer topic subscribed at every connection, if the login's name can have one."""
+        name = self.tls.name if self.tls else self.client_id
+        return [self.reply_topic] if wire.is_name(name) else []
 
     def _reply_topic_for(self, data: bytes) -> str:
         """The topic the bank answers ``data`` on: its signer's own."""
         try:
             signer = cose.decode_sign1(data).kid.decode("ascii")
         except (ProtocolError, UnicodeDecodeError):
-            return self.reply_topic  # the bank refuses it before it knows a signer
-        if not is_name(signer):
+            signer = ""
+        if not wire.is_name(signer):
+            # The bank refuses it before it knows a signer, on the topic the request names.
+            if not self._own_topics():
+                raise TransportError(f"no answer topic for a request without a signer: {self.client_id!r} "
+                                     "is not a name")
             return self.reply_topic
         if self.tls is not None and signer != self.tls.name:
             raise TransportError(f"a request signed by {signer!r} is never answered to the login {self.tls.name!r}")
-        return response_prefix(self.bank) + signer
+        return wire.response_topic(self.bank, signer)
 
     async def __aenter__(self) -> BankClient:
+        self._owner = asyncio.current_task()
+        self._owner_cancelling = self._owner.cancelling() if self._owner is not None else 0
         self._keys = asyncio.get_running_loop().create_future()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"mqtt-{self.client_id}")
         try:
@@ -204,7 +228,16 @@ class BankClient:
                 await self._connected.wait()
         except TimeoutError as exc:
             await _cancel(self._supervisor)
+            # A certificate refused after a TLS 1.3 handshake looks to paho like a CONNACK that
+            # never came, so the attempt may still have been waiting: ask the broker once.
+            from .reach import Reconnect
+
+            await Reconnect(self.url, self.tls, self.client_id).judge(exc)  # a permanent refusal raises
             raise TransportError(f"cannot reach the broker at {self.url}") from exc
+        except asyncio.CancelledError:
+            await _cancel(self._supervisor)
+            self._raise_refusal()
+            raise
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -212,10 +245,33 @@ class BankClient:
         if self._supervisor is not None:
             await _cancel(self._supervisor)
         self._supervisor = None
+        self._raise_refusal()
+
+    def _give_up(self, refused: TransportError) -> None:
+        """The broker will never take this login: end the owner's ``async with`` block."""
+        self._refused = refused
+        self._connected.clear()
+        if self._owner is not None and not self._owner.done():
+            self._owner.cancel()
+            self._cancelled_owner = True
+
+    def _raise_refusal(self) -> None:
+        """Raise the refusal in place of the cancellation it caused, unless someone else cancelled too."""
+        if self._refused is None:
+            return
+        if self._cancelled_owner and self._owner is not None:
+            self._cancelled_owner = False
+            if self._owner.uncancel() > self._owner_cancelling:
+                return  # a Ctrl-C or a SIGTERM as well: that cancellation goes on
+        raise self._refused
 
     async def _supervise(self) -> None:
-        backoff = 0.1
+        # reach.py imports this module: the rule is imported when a client first runs.
+        from .reach import BrokerRefused, Reconnect
+
+        rule = Reconnect(self.url, self.tls, self.client_id)
         while True:
+            error: BaseException | str = "the connection ended"
             try:
                 # Shorter bounds on a device's connection: a CONNACK or SUBACK lost with a dropped
                 # connection would otherwise hold this loop for aiomqtt's default 10 s, and a
@@ -224,27 +280,31 @@ class BankClient:
                 with _seam(f"connection to {self.url}"):
                     async with connect(self.url, self.client_id, self.tls, keepalive=_KEEPALIVE_S,
                                        timeout=_HANDSHAKE_S) as client:
-                        self._reply_topics.add(self.reply_topic)
+                        rule.connected()
+                        self._reply_topics.update(self._own_topics())
                         for topic in sorted(self._reply_topics):
                             await client.subscribe(topic, qos=1)
-                        await client.subscribe(f"m2mpay/{self.bank}/keys", qos=1)
-                        self._client, backoff = client, 0.1
+                        await client.subscribe(wire.keys_topic(self.bank), qos=1)
+                        self._client = client
                         self._connected.set()
                         await self._read(client)
             except TransportError as exc:
-                log.warning("%s; reconnecting", exc)
+                error = exc
             finally:
                 self._connected.clear()
                 self._client = None
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            try:
+                await rule.after(error)  # logs the attempt and waits; a permanent refusal raises
+            except BrokerRefused as exc:
+                self._give_up(exc)
+                return
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-            if message.topic.matches(f"m2mpay/{self.bank}/keys"):
-                if payload and self._keys is not None and not self._keys.done():  # empty: deleted
-                    self._keys.set_result(payload)
+            if message.topic.matches(wire.keys_topic(self.bank)):
+                if payload:  # empty: deleted
+                    self._announced(payload)
                 continue
             correlation = getattr(message.properties, "CorrelationData", None)
             future = self._pending.get(bytes(correlation)) if correlation else None
@@ -252,17 +312,33 @@ class BankClient:
                 future.set_result(payload)
             # an answer nobody waits for (a retry's twin) is dropped
 
+    def _announced(self, payload: bytes) -> None:
+        if payload == self._latest:
+            return  # the retained copy again, after a reconnect
+        self._latest = payload
+        if self._keys is not None and not self._keys.done():
+            self._keys.set_result(payload)
+        for listener in list(self.keys_listeners):
+            try:
+                listener(payload)
+            except Exception:  # a listener's bug must not end the connection
+                log.exception("a keys listener failed")
+
     async def keys(self, timeout: float | None = None) -> bytes:
-        """The bank's retained keys announcement (signed; verify it against the CA fingerprint)."""
+        """The bank's latest keys announcement (signed; verify it against the CA fingerprint),
+        waiting for the first one if none came yet."""
         if self._keys is None:
             raise TransportError("not connected")
         try:
             async with asyncio.timeout(timeout or self.timeout):
-                return await asyncio.shield(self._keys)
+                await asyncio.shield(self._keys)
         except TimeoutError as exc:
             raise BankUnavailable("no keys announcement from the bank") from exc
+        return self._latest
 
     def _running(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         if self._supervisor is None:
             raise TransportError("not connected")
         if self._supervisor.done() and not self._supervisor.cancelled():
@@ -307,10 +383,10 @@ class BankClient:
                     if reply_topic not in self._reply_topics:
                         await client.subscribe(reply_topic, qos=1)
                         self._reply_topics.add(reply_topic)
-                    props = Properties(PacketTypes.PUBLISH)
+                    props = publish_properties()
                     props.ResponseTopic = reply_topic
                     props.CorrelationData = correlation
-                    await client.publish(request_topic(self.bank, op), data, qos=1, properties=props)
+                    await client.publish(wire.request_topic(self.bank, op), data, qos=1, properties=props)
                 return await future
         except TimeoutError as exc:  # from asyncio.timeout: the wait is over, nothing else
             raise AnswerTimeout(f"no answer to {op} within {wait:.1f} s") from exc

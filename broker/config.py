@@ -3,10 +3,11 @@
 The ACL lets a device publish only on the request topics of the bank's operations
 (``m2mpay/{bank}/req/{op}``) and read only its own answers (``m2mpay/{bank}/resp/{its username}``)
 and the retained keys; bank workers read every request through the shared subscription and publish
-answers. With certificate logins the username is the certificate's CN and
-``use_username_as_clientid`` stops one client from taking over another's client id. Without TLS a
-username is whatever the client claims, so an ACL protects nothing: a bank's ACL needs TLS unless
-``insecure_acl`` says otherwise.
+answers. Every topic is :mod:`m2mpay.protocol.wire`'s (:func:`device_grants`, :func:`bank_grants`).
+With certificate logins the username is the certificate's CN and ``use_username_as_clientid``
+stops one client from taking over another's client id. Without TLS a username is whatever the
+client claims, so an ACL protects nothing: a bank's ACL needs TLS unless ``insecure_acl`` says
+otherwise.
 
 Retained messages: Mosquitto 2.0 can switch them off only for everyone (``retain_available`` is
 global), and the bank's keys announcement must stay retained; its ACL file cannot tell a retained
@@ -33,7 +34,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from m2mpay.protocol import wire
 from m2mpay.protocol.messages import OPS, ErrorAnswer, KeysAnnouncement, Message
+
+from .pki import is_bank_login
 
 __all__ = [
     "MAX_INFLIGHT_BYTES",
@@ -44,6 +48,9 @@ __all__ = [
     "TLS12_CIPHERS",
     "TLS_MIN_VERSION",
     "BrokerConfig",
+    "Grant",
+    "bank_grants",
+    "device_grants",
     "render_acl",
     "render_config",
 ]
@@ -75,7 +82,7 @@ TLS12_CIPHERS = ":".join(("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-G
                           "ECDHE-ECDSA-CHACHA20-POLY1305"))
 """The suites a TLS 1.2 client may use: forward secret, authenticated encryption, ECDSA certificates."""
 
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # written into topics and the ACL file: no '/', '+', '#', newline
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a bank user, written into the ACL file: no newline, no space
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +100,7 @@ class BrokerConfig:
     bank: str | None = None
     """With a bank id the ACL is enforced; without, any local client may do anything (tests, demo)."""
     bank_users: tuple[str, ...] = ("bank",)
+    """The certificate names the bank's grants go to: one per worker (:func:`~m2mpay.broker.pki.bank_logins`)."""
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -108,33 +116,63 @@ class BrokerConfig:
             raise ValueError("TLS needs all of tls_ca, tls_cert and tls_key")
         if self.bank is None:
             return
-        for name in (self.bank, *self.bank_users):
+        if not wire.is_name(self.bank):  # it is written into every topic of the ACL
+            raise ValueError(f"bank {self.bank!r} is not a name (1-32 of [a-z0-9-_.])")
+        for name in self.bank_users:
             if not _NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a plain name ([A-Za-z0-9._-], at most 64)")
+            if not is_bank_login(name):  # the PKI issues these names to the bank only, never to a device
+                raise ValueError(f"{name!r} is not a bank worker's name (bank, bank-2, bank-3 …)")
         if self.tls_cert is None and not self.insecure_acl:
             raise ValueError("a bank's ACL without TLS client certificates keys on usernames any client "
                              "can claim; give the TLS files (or insecure_acl=True for a test broker)")
 
 
+USERNAME = "%u"
+"""What Mosquitto puts the client's username in place of, in an ACL ``pattern`` line."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """One ACL line: ``access`` (``read``, ``write`` or ``readwrite``) to a topic filter."""
+
+    access: str
+    topic: str
+
+
+def device_grants(bank: str, ops: tuple[str, ...] = REQUEST_OPS) -> tuple[Grant, ...]:
+    """What every device may do: publish on the request topic of each operation (nothing else, so
+    anything it retains stays on these few), read its own answers (:data:`USERNAME` standing for
+    its certificate name) and the keys announcement."""
+    return (*(Grant("write", wire.request_topic(bank, op)) for op in ops),
+            Grant("read", wire.response_prefix(bank) + USERNAME),
+            Grant("read", wire.keys_topic(bank)))
+
+
+def bank_grants(bank: str) -> tuple[Grant, ...]:
+    """What a bank worker may do: read every request (alone or in the workers' shared
+    subscription), answer any device, and publish the retained keys announcement."""
+    return (Grant("read", wire.request_filter(bank)), Grant("read", wire.shared_request_filter(bank)),
+            Grant("write", wire.response_filter(bank)), Grant("readwrite", wire.keys_topic(bank)))
+
+
 def render_acl(bank: str, bank_users: tuple[str, ...], ops: tuple[str, ...] = REQUEST_OPS) -> str:
-    """ACL patterns: devices publish requests and read their own answers; banks serve."""
+    """The ACL file: :func:`device_grants` as patterns, :func:`bank_grants` for each bank user.
+
+    Every topic comes from :mod:`m2mpay.protocol.wire`, so a renamed topic changes the ACL with it.
+    """
+    for user in bank_users:
+        if not is_bank_login(user):  # a device under a name given the bank's grants would read every request
+            raise ValueError(f"{user!r} is not a bank worker's name (bank, bank-2, bank-3 …)")
     lines = [
         "# generated by m2mpay: devices publish requests, read their own answers and the keys",
         "# (only the operations' topics: anything a device retains stays on these few)",
-        *(f"pattern write m2mpay/{bank}/req/{op}" for op in ops),
-        f"pattern read m2mpay/{bank}/resp/%u",
-        f"pattern read m2mpay/{bank}/keys",  # pattern: topic lines up here bind anonymous clients only
+        # pattern lines: topic lines up here would bind anonymous clients only
+        *(f"pattern {grant.access} {grant.topic}" for grant in device_grants(bank, ops)),
         "",
     ]
     for user in bank_users:
-        lines += [
-            f"user {user}",
-            f"topic read m2mpay/{bank}/req/+",
-            f"topic read $share/{bank}-workers/m2mpay/{bank}/req/+",
-            f"topic write m2mpay/{bank}/resp/+",
-            f"topic readwrite m2mpay/{bank}/keys",
-            "",
-        ]
+        lines += [f"user {user}", *(f"topic {grant.access} {grant.topic}" for grant in bank_grants(bank)), ""]
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .config import BrokerConfig, render_acl, render_config
+from .pki import bank_logins
 
 __all__ = ["BrokerError", "Mosquitto", "find_mosquitto", "free_port"]
 
@@ -76,6 +77,8 @@ class Mosquitto:
     """With a PKI from :func:`m2mpay.broker.pki.make_pki`: TLS with client certificates only."""
     insecure_acl: bool = False
     """Allow ``bank`` without ``tls_dir``: the ACL then trusts claimed usernames (tests only)."""
+    bank_workers: int = 1
+    """How many bank workers the ACL grants the bank's topics: certificates ``bank``, ``bank-2`` …"""
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +98,8 @@ class Mosquitto:
         cfg = BrokerConfig(port=self.port, data_dir=self.data_dir, host=self.host, bank=self.bank,
                            run_as_root=hasattr(os, "geteuid") and os.geteuid() == 0,
                            tls_ca=tls / "ca.crt" if tls else None, tls_cert=tls / "broker.crt" if tls else None,
-                           tls_key=tls / "broker.key" if tls else None, insecure_acl=self.insecure_acl)
+                           tls_key=tls / "broker.key" if tls else None, insecure_acl=self.insecure_acl,
+                           bank_users=bank_logins(self.bank_workers))
         if self.bank is not None:
             (self.data_dir / "acl").write_text(render_acl(self.bank, cfg.bank_users))
         conf = self.data_dir / "mosquitto.conf"

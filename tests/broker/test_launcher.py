@@ -10,6 +10,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from m2mpay.broker.launcher import Mosquitto
+from m2mpay.protocol import wire
 
 pytestmark = pytest.mark.network
 
@@ -55,21 +56,23 @@ def _wait_subscribed(client: mqtt.Client, inbox: queue.Queue[tuple[str, bytes]])
 def test_acl_keeps_answers_private(tmp_path: Path) -> None:
     """The ACL's rules, here without TLS: usernames are only claimed, so this protects nothing in
     earnest (``insecure_acl``); with certificates see test_tls.py and tests/security."""
+    withdraw, to_alice, to_mallory = (wire.request_topic("b1", "withdraw"), wire.response_topic("b1", "alice"),
+                                      wire.response_topic("b1", "mallory"))
     with Mosquitto(tmp_path, bank="b1", insecure_acl=True) as broker:
         bank, bank_inbox = _client(broker, "bank")
         alice, alice_inbox = _client(broker, "alice")
         mallory, mallory_inbox = _client(broker, "mallory")
-        _subscribe(bank, "$share/b1-workers/m2mpay/b1/req/+")
-        _subscribe(alice, "m2mpay/b1/resp/alice")
-        _subscribe(mallory, "m2mpay/b1/resp/alice")  # granted, but the ACL filters every message
-        _subscribe(mallory, "m2mpay/b1/resp/mallory")
-        alice.publish("m2mpay/b1/req/withdraw", b"req", qos=1).wait_for_publish(5)
-        assert bank_inbox.get(timeout=5) == ("m2mpay/b1/req/withdraw", b"req")
-        mallory.publish("m2mpay/b1/resp/alice", b"forged", qos=1).wait_for_publish(5)  # dropped
-        bank.publish("m2mpay/b1/resp/alice", b"answer", qos=1).wait_for_publish(5)
-        assert alice_inbox.get(timeout=5) == ("m2mpay/b1/resp/alice", b"answer")
-        bank.publish("m2mpay/b1/resp/mallory", b"yours", qos=1).wait_for_publish(5)
-        assert mallory_inbox.get(timeout=5) == ("m2mpay/b1/resp/mallory", b"yours")  # and nothing before it
+        _subscribe(bank, wire.shared_request_filter("b1"))
+        _subscribe(alice, to_alice)
+        _subscribe(mallory, to_alice)  # granted, but the ACL filters every message
+        _subscribe(mallory, to_mallory)
+        alice.publish(withdraw, b"req", qos=1).wait_for_publish(5)
+        assert bank_inbox.get(timeout=5) == (withdraw, b"req")
+        mallory.publish(to_alice, b"forged", qos=1).wait_for_publish(5)  # dropped
+        bank.publish(to_alice, b"answer", qos=1).wait_for_publish(5)
+        assert alice_inbox.get(timeout=5) == (to_alice, b"answer")
+        bank.publish(to_mallory, b"yours", qos=1).wait_for_publish(5)
+        assert mallory_inbox.get(timeout=5) == (to_mallory, b"yours")  # and nothing before it
         assert alice_inbox.empty()
         for c in (bank, alice, mallory):
             c.disconnect()

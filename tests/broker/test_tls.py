@@ -12,7 +12,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from m2mpay.broker.launcher import Mosquitto
 from m2mpay.broker.pki import make_pki
-from tests.broker.clients import WAIT, TlsClient, tls_login
+from m2mpay.protocol import envelope, wire
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.messages import StatusAnswer
+from tests.broker.clients import WAIT, TlsClient
 
 pytestmark = pytest.mark.network
 
@@ -21,42 +24,55 @@ def test_tls_with_client_certificates_and_acl(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     make_pki(pki, ("bank", "alice", "mallory"))
     assert (pki / "alice.key").stat().st_mode & 0o777 == 0o600
+    withdraw, to_alice, to_mallory = (wire.request_topic("b1", "withdraw"), wire.response_topic("b1", "alice"),
+                                      wire.response_topic("b1", "mallory"))
     with Mosquitto(tmp_path / "mq", bank="b1", tls_dir=pki) as broker:
         bank, alice, mallory = (TlsClient(broker, pki, name) for name in ("bank", "alice", "mallory"))
-        bank.subscribe("$share/b1-workers/m2mpay/b1/req/+")
-        alice.subscribe("m2mpay/b1/resp/alice")
-        mallory.subscribe("m2mpay/b1/resp/alice")  # the ACL filters every message of it
-        mallory.subscribe("m2mpay/b1/resp/mallory")
-        alice.publish("m2mpay/b1/req/withdraw", b"req")
-        assert bank.inbox.get(timeout=WAIT) == ("m2mpay/b1/req/withdraw", b"req")
-        bank.publish("m2mpay/b1/resp/alice", b"answer")
-        bank.publish("m2mpay/b1/resp/mallory", b"yours")
-        assert alice.inbox.get(timeout=WAIT) == ("m2mpay/b1/resp/alice", b"answer")
-        assert mallory.inbox.get(timeout=WAIT) == ("m2mpay/b1/resp/mallory", b"yours")  # nothing of alice's first
-        mallory.publish("m2mpay/b1/resp/alice", b"forged")  # dropped by the ACL
-        bank.publish("m2mpay/b1/resp/alice", b"second")
-        assert alice.inbox.get(timeout=WAIT) == ("m2mpay/b1/resp/alice", b"second")  # the forgery never arrived
+        bank.subscribe(wire.shared_request_filter("b1"))
+        alice.subscribe(to_alice)
+        mallory.subscribe(to_alice)  # the ACL filters every message of it
+        mallory.subscribe(to_mallory)
+        alice.publish(withdraw, b"req")
+        assert bank.inbox.get(timeout=WAIT) == (withdraw, b"req")
+        bank.publish(to_alice, b"answer")
+        bank.publish(to_mallory, b"yours")
+        assert alice.inbox.get(timeout=WAIT) == (to_alice, b"answer")
+        assert mallory.inbox.get(timeout=WAIT) == (to_mallory, b"yours")  # nothing of alice's first
+        mallory.publish(to_alice, b"forged")  # dropped by the ACL
+        bank.publish(to_alice, b"second")
+        assert alice.inbox.get(timeout=WAIT) == (to_alice, b"second")  # the forgery never arrived
         # mallory asks for alice's client id: the broker uses the certificate's name instead, so
         # alice is not disconnected and keeps receiving
         impostor = TlsClient(broker, pki, "mallory", client_id="alice")
-        bank.publish("m2mpay/b1/resp/alice", b"third")
-        assert alice.inbox.get(timeout=WAIT) == ("m2mpay/b1/resp/alice", b"third") and alice.client.is_connected()
+        bank.publish(to_alice, b"third")
+        assert alice.inbox.get(timeout=WAIT) == (to_alice, b"third") and alice.client.is_connected()
         for client in (impostor, bank, alice, mallory):
             client.close()
-        connected: queue.Queue[bool] = queue.Queue()
-        anonymous = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        tls_login(anonymous, pki, None)
-        anonymous.on_connect = lambda _c, _u, _f, reason, _p: connected.put(not reason.is_failure)
+        # No client certificate. On TLS 1.2 the broker refuses it inside the handshake; on TLS 1.3
+        # the client's side of the handshake completes first, and the broker drops the connection
+        # before any CONNACK.
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            anonymous_client(pki, ssl.TLSVersion.TLSv1_2).connect("localhost", broker.port)
+        events: queue.Queue[str] = queue.Queue()
+        anonymous = anonymous_client(pki, ssl.TLSVersion.TLSv1_3)
+        anonymous.on_connect = lambda _c, _u, _f, reason, _p: events.put(f"CONNACK {reason}")
+        anonymous.on_disconnect = lambda _c, _u, _f, reason, _p: events.put("disconnected")
+        anonymous.connect("localhost", broker.port)
+        anonymous.loop_start()
         try:
-            anonymous.connect("localhost", broker.port)
-            anonymous.loop_start()
-            with pytest.raises(queue.Empty):  # no client certificate: never a successful CONNACK
-                assert connected.get(timeout=3) is False
-                raise queue.Empty
-        except (ssl.SSLError, OSError):
-            pass  # refused during the handshake itself
+            assert events.get(timeout=WAIT) == "disconnected"
+            assert events.empty()  # never a CONNACK
         finally:
             anonymous.loop_stop()
+
+
+def anonymous_client(pki: Path, version: ssl.TLSVersion) -> mqtt.Client:
+    """An MQTT client that trusts the test CA, speaks only TLS ``version`` and has no certificate."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    context.minimum_version = context.maximum_version = version
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, reconnect_on_failure=False)
+    client.tls_set_context(context)
+    return client
 
 
 @pytest.mark.asyncio
@@ -64,7 +80,6 @@ async def test_bank_and_device_over_tls(tmp_path: Path) -> None:
     """The agents log in with their certificates; the ACL keys each reply topic on that name."""
     import asyncio
     import contextlib
-    import os
 
     from m2mpay.agents.bank.keys import init_bank, load_bank
     from m2mpay.agents.bank.server import serve
@@ -83,10 +98,14 @@ async def test_bank_and_device_over_tls(tmp_path: Path) -> None:
         try:
             await asyncio.wait_for(ready.wait(), 10)
             async with BankClient(url, "b1", "ignored", tls=TlsLogin.from_dir(pki, "meter-1")) as device:
-                assert device.reply_topic == "m2mpay/b1/resp/meter-1"
+                assert device.reply_topic == wire.response_topic("b1", "meter-1")
                 assert await device.keys()  # the retained announcement reaches a certified device
-                answer = await device.request("status", os.urandom(10))  # garbage: a signed refusal comes back
-                assert answer and b"bad_" in answer
+                garbage = b"\xffnot a request"
+                answer = await device.request("status", garbage)  # a signed refusal comes back
+                with pytest.raises(RemoteProtocolError) as refused:
+                    envelope.open_answer(answer, keys.answer_key.public_key(), "b1", "status", StatusAnswer,
+                                         request=garbage)
+                assert refused.value.code is ErrorCode.BAD_REQUEST
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
