@@ -16,9 +16,12 @@ import traceback
 from collections.abc import Sequence
 from importlib import metadata
 
-from .bank.cli import add_bank_commands, add_broker_commands
+from .bank.cli import add_bank_commands
+from .broker_cli import add_broker_commands
 from .bench.cli import add_parser as add_bench_command
+from .completion import add_completion_command
 from .doctor import add_doctor_command
+from .settings import add_config_command, apply_settings
 from .user.cli import add_user_commands
 from .vendor.cli import add_vendor_commands
 
@@ -38,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     add_bench_command(commands)
     add_doctor_command(commands)
+    add_completion_command(commands)
+    add_config_command(commands)
     return parser
 
 
@@ -79,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``m2mpay`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        apply_settings(args)  # what the command line left out: environment, then the role's file
         status = int(args.handler(args))
         sys.stdout.flush()  # here, not at exit: a reader that went away is met inside this try
         return status
@@ -87,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (Exception, KeyboardInterrupt) as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the one place every error becomes a line and a status
         status, line = _describe(exc)
         print(f"m2mpay: {args.command}: {line}", file=sys.stderr)
         if args.debug or status == 70:  # a bug, not a user's mistake: keep what finds it

@@ -3,9 +3,9 @@
 A private Mosquitto on a free port, a bank on embedded SQLite, two vendors (parking at 1 minor unit
 per minute-unit, EV charging at 3 per kWh-unit) and three user devices with different policies
 (a car that may do both, a phone that only parks, a sensor on a tight hourly budget), each
-refilling its wallet as its policy says, run scripted traffic for ``duration`` seconds. Then everything stops, the bank is audited, and the
-summary checks that value withdrawn = value credited to vendors + value left in wallets.
-Exit 0 only if both hold.
+refilling its wallet as its policy says, run scripted traffic for ``duration`` seconds. Then
+everything stops, the bank is audited, and the summary checks that value withdrawn = value
+credited to vendors + value left in wallets. Exit 0 only if both hold.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 from rich.console import Console
@@ -31,6 +32,7 @@ from .bank import admin
 from .bank.keys import init_bank, load_bank
 from .bank.server import serve
 from .bank.service import BankService
+from .bank.store import Store
 from .mqtt import BankClient
 from .policy.config import PolicyConfig
 from .policy.engine import PolicyEngine
@@ -43,7 +45,7 @@ __all__ = ["run_demo"]
 BANK = "demo-bank"
 VENDORS = (("parking", "parking", 1), ("charger", "ev", 3))
 _REFILL = {"below": 150, "coins": 2, "daily_cap": 600}
-USERS = {
+USERS: dict[str, dict[str, Any]] = {
     "car": {"price": {"max_per_unit": 5}, "refill": _REFILL},
     "phone": {"categories": {"deny": ["ev"]}, "refill": _REFILL},
     "sensor": {"budget": {"per_hour": 40}, "refill": _REFILL},
@@ -58,19 +60,18 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
 
 
-def _view(stats: Stats, store: object, users: dict[str, UserAgent], remaining: float) -> Table:
+def _view(stats: Stats, store: Store, users: dict[str, UserAgent], remaining: float) -> Table:
     table = Table(title=f"m2mpay demo — {remaining:4.0f} s left", expand=False)
     table.add_column("agent")
     table.add_column("balance at bank", justify="right")
     table.add_column("in wallet", justify="right")
     for name in users:
-        table.add_row(name, str(admin.balance(store, name)),  # type: ignore[arg-type]
+        table.add_row(name, str(admin.balance(store, name)),
                       str(sum(wc.remaining for wc, _ in users[name].store.coins())))
     for name, _, _ in VENDORS:
-        table.add_row(f"vendor {name}", str(admin.balance(store, name)), "")  # type: ignore[arg-type]
+        table.add_row(f"vendor {name}", str(admin.balance(store, name)), "")
     elapsed = max(time.monotonic() - stats.started, 1e-6)
-    open_sessions = store.run_sync(  # type: ignore[attr-defined]
-        lambda tx: tx.one("SELECT COUNT(*) FROM coins WHERE status = ?", ("open",))[0])
+    open_sessions = store.run_sync(lambda tx: tx.open_blocks())
     table.caption = (f"open sessions {open_sessions}   payments {stats.payments}   "
                      f"tokens {stats.tokens} ({stats.tokens / elapsed:.0f}/s)   "
                      f"policy refusals {sum(stats.refusals.values())} {dict(sorted(stats.refusals.items()))}")
@@ -82,7 +83,7 @@ async def _refill(agent: UserAgent, bank: BankClient, credentials: UserCredentia
     value = sum(wc.remaining for wc, _ in agent.store.coins())
     coin_value = min(k.value for k in agent.keyring().keysets.values())
     count, decision = PolicyEngine(agent.policy).refill(value, coin_value, True, refilled)
-    agent._log("refill", decision)
+    agent.record_decision("refill", decision)
     if count:
         coins = await agent.withdraw(bank, credentials, count)
         refilled += sum(wc.remaining for wc in coins)
@@ -92,7 +93,7 @@ async def _refill(agent: UserAgent, bank: BankClient, credentials: UserCredentia
 async def _shopper(name: str, agent: UserAgent, vendors: dict[str, str], stats: Stats, until: float,
                    stop: asyncio.Event, broker: str, credentials: UserCredentials) -> None:
     ctx = await aiocoap.Context.create_client_context()
-    rng = random.Random(name)
+    rng = random.Random(name)  # noqa: S311 - scripted traffic, not a secret
     refilled = 0
     try:
         async with BankClient(broker, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
@@ -115,8 +116,7 @@ async def _shopper(name: str, agent: UserAgent, vendors: dict[str, str], stats: 
         await ctx.shutdown()
 
 
-async def _demo(duration: float, console: Console) -> int:
-    work = Path(tempfile.mkdtemp(prefix="m2mpay-demo-"))
+async def _demo(duration: float, console: Console, work: Path) -> int:
     now = int(time.time())
     console.print(f"[bold]m2mpay demo[/bold] in {work}")
     with Mosquitto(work / "mosquitto", port=free_port()) as broker:
@@ -182,5 +182,10 @@ async def _demo(duration: float, console: Console) -> int:
 
 
 def run_demo(duration: float) -> int:
-    """Run the demo; Ctrl-C stops the traffic early and still audits."""
-    return asyncio.run(_demo(duration, Console()))
+    """Run the demo; Ctrl-C stops the traffic early and still audits.
+
+    Its keys, wallets and databases live in a temporary directory removed on the way out,
+    however the demo ends (an error, or Ctrl-C before the traffic starts): they hold private keys.
+    """
+    with tempfile.TemporaryDirectory(prefix="m2mpay-demo-") as work:
+        return asyncio.run(_demo(duration, Console(), Path(work)))

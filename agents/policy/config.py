@@ -44,25 +44,25 @@ other would silently never match. Example::
 
 from __future__ import annotations
 
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, is_name
+from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH
+
+from ..config import UNLIMITED, ConfigError, build, read_toml
 
 __all__ = ["STRATEGIES", "UNLIMITED", "PolicyConfig", "PolicyError"]
 
 STRATEGIES = ("best_fit", "drain_partial", "largest_first", "fresh_per_vendor")
-UNLIMITED = "unlimited"
-"""What a policy file writes to lift a limit (read as ``None``)."""
 _LIMIT = {"unlimited": True}
 """Field metadata: this limit may be written as ``"unlimited"``."""
-_NAME_RULE = "1-32 characters of a-z 0-9 - _ ."
+_NAMES = {"names": True}
+"""Field metadata: names a certificate can carry (anything else would silently never match)."""
 
 
-class PolicyError(ValueError):
-    """A policy file that does not describe a policy."""
+class PolicyError(ConfigError):
+    """A policy that does not describe a policy (a :class:`~m2mpay.agents.config.ConfigError`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +78,8 @@ class Budget:
 class Vendors:
     """Vendors allowed and denied (as certificates name them), and the daily limit for each."""
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
+    allow: tuple[str, ...] = field(default=(), metadata=_NAMES)
+    deny: tuple[str, ...] = field(default=(), metadata=_NAMES)
     max_per_day: int | None = field(default=500, metadata=_LIMIT)
 
 
@@ -87,8 +87,8 @@ class Vendors:
 class Categories:
     """Categories allowed and denied (as certificates name them), and the daily limit for each."""
 
-    allow: tuple[str, ...] = ()
-    deny: tuple[str, ...] = ()
+    allow: tuple[str, ...] = field(default=(), metadata=_NAMES)
+    deny: tuple[str, ...] = field(default=(), metadata=_NAMES)
     max_per_day: int | None = field(default=1000, metadata=_LIMIT)
 
 
@@ -97,7 +97,7 @@ class Price:
     """The most a unit may cost: money per unit (minor units), held against the offer's price."""
 
     max_per_unit: int | None = field(default=10, metadata=_LIMIT)
-    per_category: dict[str, int] = field(default_factory=dict)
+    per_category: dict[str, int] = field(default_factory=dict, metadata=_NAMES)
 
     def ceiling(self, category: str) -> int | None:
         """The price ceiling for ``category`` (``None``: unlimited)."""
@@ -116,15 +116,15 @@ class Deadline:
 class Session:
     """How long one payment may take: never unlimited, so no vendor can hold the device."""
 
-    max_duration: int = 900
-    max_idle: int = 120
+    max_duration: int = field(default=900, metadata={"min": 1})
+    max_idle: int = field(default=120, metadata={"min": 1})
 
 
 @dataclass(frozen=True, slots=True)
 class Coins:
     """Which coin to block for an offer."""
 
-    strategy: str = "best_fit"
+    strategy: str = field(default="best_fit", metadata={"choices": STRATEGIES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,62 +132,8 @@ class Refill:
     """When to withdraw while the bank is reachable. ``below = 0``: never."""
 
     below: int = 0
-    coins: int = 1
+    coins: int = field(default=1, metadata={"min": 1, "max": MAX_WITHDRAW_BATCH})
     daily_cap: int | None = field(default=0, metadata=_LIMIT)
-
-
-_TABLES: dict[str, type[Any]] = {"budget": Budget, "vendors": Vendors, "categories": Categories, "price": Price,
-                                 "deadline": Deadline, "session": Session, "coins": Coins, "refill": Refill}
-_NAMED = {("vendors", "allow"), ("vendors", "deny"), ("categories", "allow"), ("categories", "deny")}
-
-
-def _check_name(table: str, key: str, name: str) -> None:
-    if not is_name(name):
-        raise PolicyError(f"[{table}] {key}: {name!r} can never match a certificate name ({_NAME_RULE})")
-
-
-def _is_amount(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _value(table: str, spec: Any, value: Any) -> Any:
-    """One key's value, checked against the field it sets."""
-    key, default = spec.name, spec.default
-    if spec.metadata.get("unlimited") and value == UNLIMITED:
-        return None
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise PolicyError(f"[{table}] {key} must be a list of names")
-        if (table, key) in _NAMED:
-            for name in value:
-                _check_name(table, key, name)
-        return tuple(value)
-    if key == "per_category":
-        if not isinstance(value, dict) or not all(_is_amount(v) for v in value.values()):
-            raise PolicyError(f"[{table}] {key} must map names to amounts")
-        for name in value:
-            _check_name(table, key, name)
-        return value
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise PolicyError(f"[{table}] {key} must be a string")
-        return value
-    if not isinstance(value, int) or isinstance(value, bool):
-        also = f' or "{UNLIMITED}"' if spec.metadata.get("unlimited") else ""
-        raise PolicyError(f"[{table}] {key} must be a whole number{also}")
-    if value < 0:
-        raise PolicyError(f"[{table}] {key} must not be negative")
-    return value
-
-
-def _table(cls: type[Any], raw: Any, name: str) -> Any:
-    if not isinstance(raw, dict):
-        raise PolicyError(f"[{name}] must be a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(raw) - set(known)
-    if unknown:
-        raise PolicyError(f"[{name}] unknown key {sorted(unknown)[0]!r}")
-    return cls(**{key: _value(name, known[key], value) for key, value in raw.items()})
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,26 +150,18 @@ class PolicyConfig:
     refill: Refill = field(default_factory=Refill)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PolicyConfig:
+    def from_dict(cls, data: dict[str, Any], file: Path | None = None) -> PolicyConfig:
         """A policy from parsed TOML; what is left out keeps the default."""
-        unknown = set(data) - set(_TABLES)
-        if unknown:
-            raise PolicyError(f"unknown table [{sorted(unknown)[0]}]")
-        config = cls(**{name: _table(kind, data[name], name) for name, kind in _TABLES.items() if name in data})
-        if config.coins.strategy not in STRATEGIES:
-            raise PolicyError(f"[coins] strategy must be one of {', '.join(STRATEGIES)}")
-        if config.session.max_duration < 1 or config.session.max_idle < 1:
-            raise PolicyError("[session] max_duration and max_idle must be at least 1 second")
-        if not 1 <= config.refill.coins <= MAX_WITHDRAW_BATCH:
-            raise PolicyError(f"[refill] coins must be between 1 and {MAX_WITHDRAW_BATCH}")
-        return config
+        try:
+            return build(cls, data, file=file)
+        except ConfigError as exc:
+            raise PolicyError(exc.why, key=exc.key, table=exc.table, file=exc.file, hint=exc.hint) from None
 
     @classmethod
     def load(cls, path: Path) -> PolicyConfig:
         """Read a policy file."""
         try:
-            return cls.from_dict(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as exc:
-            raise PolicyError(f"{path}: {exc}") from exc
-        except OSError as exc:
-            raise PolicyError(f"{path}: {exc.strerror or exc}") from exc
+            data = read_toml(path, "a policy file")
+        except ConfigError as exc:
+            raise PolicyError(exc.why, file=exc.file, hint=exc.hint) from None
+        return cls.from_dict(data, path)

@@ -133,31 +133,37 @@ class PolicyEngine:
             return _no("price_too_high", f"{offer.price} per unit exceeds {ceiling}",
                        unit_price=offer.price, ceiling=ceiling)
         if offer.deadline > now + c.deadline.max_ahead + c.deadline.clock_skew:
-            return _no("deadline_too_far", "the vendor would block the coin for too long",
-                       deadline=offer.deadline, now=now)
+            allowed = c.deadline.max_ahead + c.deadline.clock_skew
+            return _no("deadline_too_far", f"the vendor would block the coin for {offer.deadline - now} s; the policy "
+                       f"allows at most {allowed} s (deadline.max_ahead {c.deadline.max_ahead} + clock_skew "
+                       f"{c.deadline.clock_skew})", deadline=offer.deadline, now=now, max_ahead=allowed)
         if offer.deadline <= now + c.deadline.clock_skew:
             return _no("deadline_passed", "the offer's deadline has passed (or our clocks disagree)",
                        deadline=offer.deadline, now=now)
         return self.may_pay(offer, 0, offer.cost(units), now)
 
     def may_pay(self, offer: OfferView, session_spent: int, amount: int, now: int) -> Decision:
-        """May ``amount`` more go to this vendor, ``session_spent`` already having gone in this session?"""
+        """May ``amount`` more go to this vendor, ``session_spent`` already having gone in this session?
+
+        A refusal says what was already spent against the limit and what the limit is, in money
+        (minor units), so that the one line a user reads tells how far off the payment is.
+        """
         c = self.config
         checks = (
-            ("session_cap", session_spent + amount, c.budget.per_session, "the cap per session"),
-            ("hourly_budget", self._spent(now, HOUR) + amount, c.budget.per_hour, "the hourly budget"),
-            ("daily_budget", self._spent(now, DAY) + amount, c.budget.per_day, "the daily budget"),
-            ("vendor_limit", self._spent(now, DAY, vendor=offer.vendor) + amount, c.vendors.max_per_day,
+            ("session_cap", session_spent, c.budget.per_session, "the cap per session"),
+            ("hourly_budget", self._spent(now, HOUR), c.budget.per_hour, "the hourly budget"),
+            ("daily_budget", self._spent(now, DAY), c.budget.per_day, "the daily budget"),
+            ("vendor_limit", self._spent(now, DAY, vendor=offer.vendor), c.vendors.max_per_day,
              f"the daily limit for vendor {offer.vendor}"),
-            ("category_limit", self._spent(now, DAY, category=offer.category) + amount, c.categories.max_per_day,
+            ("category_limit", self._spent(now, DAY, category=offer.category), c.categories.max_per_day,
              f"the daily limit for {offer.category}"),
         )
-        for reason, total, limit, what in checks:
-            if limit is not None and total > limit:
-                return _no(reason, f"{total} would exceed {what} ({limit})", total=total, limit=limit,
-                           vendor=offer.vendor, amount=amount)
+        for reason, spent, limit, what in checks:
+            if limit is not None and spent + amount > limit:
+                return _no(reason, f"{amount} more would exceed {what}: {spent} spent of {limit} (minor units)",
+                           total=spent + amount, spent=spent, limit=limit, vendor=offer.vendor, amount=amount)
         return _yes("within_policy", f"{amount} to {offer.vendor} is within policy", vendor=offer.vendor,
-                    amount=amount)
+                    amount=amount, unit_price=offer.price)
 
     def choose_offer(self, offers: Sequence[OfferView], units: int, now: int) -> tuple[OfferView | None, Decision]:
         """The cheapest offer the policy allows (ties: the earlier in the list)."""
@@ -212,8 +218,10 @@ class PolicyEngine:
             return 0, _no("offline", "refill waits until the bank is reachable")
         if r.daily_cap is None:
             room = r.coins
+        elif coin_value:
+            room = (r.daily_cap - refilled_today) // coin_value
         else:
-            room = (r.daily_cap - refilled_today) // coin_value if coin_value else 0
+            room = 0
         count = min(r.coins, max(room, 0))
         if count <= 0:
             return 0, _no("refill_cap", f"daily refill cap {r.daily_cap} reached", refilled_today=refilled_today)

@@ -25,9 +25,9 @@ import aiocoap
 from aiocoap.numbers.codes import Code
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from m2mpay.protocol import envelope, sealing
+from m2mpay.protocol import envelope, sealing, wire
 from m2mpay.protocol.certificates import cert_hash, verify_announcement, verify_certificate
-from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
+from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, CertificateBody, KeysetInfo, Offer, OpenSession, WithdrawAnswer
 from m2mpay.protocol.receipts import verify_receipt
 from m2mpay.protocol.rules import wallet
@@ -35,20 +35,25 @@ from m2mpay.protocol.rules.keyring import Keyring
 
 from ..files import append_private, private_dir
 from ..mqtt import BankClient
+from ..config import read_json
 from ..policy.config import PolicyConfig
 from ..policy.engine import DAY, CoinView, Decision, OfferView, PolicyEngine, Spend
 from .coap import call
-from .errors import PolicyRefusal, UsageError, VendorUnreachable
+from . import exchanger
+from .errors import PolicyRefusal, Refused, UsageError, VendorUnreachable
+from .exchange import prepare_exchange
 from .lock import WalletLock
 from .outcome import PaymentResult, Stop
 from .paying import Payment
-from .store import KeptReceipt, WalletStore
+from .store import KeptReceipt, WalletStore, require_wallet
 
 __all__ = ["PaymentResult", "PolicyRefusal", "Stop", "UserAgent", "UserCredentials", "WithdrawOutcome"]
 
 log = logging.getLogger(__name__)
 _KEYS_FILE = "bank-keys.cose"
 _OLD_SPENDING_LOG = "spending.jsonl"
+EXCHANGE_MARGIN = 7 * 86400
+"""Coins of a keyset that no longer issues are exchanged when its spending ends within this."""
 _ASK_AGAIN_WAIT = 10.0
 """How long a close asked again may take: a vendor gone for now is asked again next time."""
 
@@ -65,7 +70,7 @@ class UserCredentials:
     @classmethod
     def load(cls, path: Path) -> UserCredentials:
         """Read a credentials file."""
-        data = json.loads(path.read_text())
+        data = read_json(path, "a credentials file")  # a file that is not JSON is named in the error
         return cls(account=data["account"], key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
                    bank=data["bank"], ca_fingerprint=data["ca_fingerprint"])
 
@@ -86,12 +91,16 @@ class UserAgent:
     """One wallet directory and its policy (the conservative default when none is given).
 
     With ``exclusive`` (the default) the wallet is locked for this process until :meth:`close`;
-    a second process gets :class:`~m2mpay.agents.user.errors.WalletBusy`.
+    a second process gets :class:`~m2mpay.agents.user.errors.WalletBusy`. Without ``create`` (the
+    reading commands) a wallet that does not exist is :class:`~m2mpay.agents.user.errors.UsageError`
+    and nothing is created: a mistyped path must not read as an empty wallet.
     """
 
     def __init__(self, directory: Path, policy: PolicyConfig | None = None,
-                 clock: Callable[[], float] = time.time, *, exclusive: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, *, exclusive: bool = True, create: bool = True) -> None:
         self.directory = directory
+        if not create:
+            require_wallet(directory)
         private_dir(directory)
         self._lock = WalletLock(directory) if exclusive else None
         try:
@@ -101,6 +110,8 @@ class UserAgent:
             raise
         self.policy = policy or PolicyConfig()
         self.clock = clock
+        self.on_decision: Callable[[str, Decision], None] | None = None
+        """Told of every decision after it is logged (``user pay`` shows progress with it)."""
         meta = directory / "wallet.json"
         self.meta = json.loads(meta.read_text()) if meta.exists() else {}
         if exclusive:
@@ -122,6 +133,13 @@ class UserAgent:
 
     def _log(self, action: str, decision: Decision) -> None:
         append_private(self.directory / "decisions.jsonl", decision.to_json(action, self.now()) + "\n")
+        if self.on_decision is not None:
+            self.on_decision(action, decision)
+
+    def record_decision(self, action: str, decision: Decision) -> None:
+        """Log a policy decision taken outside a payment (``refill``, ``choose``): appended to
+        ``decisions.jsonl`` with the device's time, like the agent's own."""
+        self._log(action, decision)
 
     def spending(self, since: int = 0) -> list[Spend]:
         """Money that left the wallet since ``since``: every token from when it may have left."""
@@ -153,7 +171,19 @@ class UserAgent:
         if not path.exists() or "ca_fingerprint" not in self.meta:
             raise RemoteProtocolError("no bank keys yet: withdraw first", ErrorCode.UNKNOWN_KEYSET)
         return Keyring.from_announcement(verify_announcement(path.read_bytes(), self.meta["ca_fingerprint"],
-                                                             self.now()))
+                                                             self.now()), self.store.phases())
+
+    def spendable_value(self, keyring: Keyring | None = None) -> int:
+        """Value the wallet can pay with now, minor units: coins free for a session (not in one,
+        not uncertain) of keysets still spendable. What a refill is decided on."""
+        now = self.now()
+        try:
+            keyring = keyring or self.keyring()
+        except RemoteProtocolError:
+            return 0  # no keys (or expired ones): nothing can be paid until the next withdrawal
+        busy = self.store.exchanging()
+        return sum(wc.remaining for wc, _ in self.store.coins()
+                   if wc.available(now) and keyring.spendable(wc.coin.keyset, now) and wc.coin.tip not in busy)
 
     # --- withdrawing -----------------------------------------------------------------------
     async def withdraw(self, bank: BankClient, credentials: UserCredentials, count: int,
@@ -173,12 +203,7 @@ class UserAgent:
         """
         if not 0 <= count <= MAX_WITHDRAW_BATCH:
             raise UsageError(f"coins must be between 0 and {MAX_WITHDRAW_BATCH} per withdrawal")
-        announcement = await bank.keys()
-        keyring = Keyring.from_announcement(verify_announcement(announcement, credentials.ca_fingerprint,
-                                                                self.now()))
-        (self.directory / _KEYS_FILE).write_bytes(announcement)
-        self.meta = {"ca_fingerprint": credentials.ca_fingerprint, "bank": credentials.bank}
-        (self.directory / "wallet.json").write_text(json.dumps(self.meta))
+        keyring = await self.fresh_keyring(bank, credentials)
         recovered: list[wallet.WalletCoin] = []
         refused: list[envelope.Refusal] = []
         for pending, signed in self.store.pending_withdrawals():
@@ -201,13 +226,62 @@ class UserAgent:
             coins = await self._complete(bank, keyring, pending, signed)
         return WithdrawOutcome(coins=coins, recovered=recovered, refused=refused)
 
+    def can_withdraw(self, keyring: Keyring, keyset: str) -> bool:
+        """Whether the bank takes withdrawals from ``keyset`` now (not retired, not past its date)."""
+        try:
+            keyring.withdrawable(keyset, self.now())
+        except RemoteProtocolError:
+            return False
+        return True
+
+    async def fresh_keyring(self, bank: BankClient, credentials: UserCredentials) -> Keyring:
+        """Fetch the bank's announcement, follow its keyset phases (never back) and keep it."""
+        announcement = await bank.keys()
+        keyring, rolled_back = Keyring.following(
+            verify_announcement(announcement, credentials.ca_fingerprint, self.now()), self.store.phases())
+        if rolled_back:
+            log.error("the bank's announcement moves keyset phases back (%s): kept the earlier ones (%s)",
+                      ", ".join(rolled_back), ErrorCode.PHASE_ROLLBACK.wire)
+        self.store.put_phases(keyring.phases)
+        (self.directory / _KEYS_FILE).write_bytes(announcement)
+        self.meta = {"ca_fingerprint": credentials.ca_fingerprint, "bank": credentials.bank}
+        (self.directory / "wallet.json").write_text(json.dumps(self.meta))
+        return keyring
+
+    async def exchange_due(self, bank: BankClient, credentials: UserCredentials,
+                           margin: int = EXCHANGE_MARGIN) -> list[wallet.WalletCoin]:
+        """Resend unfinished exchanges, then exchange every coin due (see
+        :func:`~m2mpay.agents.user.exchanger.due`); the fresh coins. A refusal costs that coin's
+        exchange only (logged); a transport failure is raised and the request resent next time."""
+        keyring = await self.fresh_keyring(bank, credentials)
+        fresh: list[wallet.WalletCoin] = []
+        todo = self.store.pending_exchanges()
+        for wc in exchanger.due(self.store, keyring, self.now(), margin):
+            try:
+                pending = prepare_exchange(wc, keyring, self.now())
+            except LocalProtocolError as exc:  # the bank offers no keysets to take the value in
+                log.warning("coin %s not exchanged: %s", wc.coin.tip.hex()[:8], exc.message)
+                continue
+            self.store.begin_exchange(pending, self.now())  # before it leaves: resent as it is
+            todo.append(pending)
+        for pending in todo:
+            try:
+                fresh += await exchanger.send_exchange(self.store, bank, keyring, pending)
+            except envelope.Refusal as refusal:
+                log.warning("exchange of coin %s refused: %s (%s)", pending.request.coin.tip.hex()[:8],
+                            refusal.code.wire, refusal.message)
+        return fresh
+
     def _withdrawable(self, keyring: Keyring, keyset: str | None) -> KeysetInfo:
         now = self.now()
         if keyset is None:
-            open_ = [k for k in keyring.keysets.values() if k.withdraw_until >= now]
+            open_ = [k for k in keyring.keysets.values() if self.can_withdraw(keyring, k.id)]
             if not open_:
                 raise RemoteProtocolError("no keyset is open for withdrawal", ErrorCode.KEYSET_EXPIRED)
             return min(open_, key=lambda k: k.value)
+        if keyset not in keyring.keysets:  # the bank's signed announcement, fresh: the bank's own answer
+            raise Refused(f"the bank refused the withdrawal: {ErrorCode.UNKNOWN_KEYSET.wire} (the bank has no "
+                          f"keyset {keyset}; 'm2mpay bank keys' lists them); nothing was debited")
         try:
             return keyring.withdrawable(keyset, now)
         except RemoteProtocolError as exc:
@@ -234,9 +308,9 @@ class UserAgent:
     # --- paying ----------------------------------------------------------------------------
     async def discover(self, ctx: aiocoap.Context, base: str) -> Offer:
         """Find the vendor's offer through ``/.well-known/core`` (``rt=m2mpay.offer``) and fetch it."""
-        links = (await call(ctx, Code.GET, base + "/.well-known/core")).decode("utf-8", "replace")
+        links = (await call(ctx, Code.GET, wire.uri(base, wire.WELL_KNOWN_CORE_PATH))).decode("utf-8", "replace")
         path = next((part.split(">")[0].lstrip("<") for part in links.split(",")
-                     if 'rt="m2mpay.offer"' in part or "rt=m2mpay.offer" in part), None)
+                     if f'rt="{wire.RT_OFFER}"' in part or f"rt={wire.RT_OFFER}" in part), None)
         if path is None or not path.startswith("/"):
             raise RemoteProtocolError("no m2mpay offer at this address", ErrorCode.UNKNOWN_OP)
         return Offer.decode(await call(ctx, Code.GET, base + path))
@@ -265,8 +339,10 @@ class UserAgent:
     def _choose(self, engine: PolicyEngine, offer: Offer, view: OfferView, units: int,
                 now: int) -> tuple[wallet.WalletCoin, frozenset[str], OfferView]:
         """The coin to pay with and the offer as judged in that coin's money; or ``PolicyRefusal``."""
+        keyring, busy = self.keyring(), self.store.exchanging()
         held = [(wc.expire(now), vendors) for wc, vendors in self.store.coins()
-                if wc.coin.keyset in offer.keysets and wc.available(now)]
+                if wc.coin.keyset in offer.keysets and wc.available(now) and keyring.spendable(wc.coin.keyset, now)
+                and wc.coin.tip not in busy]
         values = sorted({wc.token_value for wc, _ in held}) or [view.token_value]
         judged = {v: engine.check_offer(dataclasses.replace(view, token_value=v), units, now) for v in values}
         allowed = [v for v in values if judged[v].allowed]
@@ -293,6 +369,8 @@ class UserAgent:
         """
         if units < 1:
             raise UsageError("units must be a positive whole number")
+        if not (self.directory / _KEYS_FILE).exists():  # never withdrew: nothing to pay with, vendor or not
+            raise PolicyRefusal(Decision(False, "no_coin", "the wallet holds no coin and no bank keys yet"))
         keyring = self.keyring()
         offer = await self.discover(ctx, base)
         view, cert = self._checked(offer)
@@ -339,8 +417,8 @@ class UserAgent:
             old = kept.receipt
             try:
                 cert = verify_certificate(kept.cert, keyring.ca_key, keyring.bank, self.now())
-                signed = await call(ctx, Code.POST, f"{kept.address}/sessions/{old.session.hex()}/close", b"",
-                                    wait=_ASK_AGAIN_WAIT)
+                signed = await call(ctx, Code.POST, wire.uri(kept.address, wire.session_path(old.session, wire.CLOSE)),
+                                    b"", wait=_ASK_AGAIN_WAIT)
                 receipt = verify_receipt(signed, cert, tip=old.tip, session=old.session)
             except (RemoteProtocolError, VendorUnreachable) as exc:
                 log.info("pending receipt of %s not settled yet: %s", kept.address, exc)
@@ -361,4 +439,3 @@ class UserAgent:
         return [{"keyset": wc.coin.keyset, "tip": wc.coin.tip.hex(), "prefix": wc.coin.prefix.hex(),
                  "sig": wc.coin.sig.hex(), "position": wc.position, "remaining": wc.remaining,
                  "status": wc.status.value} for wc, _ in self.store.coins()]
-

@@ -16,18 +16,17 @@ import aiocoap
 import aiocoap.error
 from aiocoap.numbers.codes import Code
 
-from m2mpay.protocol import cbor
+from m2mpay.protocol import cbor, wire
 from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import Due
 
 from .errors import VendorUnreachable
 
-__all__ = ["CBOR", "EXCHANGE_WAIT", "DueStream", "call"]
+__all__ = ["EXCHANGE_WAIT", "DueStream", "call"]
 
 # CoAP retransmits a confirmable request for up to MAX_TRANSMIT_SPAN (45 s, RFC 7252 §4.8.2); a
 # shorter wait gives up on a lossy link while the exchange would still have succeeded.
 EXCHANGE_WAIT = 45.0
-CBOR = 60
 
 
 def _refusal(response: aiocoap.Message) -> RemoteProtocolError:
@@ -45,7 +44,7 @@ async def call(ctx: aiocoap.Context, code: Code, uri: str, body: bytes | None = 
     """One request; the answer's payload, or our error for a refusal, silence or a network failure."""
     message = aiocoap.Message(code=code, uri=uri, payload=body or b"")
     if body is not None:
-        message.opt.content_format = CBOR
+        message.opt.content_format = wire.CONTENT_FORMAT_CBOR
     try:
         async with asyncio.timeout(wait):
             response = await ctx.request(message).response

@@ -4,7 +4,8 @@
 
     UserError                   (abstract)
     ├── UsageError           2  a wrong argument or file: nothing was spent
-    │   └── WalletBusy       2  another process holds this wallet
+    │   ├── WalletBusy       2  another process holds this wallet
+    │   └── NoWallet         2  a reading command on a path that holds no wallet
     ├── PolicyRefusal        3  the policy said no (or no coin fits): the wallet is unchanged
     ├── Refused              4  the bank or a vendor refused, said in the words of the command
     ├── VendorUnreachable    5  the vendor did not answer in time (CoAP errors translated here)
@@ -18,14 +19,17 @@ policy or configuration file is 2; anything else is a bug: 70.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 
 from ..mqtt import TransportError
 from ..policy.config import PolicyError
 from ..policy.engine import Decision
+from ..reach import BrokerRefused
 from .outcome import PaymentResult
 
-__all__ = ["EXIT", "PaymentIncomplete", "PolicyRefusal", "Refused", "UsageError", "UserError",
+__all__ = ["EXIT", "NoWallet", "PaymentIncomplete", "PolicyRefusal", "Refused", "UsageError", "UserError",
            "VendorUnreachable", "WalletBusy", "describe", "exit_status"]
 
 EXIT = {"usage": 2, "policy": 3, "refused": 4, "unreachable": 5, "internal": 70, "interrupted": 130}
@@ -45,6 +49,15 @@ class UsageError(UserError):
 
 class WalletBusy(UsageError):
     """Another process holds the wallet: one process per wallet keeps budgets and coins exact."""
+
+
+class NoWallet(UsageError):
+    """A command that only reads a wallet was pointed at a path holding none (a typo, most
+    likely): said so rather than shown as an empty wallet, and nothing is created there."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(f"user: no wallet at {directory} (user withdraw creates one)")
+        self.directory = directory
 
 
 class PolicyRefusal(UserError):
@@ -78,6 +91,12 @@ class PaymentIncomplete(UserError):
         self.status = result.stop.exit_status
 
 
+_HINTS = {
+    "no_coin": "; withdraw coins with 'm2mpay user withdraw' ('m2mpay user status' shows what the wallet holds)",
+}
+"""What the user can do about a refusal, said after it."""
+
+
 def exit_status(exc: BaseException) -> int:
     """The exit status for an error that ended a user command."""
     if isinstance(exc, UserError):
@@ -98,9 +117,11 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, PolicyRefusal):
-        return f"refused by policy: {exc.decision.reason}: {exc.decision.message}"
+        return f"refused by policy: {exc.decision.reason}: {exc.decision.message}{_HINTS.get(exc.decision.reason, '')}"
     if isinstance(exc, RemoteProtocolError):
         return f"refused: {exc.code.wire}: {exc.message}"
+    if isinstance(exc, BrokerRefused):  # says itself what refused what
+        return str(exc)
     if isinstance(exc, TransportError):
         return f"bank unreachable: {exc}"
     if isinstance(exc, VendorUnreachable):

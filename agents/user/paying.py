@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import aiocoap
 from aiocoap.numbers.codes import Code
 
+from m2mpay.protocol import wire
 from m2mpay.protocol.errors import RemoteProtocolError
 from m2mpay.protocol.messages import CertificateBody, OpenSession, Receipt, SessionOpened
 from m2mpay.protocol.receipts import verify_receipt
@@ -93,13 +94,14 @@ class Payment:
         """
         try:
             async with asyncio.timeout_at(deadline):
-                opened = SessionOpened.decode(await call(ctx, Code.POST, self.base + "/sessions", request.encode()))
+                opened = SessionOpened.decode(await call(ctx, Code.POST, wire.uri(self.base, wire.SESSIONS_PATH),
+                                                         request.encode()))
         except (RemoteProtocolError, VendorUnreachable, TimeoutError) as exc:
             self.store.save(self.coin.event(wallet.WalletEvent.LOST), self.shown)
             if isinstance(exc, TimeoutError):
                 raise VendorUnreachable("no answer to the open before the payment's deadline") from exc
             raise
-        sid = opened.session.hex()
+        sid = opened.session
         try:
             async with asyncio.timeout_at(deadline):
                 stop, detail = await self._meter(ctx, sid)
@@ -116,12 +118,12 @@ class Payment:
             "tokens": result.tokens, "spent": self.spent, "credited": credited}))
         return result
 
-    async def _meter(self, ctx: aiocoap.Context, sid: str) -> tuple[Stop, str]:
+    async def _meter(self, ctx: aiocoap.Context, sid: bytes) -> tuple[Stop, str]:
         """Answer the vendor's notifications until the units are paid for or something stops us."""
         loop = asyncio.get_running_loop()
         idle = self.policy.session.max_idle
         last_ask = loop.time()
-        notes = DueStream(ctx, f"{self.base}/sessions/{sid}/due")
+        notes = DueStream(ctx, wire.uri(self.base, wire.session_path(sid, wire.DUE)))
         try:
             while True:
                 try:
@@ -145,7 +147,7 @@ class Payment:
         finally:
             notes.cancel()
 
-    async def _pay(self, ctx: aiocoap.Context, sid: str, tokens: int) -> tuple[Stop, str] | None:
+    async def _pay(self, ctx: aiocoap.Context, sid: bytes, tokens: int) -> tuple[Stop, str] | None:
         """Pay ``tokens`` if the policy allows; ``None`` when they were paid and acknowledged."""
         amount = self.coin.value_of(tokens)
         decision = self.engine.may_pay(self.view, self.spent, amount, self.clock())
@@ -158,7 +160,8 @@ class Payment:
         self.engine.record(spend)
         self.spent += amount
         try:
-            Receipt.decode(await call(ctx, Code.POST, f"{self.base}/sessions/{sid}/pay", pay.encode()))
+            Receipt.decode(await call(ctx, Code.POST, wire.uri(self.base, wire.session_path(sid, wire.PAY)),
+                                      pay.encode()))
         except RemoteProtocolError as exc:
             return Stop.VENDOR_STOPPED, f"the vendor refused a token: {exc.code.wire}: {exc.message}"
         except VendorUnreachable as exc:
@@ -170,7 +173,8 @@ class Payment:
         """Close the session and keep the vendor's signed receipt; what it says was credited, or
         ``None`` if the vendor would not say (or said it in a receipt that does not verify)."""
         try:
-            signed = await call(ctx, Code.POST, f"{self.base}/sessions/{sid.hex()}/close", b"", wait=wait)
+            signed = await call(ctx, Code.POST, wire.uri(self.base, wire.session_path(sid, wire.CLOSE)), b"",
+                                wait=wait)
             receipt = verify_receipt(signed, self.cert, tip=self.coin.coin.tip, session=sid)
         except (RemoteProtocolError, VendorUnreachable) as exc:
             log.warning("closing the session at %s failed (%s): the coin stays blocked until its deadline",

@@ -13,9 +13,16 @@ Configuration (TOML)::
 
     [policy]           # the tables of a policy file: budget, vendors, categories, price, …
 
-Each round: refill if the policy says so and the bank is reachable; ask the vendors whose close
-was pending for their final receipt again; ask every vendor for its offer; take the cheapest one
-the policy allows; pay there. Every decision goes to the log.
+Every key is checked by the strict loader (:mod:`m2mpay.agents.config`): an unknown key, a wrong
+type (``units = true``) or a value out of range stops the command with the file, table and key.
+``wallet``, ``credentials``, ``broker`` and ``tls`` may come from the environment instead
+(``M2MPAY_WALLET`` …, which wins over the file); the file itself is found as docs/OPERATOR.md
+("Configuration") says.
+
+Each round, when the bank is reachable: exchange the coins of keysets whose spending ends within a
+week (docs/LIFECYCLE.md), then refill if the policy says so, counting only the value that can pay
+now. Then ask the vendors whose close was pending for their final receipt again; ask every vendor
+for its offer; take the cheapest one the policy allows; pay there. Every decision goes to the log.
 
 No peer ends the loop: a vendor that refuses, stalls or never answers costs that round's payment
 (logged; the payment's own deadline bounds it), a bank that refuses or cannot be reached costs
@@ -29,9 +36,8 @@ import asyncio
 import datetime
 import logging
 import time
-import tomllib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +46,12 @@ import aiocoap
 
 from m2mpay.protocol.errors import ProtocolError
 
+from ..config import ConfigError, build, read_toml
 from ..mqtt import BankClient, TlsLogin, TransportError
 from ..policy.config import PolicyConfig
-from ..policy.engine import DAY, PolicyEngine
+from ..policy.engine import DAY, Decision, PolicyEngine
 from .agent import PaymentResult, UserAgent, UserCredentials
-from .errors import PolicyRefusal, UsageError, VendorUnreachable
+from .errors import PolicyRefusal, VendorUnreachable
 
 __all__ = ["RunConfig", "day_start", "run_user"]
 
@@ -58,8 +65,8 @@ class RunConfig:
     wallet: Path
     credentials: Path
     broker: str
-    vendors: tuple[str, ...]
-    units: int = 1
+    vendors: tuple[str, ...] = ()
+    units: int = field(default=1, metadata={"min": 1})
     rounds: int = 1
     interval: float = 10.0
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -67,23 +74,15 @@ class RunConfig:
     """PKI directory for a certificate login (``mqtts://`` broker); the account name picks the files."""
 
     def __post_init__(self) -> None:
-        if self.units < 1 or self.rounds < 0 or self.interval < 0:
-            raise UsageError("units must be at least 1, rounds and interval not negative")
+        for key, value, low in (("units", self.units, 1), ("rounds", self.rounds, 0), ("interval", self.interval, 0)):
+            if value < low:
+                raise ConfigError(f"must be at least {low} (got {value})", key=key)
 
     @classmethod
-    def load(cls, path: Path) -> RunConfig:
-        """Read ``user.toml``; paths in it are relative to its directory."""
-        data: dict[str, Any] = tomllib.loads(path.read_text())
-        allowed = {"wallet", "credentials", "broker", "vendors", "units", "rounds", "interval", "policy", "tls"}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r}")
-        base = path.parent
-        return cls(wallet=base / data["wallet"], credentials=base / data["credentials"], broker=data["broker"],
-                   vendors=tuple(data.get("vendors", ())), units=int(data.get("units", 1)),
-                   rounds=int(data.get("rounds", 1)), interval=float(data.get("interval", 10.0)),
-                   policy=PolicyConfig.from_dict(data.get("policy", {})),
-                   tls=base / data["tls"] if "tls" in data else None)
+    def load(cls, path: Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+        """Read ``user.toml`` (paths in it are relative to its directory), then apply ``overrides``
+        (settings the environment gives, which win over the file's)."""
+        return build(cls, read_toml(path, "a user.toml"), file=path, base=path.parent, given=overrides)
 
 
 def day_start(now: int) -> int:
@@ -93,7 +92,9 @@ def day_start(now: int) -> int:
 
 
 async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredentials) -> None:
-    value = sum(wc.remaining for wc, _ in agent.store.coins())
+    # Only what can pay now: coins in a session, uncertain ones and those of keysets past
+    # spending would make the wallet think it holds money it cannot use.
+    value = agent.spendable_value()
     refilled = agent.store.withdrawn_since(day_start(agent.now()))
     engine = PolicyEngine(config.policy)
     try:
@@ -102,14 +103,20 @@ async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredenti
                               timeout=5, tls=tls) as bank:
             if not agent.meta:  # a new wallet: learn the keys first
                 await agent.withdraw(bank, credentials, 0)
-            coin_value = min(k.value for k in agent.keyring().keysets.values())
+            # Coins of a retired keyset become coins of current ones before their spending ends
+            # (the announcement is fetched afresh here: a retirement counts from now).
+            await agent.exchange_due(bank, credentials)
+            keyring = agent.keyring()
+            value = agent.spendable_value(keyring)  # the keys may be fresh: a retirement counts now
+            open_ = [k.value for k in keyring.keysets.values() if agent.can_withdraw(keyring, k.id)]
+            coin_value = min(open_ or [k.value for k in keyring.keysets.values()])
             count, decision = engine.refill(value, coin_value, True, refilled)
-            agent._log("refill", decision)
+            agent.record_decision("refill", decision)
             if count:
                 await agent.withdraw(bank, credentials, count)
     except TransportError as exc:
         _, decision = engine.refill(value, 1, False, refilled)
-        agent._log("refill", decision)
+        agent.record_decision("refill", decision)
         log.info("no refill: bank unreachable (%s)", exc)
     except ProtocolError as exc:  # refused, or an answer that does not verify: next round tries again
         log.warning("refill failed: %s (%s)", exc.code.wire, exc.message)
@@ -124,7 +131,7 @@ async def _round(agent: UserAgent, config: RunConfig, ctx: aiocoap.Context) -> P
             log.info("no usable offer at %s: %s", base, exc)
     engine = PolicyEngine(config.policy, agent.spending(since=agent.now() - DAY))
     best, decision = engine.choose_offer([view for _, view in found], config.units, agent.now())
-    agent._log("choose", decision)
+    agent.record_decision("choose", decision)
     if best is None:
         return None
     base = next(b for b, view in found if view is best)
@@ -142,13 +149,16 @@ async def _round(agent: UserAgent, config: RunConfig, ctx: aiocoap.Context) -> P
 
 
 async def run_user(config: RunConfig, clock: Callable[[], float] = time.time,
-                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[PaymentResult]:
+                   sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                   on_decision: Callable[[str, Decision], None] | None = None) -> list[PaymentResult]:
     """Run the configured rounds (forever when ``rounds`` is 0); returns the payments made.
 
-    ``clock`` and ``sleep`` are the device's time (tests pass simulated ones).
+    ``clock`` and ``sleep`` are the device's time (tests pass simulated ones); ``on_decision`` is
+    told of every decision as it is logged (``user run`` shows progress with it).
     """
     credentials = UserCredentials.load(config.credentials)
     agent = UserAgent(config.wallet, config.policy, clock=clock)
+    agent.on_decision = on_decision
     payments: list[PaymentResult] = []
     try:
         ctx = await aiocoap.Context.create_client_context()

@@ -8,25 +8,33 @@ stored with its blinding secrets, the exact signed request and its value *before
 after a crash it is sent again byte for byte (the bank answers from its store and debits once),
 and the daily refill cap counts it whatever happens to the process. A vendor's signed final
 receipt is kept with the coin's closing (one transaction), with the certificate that names its key.
+The keysets' phase records followed from the bank's announcements are kept too, so a later
+announcement can never take back a redeem window once announced.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from m2mpay.protocol import cbor, cose
-from m2mpay.protocol.messages import Coin, FinalReceipt, WithdrawRequest
+from m2mpay.protocol.messages import Coin, FinalReceipt, KeysetPhase, WithdrawRequest
+from m2mpay.protocol.messages.exchange import ExchangeRequest
 from m2mpay.protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCoin
 
 from ..policy.engine import Spend
+from .errors import NoWallet
+from .exchange import PendingExchange
 
-__all__ = ["KeptReceipt", "WalletStore"]
+__all__ = ["DATABASE", "KeptReceipt", "WalletStore", "require_wallet"]
+
+DATABASE = "wallet.sqlite3"
+"""The wallet's database in its directory: a directory without it holds no wallet."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS coins (
@@ -63,6 +71,16 @@ CREATE TABLE IF NOT EXISTS withdrawn (
     ts INTEGER NOT NULL,
     value INTEGER NOT NULL         -- minor units asked for; kept unless the bank refused the request
 );
+CREATE TABLE IF NOT EXISTS exchanges (
+    tip BLOB PRIMARY KEY,          -- the coin being exchanged: not paid with meanwhile
+    request BLOB NOT NULL,         -- the exact request bytes, resent until an answer comes
+    pending BLOB NOT NULL,         -- secret: seeds, prefixes, blinding secrets of the coins to be
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS phases (
+    keyset TEXT PRIMARY KEY,
+    record BLOB NOT NULL           -- the KeysetPhase followed from the bank's announcements, CBOR
+);
 CREATE TABLE IF NOT EXISTS receipts (
     session BLOB PRIMARY KEY,
     pending INTEGER NOT NULL,      -- 1 until the vendor's final receipt replaces it
@@ -88,12 +106,20 @@ class KeptReceipt:
 _STATE_LIMIT = 1 << 20
 
 
+def require_wallet(directory: Path, *, database: bool = True) -> None:
+    """Raise :class:`~m2mpay.agents.user.errors.NoWallet` unless ``directory`` holds a wallet's
+    database (without ``database``: unless it is a directory, for what reads only the decision
+    log); creates nothing (only the commands that write a wallet create one)."""
+    if not (directory / DATABASE).is_file() if database else not directory.is_dir():
+        raise NoWallet(directory)
+
+
 class WalletStore:
     """One wallet directory's SQLite database."""
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = directory / "wallet.sqlite3"
+        path = directory / DATABASE
         if not path.exists():
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._db = sqlite3.connect(path, isolation_level=None)
@@ -170,6 +196,59 @@ class WalletStore:
             self._db.executemany("INSERT INTO spends (ts, vendor, category, amount) VALUES (?, ?, ?, ?)",
                                  [(s.ts, s.vendor, s.category, s.amount) for s in spends])
 
+    # --- exchanges -------------------------------------------------------------------------
+    def begin_exchange(self, pending: PendingExchange, now: int) -> None:
+        """Keep an exchange's secrets and exact bytes before it is sent; its coin is not paid with
+        until it ends."""
+        blob = cbor.encode({"seeds": list(pending.seeds), "prefixes": list(pending.prefixes),
+                            "secrets": list(pending.secrets)})
+        with self._transaction():
+            self._db.execute("INSERT INTO exchanges VALUES (?, ?, ?, ?)",
+                             (pending.request.coin.tip, pending.data, blob, now))
+
+    def pending_exchanges(self) -> list[PendingExchange]:
+        """Exchanges sent (or about to be) whose answer has not been kept, oldest first."""
+        out = []
+        for request, blob in self._db.execute("SELECT request, pending FROM exchanges ORDER BY created").fetchall():
+            data: dict[str, Any] = cbor.decode(bytes(blob), max_size=_STATE_LIMIT)
+            out.append(PendingExchange(request=ExchangeRequest.decode(bytes(request)), seeds=tuple(data["seeds"]),
+                                       prefixes=tuple(data["prefixes"]), secrets=tuple(data["secrets"])))
+        return out
+
+    def exchanging(self) -> frozenset[bytes]:
+        """Tips of the coins in an exchange."""
+        return frozenset(bytes(r[0]) for r in self._db.execute("SELECT tip FROM exchanges"))
+
+    def finish_exchange(self, old: WalletCoin, coins: list[WalletCoin]) -> None:
+        """Keep the fresh coins, mark the exchanged one spent and forget the secrets, in one transaction."""
+        spent = WalletCoin(coin=old.coin, n=old.n, token_value=old.token_value, position=0, seed=old.seed,
+                           traversal=old.traversal, status=CoinStatus.SPENT)
+        with self._transaction():
+            for wc in coins:
+                self._save(wc, frozenset())
+            self._save(spent, frozenset())
+            self._db.execute("DELETE FROM exchanges WHERE tip = ?", (old.coin.tip,))
+
+    def drop_exchange(self, tip: bytes, *, spent: WalletCoin | None = None) -> None:
+        """Forget an exchange the bank refused (nothing changed there); with ``spent``, the bank
+        said the coin has nothing left: it is kept as spent."""
+        with self._transaction():
+            if spent is not None:
+                self._save(spent, frozenset())
+            self._db.execute("DELETE FROM exchanges WHERE tip = ?", (tip,))
+
+    # --- keyset phases ---------------------------------------------------------------------
+    def phases(self) -> dict[str, KeysetPhase]:
+        """The keysets' phase records as followed so far (never moved back), by keyset id."""
+        return {str(k): KeysetPhase.decode(bytes(r)) for k, r in self._db.execute("SELECT keyset, record FROM phases")}
+
+    def put_phases(self, phases: Mapping[str, KeysetPhase]) -> None:
+        """Keep the records followed from a fresh announcement (those of keysets it no longer
+        lists go: they are closed)."""
+        with self._transaction():
+            self._db.execute("DELETE FROM phases")
+            self._db.executemany("INSERT INTO phases VALUES (?, ?)", [(k, r.encode()) for k, r in phases.items()])
+
     # --- receipts --------------------------------------------------------------------------
     def keep_receipt(self, receipt: KeptReceipt) -> None:
         """Keep a verified receipt (a pending one, when the coin does not change with it)."""
@@ -216,6 +295,13 @@ class WalletStore:
                                           prefixes=tuple(data["prefixes"]), secrets=tuple(data["secrets"])),
                         bytes(signed)))
         return out
+
+    def withdrawals_in_flight(self) -> list[tuple[int, int, int]]:
+        """``(begun at, coins, value)`` of each withdrawal whose coins are not stored yet, oldest first."""
+        rows = self._db.execute("SELECT w.created, w.pending, COALESCE(d.value, 0) FROM withdrawals w"
+                                " LEFT JOIN withdrawn d ON d.req_id = w.req_id ORDER BY w.created").fetchall()
+        return [(int(created), len(cbor.decode(bytes(blob), max_size=_STATE_LIMIT)["seeds"]), int(value))
+                for created, blob, value in rows]
 
     def drop_withdrawal(self, req_id: bytes) -> None:
         """Forget a withdrawal the bank refused: its secrets can never become coins, nothing was debited."""

@@ -20,6 +20,8 @@ left open are closed at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import os
 import random
@@ -31,6 +33,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from m2mpay.protocol import envelope
+from m2mpay.protocol.certificates import verify_announcement
 from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import (
     BlockAnswer,
@@ -87,9 +90,10 @@ class VendorAgent:
     """The service itself: called with a session id and the units of service just paid for."""
     sessions: dict[bytes, VendorSession] = field(default_factory=dict)
     """Sessions open, or closing until the bank answers their settlement."""
-    on_due: Callable[[bytes, Due], None] = lambda session, due: None
-    on_closed: Callable[[bytes], None] = lambda session: None
-    """Called when a session stops taking tokens (closed or closing): its observers are let go."""
+    due_listeners: list[Callable[[bytes, Due], None]] = field(default_factory=list)
+    """Each is called with a session id and what it owes, whenever the meter asks for more."""
+    closed_listeners: list[Callable[[bytes], None]] = field(default_factory=list)
+    """Each is called when a session stops taking tokens (closed or closing): its observers are let go."""
     monotonic: Callable[[], float] = time.monotonic
     """The clock retries are scheduled on (``clock`` is protocol time, in which ``T`` is)."""
     draw: Callable[[], float] = random.random
@@ -101,6 +105,8 @@ class VendorAgent:
     _flights: dict[bytes, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
     """The attempt in flight of each outbox entry, by req_id."""
     _finished: int = field(default=0, init=False, repr=False)
+    _keys_issued: int = field(default=0, init=False, repr=False)
+    """``issued`` of the last announcement taken by :meth:`take_keys`: an older one is not taken."""
 
     def __post_init__(self) -> None:
         pricing = self.config.pricing
@@ -119,6 +125,41 @@ class VendorAgent:
     def now(self) -> int:
         """Protocol time, Unix seconds."""
         return int(self.clock())
+
+    def take_keys(self, announcement: bytes) -> bool:
+        """Take a new keys announcement of the bank (a revocation, keysets added or retired).
+
+        Phase records are followed, never moved back (a retired keyset's coins are still taken
+        until its ``spend_until``; a rollback is logged and the earlier record kept).
+
+        A listener for :attr:`BankClient.keys_listeners <m2mpay.agents.mqtt.BankClient.keys_listeners>`.
+        Verified against the CA fingerprint the vendor was provisioned with, it replaces the
+        keyring new sessions are checked with, and the keysets fresh offers list (an offer issued
+        under other keysets no longer opens: the wallet fetches a new one). Sessions already open
+        keep the keys they were opened with. One that does not verify, names another bank or is
+        older than the keys in use changes nothing. Whether the keys were taken.
+        """
+        try:
+            verified = verify_announcement(announcement, self.credentials.ca_fingerprint, self.now())
+            keyring, refused = Keyring.following(verified, self.keyring.phases)
+        except (ProtocolError, ValueError) as exc:
+            log.warning("keys announcement not taken: %s", exc)
+            return False
+        if verified.bank != self.credentials.bank or verified.issued < self._keys_issued:
+            log.warning("keys announcement not taken: of bank %r, issued %d", verified.bank, verified.issued)
+            return False
+        if refused:
+            # The bank signed a phase moved back (or a redeem window shortened): the records held
+            # stay, the rest of the announcement is taken.
+            log.error("keys announcement moves keyset phases back (%s): kept the earlier ones (%s)",
+                      ", ".join(refused), ErrorCode.PHASE_ROLLBACK.wire)
+        self._keys_issued, self.keyring = verified.issued, keyring
+        keysets = tuple(sorted(keyring.keysets))
+        if keysets != self.offers.terms.keysets:
+            self.offers.terms = dataclasses.replace(self.offers.terms, keysets=keysets)
+        if self.credentials.vendor in keyring.revoked:
+            log.error("the bank revoked this vendor (%s): wallets will not pay it", self.credentials.vendor)
+        return True
 
     # --- the bank --------------------------------------------------------------------------
     def _sign(self, message: Message, op: str) -> bytes:
@@ -178,7 +219,8 @@ class VendorAgent:
         """The meter counted ``units`` more; observers of ``/due`` are told what is owed now."""
         session = self._session(sid)
         due = session.due(units, reason)
-        self._tell(lambda: self.on_due(sid, due))
+        for listener in self.due_listeners:
+            self._tell(functools.partial(listener, sid, due))
         return due
 
     def current_due(self, sid: bytes) -> Due:
@@ -234,7 +276,8 @@ class VendorAgent:
             raise RuntimeError("a queued settlement without its entry")  # the core's contract
         if not keep_open:
             sid = session.session_id
-            self._tell(lambda: self.on_closed(sid))  # nothing more is due: let its observers go
+            for listener in self.closed_listeners:  # nothing more is due: let its observers go
+                self._tell(functools.partial(listener, sid))
             log.info("closing session %s at %d: %d token(s)", sid.hex()[:8], request.index, session.paid)
         return change.settlement
 

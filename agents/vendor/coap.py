@@ -1,7 +1,8 @@
 """The vendor's CoAP site: small resources over :class:`~m2mpay.agents.vendor.agent.VendorAgent`.
 
-Every body is CBOR (content-format 60). Bad input — wrong content-format, oversize or malformed
-CBOR, unknown session, a wrong or late token — is answered with a 4.xx and a CBOR error body
+Every body is CBOR (content-format 60, :data:`~m2mpay.protocol.wire.CONTENT_FORMAT_CBOR`); the
+resource paths are :mod:`m2mpay.protocol.wire`'s. Bad input — wrong content-format, oversize or
+malformed CBOR, unknown session, a wrong or late token — is answered with a 4.xx and a CBOR error body
 ``{code, message}``; anything unexpected becomes aiocoap's bare 5.00 (nothing internal leaks).
 
 What a peer can make the vendor hold is bounded (:class:`~m2mpay.agents.vendor.limits.CoapLimits`):
@@ -24,16 +25,17 @@ import aiocoap.resource as resource
 from aiocoap import interfaces
 from aiocoap.numbers.codes import Code
 
+from m2mpay.protocol import wire
 from m2mpay.protocol.errors import ErrorCode, ProtocolError
 from m2mpay.protocol.messages import Message, OpenSession, Pay
 
 from .agent import VendorAgent
 from .blockwise import Blocks
-from .limits import CBOR, CoapError, CoapLimits, Gate, peer_of
+from .limits import CoapError, CoapLimits, Gate, peer_of
 from .transport import coap_seam
 from .watchers import Watchers
 
-__all__ = ["CBOR", "CoapError", "CoapLimits", "Held", "VendorSite", "build_site", "serve_coap"]
+__all__ = ["CoapError", "CoapLimits", "Held", "VendorSite", "build_site", "serve_coap"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ class _Surface:
     gate: Gate
 
     def decode(self, request: aiocoap.Message, kind: type[Any]) -> Any:
-        if request.opt.content_format != CBOR:
-            raise CoapError(ErrorCode.BAD_REQUEST, "content-format must be application/cbor (60)")
+        if request.opt.content_format != wire.CONTENT_FORMAT_CBOR:
+            raise CoapError(ErrorCode.BAD_REQUEST,
+                            f"content-format must be application/cbor ({wire.CONTENT_FORMAT_CBOR})")
         if len(request.payload) > self.limits.max_body:
             raise CoapError(ErrorCode.TOO_LARGE, "body too large", size1=self.limits.max_body)
         try:
@@ -79,7 +82,7 @@ class _Surface:
 
 
 def _reply(message: Message, code: Code = Code.CONTENT) -> aiocoap.Message:
-    return aiocoap.Message(code=code, payload=message.encode(), content_format=CBOR)
+    return aiocoap.Message(code=code, payload=message.encode(), content_format=wire.CONTENT_FORMAT_CBOR)
 
 
 async def _guard(coro: Any) -> Any:
@@ -106,8 +109,8 @@ class _BlockwiseResource(resource.Resource):
 class OfferResource(_BlockwiseResource):
     """``GET /offer``: a fresh offer (nothing is kept: its nonce is a MAC over its terms)."""
 
-    rt = "m2mpay.offer"
-    ct = CBOR
+    rt = wire.RT_OFFER
+    ct = wire.CONTENT_FORMAT_CBOR
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         return _reply(self.surface.agent.offer())
@@ -116,8 +119,8 @@ class OfferResource(_BlockwiseResource):
 class OpenResource(_BlockwiseResource):
     """``POST /sessions``: open a session (the bank blocks the coin)."""
 
-    rt = "m2mpay.sessions"
-    ct = CBOR
+    rt = wire.RT_SESSIONS
+    ct = wire.CONTENT_FORMAT_CBOR
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         opening = self.surface.decode(request, OpenSession)
@@ -146,33 +149,34 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
     def __init__(self, surface: _Surface) -> None:
         super().__init__()
         self.surface = surface
-        surface.agent.on_due = surface.watchers.notify
-        surface.agent.on_closed = surface.watchers.close
+        surface.agent.due_listeners.append(surface.watchers.notify)
+        surface.agent.closed_listeners.append(surface.watchers.close)
 
     async def render_to_pipe(self, pipe: Any) -> None:
         # Only an Observe of "due" needs aiocoap's observation machinery; every token payment
         # takes the plain (cheaper) path.
         request = pipe.request
         path = request.opt.uri_path
-        if request.opt.observe is not None and request.code == Code.GET and len(path) == 2 and path[1] == "due":
-            return await interfaces.ObservableResource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
-        return await interfaces.Resource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]
+        if request.opt.observe is not None and request.code == Code.GET and len(path) == 2 and path[1] == wire.DUE:
+            # aiocoap offers no public way to choose the observable path per request
+            return await interfaces.ObservableResource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]  # noqa: SLF001
+        return await interfaces.Resource._render_to_pipe(self, pipe)  # type: ignore[no-any-return]  # noqa: SLF001
 
-    def get_link_description(self) -> None:  # type: ignore[override]
+    def get_link_description(self) -> None:
         return None  # per-session paths are not listed in .well-known/core
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         return False  # see render
 
     def _route(self, request: aiocoap.Message, path: tuple[str, ...] | None = None) -> tuple[bytes, str]:
-        path = request.opt.uri_path if path is None else path
-        if len(path) != 2 or path[1] not in ("due", "pay", "close"):
+        route = wire.session_leaf(request.opt.uri_path if path is None else path)
+        if route is None:
             raise CoapError(ErrorCode.UNKNOWN_SESSION, "no such resource")
         try:
-            sid = bytes.fromhex(path[0])
+            sid = bytes.fromhex(route[0])
         except ValueError:
             raise CoapError(ErrorCode.UNKNOWN_SESSION, "unknown session") from None
-        return sid, path[1]
+        return sid, route[1]
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
         sid, _ = self._route(request)
@@ -192,15 +196,15 @@ class SessionResources(resource.ObservableResource, resource.PathCapable):
         sid, leaf = self._route(request, path)
         agent = self.surface.agent
         try:
-            if leaf == "due" and request.code == Code.GET:
+            if leaf == wire.DUE and request.code == Code.GET:
                 return _reply(agent.current_due(sid))
-            if leaf == "pay" and request.code == Code.POST:
+            if leaf == wire.PAY and request.code == Code.POST:
                 return _reply(agent.pay(sid, self.surface.decode(request, Pay)), Code.CHANGED)
-            if leaf == "close" and request.code == Code.POST:
+            if leaf == wire.CLOSE and request.code == Code.POST:
                 with self.surface.gate.hold(peer_of(request.remote)):
                     receipt = await agent.close(sid)  # its observers are let go
                 # The signed receipt (a COSE_Sign1, CBOR too) is the whole answer.
-                return aiocoap.Message(code=Code.CHANGED, payload=receipt, content_format=CBOR)
+                return aiocoap.Message(code=Code.CHANGED, payload=receipt, content_format=wire.CONTENT_FORMAT_CBOR)
         except ProtocolError as exc:
             raise CoapError(exc.code, exc.message) from exc
         raise aiocoap.error.UnallowedMethod()
@@ -230,7 +234,7 @@ class VendorSite(resource.Site):
     async def render_to_pipe(self, pipe: Any) -> None:
         request = pipe.request
         path = request.opt.uri_path
-        if (len(path) == 3 and path[0] == "sessions" and request.opt.observe is None
+        if (len(path) == 3 and path[:1] == wire.SESSIONS_PATH and request.opt.observe is None
                 and request.opt.block1 is None and request.opt.block2 is None
                 and request.opt.uri_path_abbrev is None):
             pipe.add_response(await self._sessions.render(request, path[1:]), is_last=True)
@@ -245,10 +249,10 @@ def build_site(agent: VendorAgent, limits: CoapLimits | None = None) -> VendorSi
                        Gate(limits.waiting_per_peer, limits.waiting_total))
     sessions = SessionResources(surface)
     site = VendorSite(surface, sessions)
-    site.add_resource([".well-known", "core"], _WellKnownCore(site.get_resources_as_linkheader, surface))
-    site.add_resource(["offer"], OfferResource(surface))
-    site.add_resource(["sessions"], OpenResource(surface))
-    site.add_resource(["sessions"], sessions)
+    site.add_resource(wire.WELL_KNOWN_CORE_PATH, _WellKnownCore(site.get_resources_as_linkheader, surface))
+    site.add_resource(wire.OFFER_PATH, OfferResource(surface))
+    site.add_resource(wire.SESSIONS_PATH, OpenResource(surface))
+    site.add_resource(wire.SESSIONS_PATH, sessions)
     return site
 
 

@@ -1,6 +1,13 @@
-"""A vendor's pricing and session policy, from TOML, with unknown keys refused.
+"""A vendor's pricing and session policy, from TOML, read by the strict loader (:mod:`m2mpay.agents.config`).
 
-Example::
+``service`` must be the category the bank enrolled the vendor for (its certificate says it):
+``vendor serve`` refuses to start otherwise, and takes the certificate's category when the file
+leaves it out. The device's own settings (credentials, broker, CoAP address, data directory,
+TLS) may be written at the top of the same file; the command line and ``M2MPAY_*`` variables
+override them (docs/OPERATOR.md, "Configuration"). Example::
+
+    credentials = "meter-1.json"   # optional: paths are relative to this file
+    broker = "mqtts://bank.example.org:8883"
 
     [pricing]
     service = "parking"
@@ -10,7 +17,6 @@ Example::
 
     [session]
     block_window = 900        # seconds: T = now + block_window
-    min_remaining = 10        # minor units a coin must still hold
     checkpoint_every = 100    # tokens between checkpoint settlements
     settle_margin = 60        # settle at the latest this many seconds before T
     idle_timeout = 120        # settle a session nobody paid in for this long
@@ -28,38 +34,21 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import ClassVar
 
-__all__ = ["ConfigError", "Pricing", "SessionPolicy", "SettlementPolicy", "VendorConfig"]
+from m2mpay.protocol import cose
+from m2mpay.protocol.errors import ProtocolError
+from m2mpay.protocol.messages import CertificateBody
 
-C = TypeVar("C")
+from ..config import ConfigError, build, read_toml
+
+__all__ = ["ConfigError", "Pricing", "SessionPolicy", "SettlementPolicy", "VendorConfig", "VendorFile",
+           "certified_category"]
+
 _MAX_PRICE = 1 << 20
 """The largest price an offer carries (``Offer.price``)."""
-
-
-class ConfigError(ValueError):
-    """A configuration file that does not describe a vendor."""
-
-
-def _build(cls: type[C], table: Any, where: str) -> C:
-    if not isinstance(table, dict):
-        raise ConfigError(f"[{where}] must be a table")
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(table) - set(known)
-    if unknown:
-        raise ConfigError(f"[{where}] unknown key {sorted(unknown)[0]!r}")
-    values = {}
-    for name, value in table.items():
-        expected = known[name].type
-        kind = {"int": int, "float": (int, float), "str": str}[str(expected)]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise ConfigError(f"[{where}] {name} must be {expected}")
-        values[name] = float(value) if expected == "float" else value
-    return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,34 +56,40 @@ class Pricing:
     """What is sold and at what price.
 
     ``price`` is money per unit (minor units); each coin pays it in its own tokens, rounded up
-    to a whole token (:func:`m2mpay.protocol.rules.pricing.tokens_owed`).
+    to a whole token (:func:`m2mpay.protocol.rules.pricing.tokens_owed`). ``service`` is the
+    category the vendor is enrolled for (see :meth:`VendorConfig.for_category`).
     """
 
     service: str = "service"
     unit: str = "unit"
-    price: int = 1
+    price: int = field(default=1, metadata={"min": 1, "max": _MAX_PRICE})
     meter_interval: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.price <= _MAX_PRICE or self.meter_interval <= 0:
-            raise ConfigError(f"price must be 1 to {_MAX_PRICE} minor units and meter_interval > 0")
+        if not 1 <= self.price <= _MAX_PRICE:
+            raise ConfigError(f"must be 1 to {_MAX_PRICE} minor units (got {self.price})", key="price")
+        if self.meter_interval <= 0:
+            raise ConfigError(f"must be more than 0 seconds (got {self.meter_interval})", key="meter_interval")
 
 
 @dataclass(frozen=True, slots=True)
 class SessionPolicy:
     """How long coins are blocked, when to checkpoint and when to settle."""
 
-    block_window: int = 900
-    min_remaining: int = 1
-    checkpoint_every: int = 100
+    REMOVED: ClassVar[dict[str, str]] = {"min_remaining": "it never had an effect: delete the line"}
+
+    block_window: int = field(default=900, metadata={"min": 30})
+    checkpoint_every: int = field(default=100, metadata={"min": 1})
     settle_margin: int = 60
-    idle_timeout: int = 120
+    idle_timeout: int = field(default=120, metadata={"min": 1})
 
     def __post_init__(self) -> None:
-        if self.settle_margin >= self.block_window or self.block_window < 30:
-            raise ConfigError("block_window must be >= 30 s and exceed settle_margin")
-        if self.checkpoint_every < 1 or self.idle_timeout < 1 or self.min_remaining < 0:
-            raise ConfigError("checkpoint_every and idle_timeout must be positive")
+        if self.block_window < 30:
+            raise ConfigError(f"must be at least 30 seconds (got {self.block_window})", key="block_window")
+        if self.settle_margin >= self.block_window:
+            raise ConfigError(f"must be less than block_window ({self.block_window})", key="settle_margin")
+        if self.checkpoint_every < 1 or self.idle_timeout < 1:
+            raise ConfigError("checkpoint_every and idle_timeout must be at least 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +97,20 @@ class SettlementPolicy:
     """How settlements reach the bank: nothing the network does ends one, only the bank's answer."""
 
     answer_timeout: float = 5.0
-    attempts: int = 3
+    attempts: int = field(default=3, metadata={"min": 1})
     retry_first: float = 1.0
     retry_cap: float = 60.0
     urgent_cap: float = 5.0
     close_wait: float = 15.0
-    in_flight: int = 32
+    in_flight: int = field(default=32, metadata={"min": 1})
 
     def __post_init__(self) -> None:
         if self.answer_timeout <= 0 or self.attempts < 1 or self.close_wait < 0 or self.in_flight < 1:
             raise ConfigError("answer_timeout must be > 0, attempts and in_flight >= 1, close_wait >= 0")
-        if not 0 < self.retry_first <= self.retry_cap or self.urgent_cap <= 0:
-            raise ConfigError("retry_first must be > 0 and <= retry_cap, urgent_cap > 0")
+        if not 0 < self.retry_first <= self.retry_cap:
+            raise ConfigError(f"must be more than 0 and at most retry_cap ({self.retry_cap})", key="retry_first")
+        if self.urgent_cap <= 0:
+            raise ConfigError("must be more than 0", key="urgent_cap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,19 +122,63 @@ class VendorConfig:
     settlement: SettlementPolicy = field(default_factory=SettlementPolicy)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> VendorConfig:
-        """A config from parsed TOML; unknown tables and keys are refused."""
-        unknown = set(data) - {"pricing", "session", "settlement"}
-        if unknown:
-            raise ConfigError(f"unknown table [{sorted(unknown)[0]}]")
-        return cls(pricing=_build(Pricing, data.get("pricing", {}), "pricing"),
-                   session=_build(SessionPolicy, data.get("session", {}), "session"),
-                   settlement=_build(SettlementPolicy, data.get("settlement", {}), "settlement"))
+    def from_dict(cls, data: dict[str, object], file: Path | None = None) -> VendorConfig:
+        """A config from parsed TOML (a whole ``vendor.toml``); unknown tables and keys are refused."""
+        return build(VendorFile, data, file=file, base=file.parent if file else None).config
 
     @classmethod
-    def load(cls, path: Path) -> VendorConfig:
-        """Read a vendor.toml."""
+    def load(cls, path: Path, category: str | None = None) -> VendorConfig:
+        """Read a vendor.toml; with ``category`` (the certificate's), check it as :meth:`for_category` does."""
+        data = read_toml(path, "a vendor.toml")
+        config = cls.from_dict(data, path)
+        if category is None:
+            return config
+        written = isinstance(data.get("pricing"), dict) and "service" in data["pricing"]
         try:
-            return cls.from_dict(tomllib.loads(path.read_text()))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+            return config.for_category(category, written=written)
+        except ConfigError as exc:
+            raise exc.located(path) from None
+
+    def for_category(self, category: str, *, written: bool = True) -> VendorConfig:
+        """This config for a vendor the bank enrolled for ``category``.
+
+        A ``service`` left out (``written=False``) becomes the category; another one is refused:
+        wallets judge the certificate's category, so an offer naming another would mislead the
+        person reading it and the vendor's own records.
+        """
+        if not written:
+            return replace(self, pricing=replace(self.pricing, service=category))
+        if self.pricing.service != category:
+            raise ConfigError(f"{self.pricing.service!r}, but the vendor is enrolled for {category!r}", table="pricing",
+                              key="service", hint=f'write service = "{category}", or enrol the vendor for '
+                                                  f"{self.pricing.service}")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class VendorFile:
+    """The whole of a ``vendor.toml``: the device's settings at the top (all optional: the command
+    line and the environment may give them) and the policy tables."""
+
+    credentials: Path | None = None
+    broker: str | None = None
+    coap_host: str | None = None
+    coap_port: int | None = field(default=None, metadata={"max": 65535})  # 0: any free port
+    data: Path | None = None
+    tls: Path | None = None
+    pricing: Pricing = field(default_factory=Pricing)
+    session: SessionPolicy = field(default_factory=SessionPolicy)
+    settlement: SettlementPolicy = field(default_factory=SettlementPolicy)
+
+    @property
+    def config(self) -> VendorConfig:
+        """The policy tables, as the vendor agent takes them."""
+        return VendorConfig(pricing=self.pricing, session=self.session, settlement=self.settlement)
+
+
+def certified_category(cert: bytes) -> str:
+    """The category in the vendor's own certificate (read, not verified: it is our own bundle)."""
+    try:
+        return CertificateBody.decode(cose.decode_sign1(cert).payload).category
+    except ProtocolError as exc:
+        raise ConfigError(f"the certificate does not decode: {exc.message}", key="cert") from exc

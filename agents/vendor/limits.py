@@ -22,12 +22,12 @@ from aiocoap.numbers.codes import Code
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.util import hostportsplit
 
+from m2mpay.protocol import wire
 from m2mpay.protocol.errors import ErrorCode
 from m2mpay.protocol.messages import ErrorAnswer
 
-__all__ = ["CBOR", "CoapError", "CoapLimits", "Gate", "peer_of"]
+__all__ = ["CoapError", "CoapLimits", "Gate", "peer_of"]
 
-CBOR = 60
 _CODES = {"4.00": Code.BAD_REQUEST, "4.01": Code.UNAUTHORIZED, "4.03": Code.FORBIDDEN, "4.04": Code.NOT_FOUND,
           "4.09": Code.CONFLICT, "4.13": Code.REQUEST_ENTITY_TOO_LARGE, "5.00": Code.INTERNAL_SERVER_ERROR,
           "5.03": Code.SERVICE_UNAVAILABLE}
@@ -68,7 +68,7 @@ class CoapError(aiocoap.error.RenderableError):
 
     def to_message(self) -> aiocoap.Message:
         body = ErrorAnswer(code=self.code.wire, message=self.text[:200]).encode()
-        message = aiocoap.Message(code=_CODES[self.code.coap], payload=body, content_format=CBOR)
+        message = aiocoap.Message(code=_CODES[self.code.coap], payload=body, content_format=wire.CONTENT_FORMAT_CBOR)
         if self.size1 is not None:
             message.opt.size1 = self.size1  # RFC 7959 §2.9.3: the largest body we take
         return message

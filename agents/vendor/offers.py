@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from m2mpay.protocol import cbor
+from m2mpay.protocol import cbor, wire
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import Offer
 
@@ -45,8 +45,8 @@ MAX_REMEMBERED = 65_536
 about 13 MB at most, and each one took a block at the bank (or is waiting for it)."""
 _SALT = 8
 _TAG = 8  # 2^-64 per guess, and a guess is one CoAP request: forging is out of reach
-_MAC_CONTEXT = "m2mpay/offer/1"
-_KDF_INFO = b"m2mpay/vendor/offer-mac-key/1"
+_MAC_CONTEXT = wire.OFFER_MAC_CONTEXT
+_KDF_INFO = wire.OFFER_KEY_INFO
 
 
 def offer_secret(key: Ed25519PrivateKey) -> bytes:

@@ -7,13 +7,13 @@ session per ``meter_interval`` and asks for the tokens the units now owe (the se
 of the units each token pays for), and the settler closes sessions that went idle or are within
 ``settle_margin`` of their deadline, checkpoints every ``checkpoint_every`` tokens, and sends
 every queued settlement when the core says it is due (at once, then with backoff until the bank
-answers).
+answers). The keys it checks coins with follow the bank's announcement: each new one (a
+revocation, new keysets) is taken without a restart (:meth:`VendorAgent.take_keys`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -26,6 +26,7 @@ from m2mpay.protocol.certificates import verify_announcement
 from m2mpay.protocol.rules.keyring import Keyring
 from m2mpay.protocol.rules.vendor import SessionState
 
+from ..config import read_json
 from ..mqtt import BankClient, TlsLogin
 from .agent import Credentials, VendorAgent
 from .coap import serve_coap
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def load_credentials(path: Path) -> Credentials:
     """Read the bundle written by ``m2mpay bank vendor enroll``."""
-    data = json.loads(path.read_text())
+    data = read_json(path, "a credentials file")  # a file that is not JSON is named in the error
     return Credentials(vendor=data["vendor"], account=data["account"],
                        key=Ed25519PrivateKey.from_private_bytes(bytes.fromhex(data["key"])),
                        cert=bytes.fromhex(data["cert"]), bank=data["bank"], ca_fingerprint=data["ca_fingerprint"])
@@ -72,10 +73,13 @@ async def run_vendor(credentials: Credentials, broker: str, coap_port: int, data
         retry = config.settlement
         async with BankClient(broker, credentials.bank, f"{credentials.vendor}-{uuid.uuid4().hex[:6]}",
                               timeout=retry.answer_timeout, retries=retry.attempts, tls=tls) as bank:
-            keyring = Keyring.from_announcement(verify_announcement(await bank.keys(timeout=30),
-                                                                    credentials.ca_fingerprint, int(clock())))
+            announcement = await bank.keys(timeout=30)
+            keyring = Keyring.from_announcement(verify_announcement(announcement, credentials.ca_fingerprint,
+                                                                    int(clock())))
             agent = VendorAgent(credentials, keyring, bank, store, config=config, clock=clock,
                                 deliver=lambda sid, units: log.info("delivered %d unit(s) in %s", units, sid.hex()[:8]))
+            agent.take_keys(announcement)  # remembers when these keys were issued: no older list is taken later
+            bank.keys_listeners.append(agent.take_keys)  # a revocation or new keysets, without a restart
             try:
                 restored = agent.restore()
                 if restored:

@@ -14,10 +14,11 @@ from typing import Any
 import aiocoap
 from aiocoap.numbers.codes import Code
 
+from m2mpay.protocol import wire
 from m2mpay.protocol.errors import ErrorCode
 from m2mpay.protocol.messages import Due
 
-from .limits import CBOR, CoapError, CoapLimits
+from .limits import CoapError, CoapLimits
 from .transport import coap_seam
 
 __all__ = ["Watchers"]
@@ -80,7 +81,7 @@ class Watchers:
         for observation in list(self._sessions.get(sid, ())):
             with coap_seam("due notification"):
                 observation.trigger(aiocoap.Message(transport_tuning=aiocoap.Unreliable, code=Code.CONTENT,
-                                                    payload=payload, content_format=CBOR))
+                                                    payload=payload, content_format=wire.CONTENT_FORMAT_CBOR))
 
     def close(self, sid: bytes) -> None:
         """The session ended: end its observations with a final 4.09 ``session_closed``."""

@@ -11,13 +11,7 @@ from pathlib import Path
 
 import pytest
 
-
-def m2mpay(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)], capture_output=True, text=True,
-                            timeout=120, cwd=cwd)
-    if check and result.returncode != 0:
-        raise AssertionError(f"m2mpay {args} failed: {result.stdout}{result.stderr}")
-    return result
+from tests.commands import m2mpay
 
 
 def test_operator_flow_and_audit(tmp_path: Path) -> None:
@@ -25,7 +19,8 @@ def test_operator_flow_and_audit(tmp_path: Path) -> None:
     assert "CA fingerprint" in m2mpay("bank", "init", "--data", data, "--bank", "bank-x").stdout
     assert m2mpay("bank", "init", "--data", data, check=False).returncode == 2  # never overwrite a bank
     keys = json.loads(m2mpay("bank", "keys", "--data", data, "--json").stdout)
-    assert keys["bank"] == "bank-x" and sorted((k["value"], k["n"]) for k in keys["keysets"]) == [(100, 100), (1000, 1000)]
+    assert keys["bank"] == "bank-x"
+    assert sorted((k["value"], k["n"]) for k in keys["keysets"]) == [(100, 100), (1000, 1000)]
     m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
     creds = json.loads((tmp_path / "alice.json").read_text())
     assert creds["ca_fingerprint"] == keys["ca_fingerprint"] and creds["bank"] == "bank-x"
@@ -36,8 +31,12 @@ def test_operator_flow_and_audit(tmp_path: Path) -> None:
     new_id = m2mpay("bank", "keyset", "add", "--data", data, "--value", "50", "--tokens", "50").stdout.strip()
     assert new_id in m2mpay("bank", "keys", "--data", data).stdout
     m2mpay("bank", "keyset", "retire", "--data", data, new_id)
-    assert new_id not in m2mpay("bank", "keys", "--data", data).stdout  # gone from the announcement
-    assert m2mpay("bank", "keyset", "retire", "--data", data, new_id, check=False).returncode == 2
+    # Still announced until it closes (its coins are spent until spend_until); no withdrawals.
+    listed = json.loads(m2mpay("bank", "keys", "--data", data, "--json").stdout)["keysets"]
+    assert {k["id"]: k["phase"] for k in listed}[new_id] == "spend-only"
+    again = m2mpay("bank", "keyset", "retire", "--data", data, new_id)
+    assert again.stdout.startswith(f"keyset {new_id} was already retired at ")
+    assert m2mpay("bank", "keyset", "retire", "--data", data, "ks-none", check=False).returncode == 2
     assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout
 
 
@@ -52,7 +51,8 @@ def test_audit_fails_on_tampered_books(tmp_path: Path) -> None:
     assert result.returncode == 1 and "alice" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["bank", "balance", "--data", "{d}", "nobody"], ["bank", "audit", "--data", "{d}/none"]])
+@pytest.mark.parametrize("args", [["bank", "balance", "--data", "{d}", "nobody"],
+                                  ["bank", "audit", "--data", "{d}/none"]])
 def test_errors_are_reported_not_raised(tmp_path: Path, args: list[str]) -> None:
     data = tmp_path / "bank"
     m2mpay("bank", "init", "--data", data)
@@ -116,7 +116,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.network
-def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) -> None:
+def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str, bank_id: str) -> None:
     """`--workers 2`: two processes answer from one database; SIGTERM stops both, kill -9 of the
     first leaves no orphan; withdrawals spread over both debit exactly once each."""
     import asyncio
@@ -127,10 +127,11 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
     from m2mpay.protocol.certificates import verify_announcement
     from m2mpay.protocol.messages import WithdrawAnswer
     from m2mpay.protocol.rules import wallet
-    from tests.bank.conftest import Device
+    from tests.bank_world import Device
+    from tests.waiting import wait_until
 
     data = tmp_path / "bank"
-    m2mpay("bank", "init", "--data", data, "--bank", "bank-w")
+    m2mpay("bank", "init", "--data", data, "--bank", bank_id)
     m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
     m2mpay("bank", "account", "deposit", "--data", data, "alice", "100000")
     creds = json.loads((tmp_path / "alice.json").read_text())
@@ -144,17 +145,17 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
         from m2mpay.protocol.rules.keyring import Keyring
 
         key = Device.load(tmp_path / "alice.json").key
-        async with BankClient(mosquitto, "bank-w", f"alice-{time.monotonic_ns()}") as client:
+        async with BankClient(mosquitto, bank_id, f"alice-{time.monotonic_ns()}") as client:
             announcement = verify_announcement(await client.keys(timeout=30), creds["ca_fingerprint"],
                                                int(time.time()))
             keyring = Keyring.from_announcement(announcement)
             keyset = min(keyring.keysets, key=lambda k: keyring.keysets[k].value)
             info, public = keyring.keysets[keyset], keyring.rsa_keys[keyset]
             pendings = [wallet.prepare_withdrawal("alice", info, public, 2) for _ in range(12)]
-            signed = [envelope.sign_request(p.request, key, "alice", "bank-w", "withdraw") for p in pendings]
+            signed = [envelope.sign_request(p.request, key, "alice", bank_id, "withdraw") for p in pendings]
             raws = await asyncio.gather(*(client.request("withdraw", s) for s in signed))
             for pending, request, raw in zip(pendings, signed, raws, strict=True):
-                answer = envelope.open_answer(raw, keyring.answer_key, "bank-w", "withdraw", WithdrawAnswer,
+                answer = envelope.open_answer(raw, keyring.answer_key, bank_id, "withdraw", WithdrawAnswer,
                                               request=request)
                 wallet.complete_withdrawal(pending, answer, info, public)
             return len(pendings) * 2 * info.value  # coins × what each is worth
@@ -170,9 +171,15 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str) ->
         workers = _children(bank.pid)
         bank.send_signal(signal.SIGTERM)
         bank.wait(15)
-    time.sleep(0.5)
-    assert workers and not any(Path(f"/proc/{w}").exists() and "zombie" not in Path(f"/proc/{w}/status").read_text()
-                               for w in workers), "SIGTERM left a worker running"
+
+    def running(pid: int) -> bool:
+        try:
+            return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    assert workers
+    wait_until(lambda: not any(running(w) for w in workers), timeout=10, what="SIGTERM has stopped every worker")
     balance = int(m2mpay("bank", "balance", "--data", data, "alice").stdout.strip())
     assert balance == 100000 - spent
     assert "audit passed" in m2mpay("bank", "audit", "--data", data).stdout

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from m2mpay.agents.bench.cli import GOALS, cpu_table, summary
 
-from .test_bank_cli import m2mpay
+from tests.commands import m2mpay
 
 
 def test_quick_protocol_section_writes_json(tmp_path: Path) -> None:

@@ -12,8 +12,8 @@ from m2mpay.agents.bank.server import serve
 from m2mpay.agents.doctor import run_doctor
 from m2mpay.broker.launcher import free_port
 
-from ..bank.conftest import BankWorld
-from .test_bank_cli import m2mpay
+from tests.bank_world import BankWorld
+from tests.commands import m2mpay
 
 pytestmark = pytest.mark.network
 

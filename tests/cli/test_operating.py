@@ -7,31 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from m2mpay.broker.launcher import free_port
 
-from .test_bank_cli import m2mpay
-
-_CLI = [sys.executable, "-m", "m2mpay.agents.cli"]
-
-
-def _one_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert lines[0].startswith("m2mpay: "), stderr
-    return lines[0]
-
-
-def _wait_for(path: Path, text: str, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while text not in (path.read_text() if path.exists() else ""):
-        assert time.monotonic() < deadline, f"{text!r} never appeared in {path}"
-        time.sleep(0.05)
-
+from tests.commands import CLI, m2mpay, one_line
+from tests.processes import wait_for_text
 
 def _mosquittos(data: Path) -> list[str]:
     found = subprocess.run(["pgrep", "-af", f"mosquitto -c {data}"], capture_output=True, text=True).stdout
@@ -43,47 +26,49 @@ def test_version() -> None:
     assert result.stdout.startswith("m2mpay ")
 
 
+@pytest.mark.network  # starts Mosquitto
 def test_broker_run_port_in_use_is_an_error(tmp_path: Path) -> None:
     """A second broker on a taken port used to print 'listening' while its Mosquitto had died."""
     port = free_port()
     out = tmp_path / "first.out"
     with out.open("w") as sink:
-        first = subprocess.Popen([*_CLI, "broker", "run", "--data", str(tmp_path / "one"), "--port", str(port)],
+        first = subprocess.Popen([*CLI, "broker", "run", "--data", str(tmp_path / "one"), "--port", str(port)],
                                  stdout=sink, stderr=subprocess.STDOUT)
     try:
-        _wait_for(out, "listening")
+        wait_for_text(out, "listening")
         second = m2mpay("broker", "run", "--data", tmp_path / "two", "--port", str(port), check=False)
-        assert second.returncode == 2 and "in use" in _one_line(second.stderr)
+        assert second.returncode == 2 and "in use" in one_line(second.stderr)
         assert "listening" not in second.stdout
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(10)
 
 
+@pytest.mark.network  # starts Mosquitto
 def test_broker_run_stops_its_mosquitto_on_sigterm(tmp_path: Path) -> None:
     data = tmp_path / "broker"
     out = tmp_path / "run.out"
     with out.open("w") as sink:
-        run = subprocess.Popen([*_CLI, "broker", "run", "--data", str(data), "--port", str(free_port())],
+        run = subprocess.Popen([*CLI, "broker", "run", "--data", str(data), "--port", str(free_port())],
                                stdout=sink, stderr=subprocess.STDOUT)
-    _wait_for(out, "listening")
+    wait_for_text(out, "listening")
     assert _mosquittos(data.resolve())
     run.send_signal(signal.SIGTERM)
     assert run.wait(10) == 0
     assert _mosquittos(data.resolve()) == []
 
 
-def test_second_bank_serve_on_one_data_directory_refused(tmp_path: Path, mosquitto: str) -> None:
+def test_second_bank_serve_on_one_data_directory_refused(tmp_path: Path, mosquitto: str, bank_id: str) -> None:
     data = tmp_path / "bank"
-    m2mpay("bank", "init", "--data", data)
+    m2mpay("bank", "init", "--data", data, "--bank", bank_id)
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
-        first = subprocess.Popen([*_CLI, "bank", "serve", "--data", str(data), "--broker", mosquitto],
+        first = subprocess.Popen([*CLI, "bank", "serve", "--data", str(data), "--broker", mosquitto],
                                  stdout=sink, stderr=subprocess.STDOUT)
     try:
-        _wait_for(log, "serving")
+        wait_for_text(log, "serving")
         second = m2mpay("bank", "serve", "--data", data, "--broker", mosquitto, check=False)
-        assert second.returncode == 2 and f"pid {first.pid}" in _one_line(second.stderr)
+        assert second.returncode == 2 and f"pid {first.pid}" in one_line(second.stderr)
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(15)
@@ -93,7 +78,7 @@ def test_postgresql_unreachable_at_init_is_one_line_and_can_be_run_again(tmp_pat
     data = tmp_path / "bank"
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
     result = m2mpay("bank", "init", "--data", data, "--db", url, check=False)
-    assert result.returncode == 5 and "cannot open the bank database" in _one_line(result.stderr)
+    assert result.returncode == 5 and "cannot open the bank database" in one_line(result.stderr)
     assert not (data / "keys").exists()  # nothing half-made: the next init is not refused
     assert m2mpay("bank", "init", "--data", data).returncode == 0
 
@@ -111,7 +96,7 @@ def test_bank_mistakes_get_one_line(tmp_path: Path, args: list[str], status: int
     m2mpay("bank", "init", "--data", bank)
     m2mpay("bank", "account", "open", "--data", bank, "alice", "--out", tmp_path / "alice.json")
     result = m2mpay(*[a.format(tmp=tmp_path, bank=bank) for a in args], check=False)
-    assert result.returncode == status and words in _one_line(result.stderr)
+    assert result.returncode == status and words in one_line(result.stderr)
 
 
 def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -2,95 +2,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .test_bank_cli import m2mpay
+from tests.commands import m2mpay
+from tests.processes import popen
+from tests.town import Town, first_payment, town
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.network
-
-
-@dataclass
-class Town:
-    bank: Path
-    broker: str
-    vendor: str
-    wallet: Path
-    credentials: Path
-    vendor_data: Path
-    processes: list[subprocess.Popen[str]]
-    vendor_args: tuple[str | Path, ...]
-
-    def start_vendor(self) -> subprocess.Popen[str]:
-        process = _process(*self.vendor_args, stderr=subprocess.DEVNULL)
-        self.processes.append(process)
-        return process
-
-
-def _process(*args: str | Path, **options: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", *map(str, args)], text=True,
-                            **options)  # type: ignore[call-overload]
-
-
-@contextlib.contextmanager
-def town(tmp_path: Path, vendor_toml: str) -> Iterator[Town]:
-    """A bank with alice (1000) and a parking meter; broker, bank and vendor serving as processes."""
-    data = tmp_path / "bank"
-    m2mpay("bank", "init", "--data", data, "--bank", "bank-t")
-    m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
-    m2mpay("bank", "account", "deposit", "--data", data, "alice", "1000")
-    m2mpay("bank", "vendor", "enroll", "--data", data, "meter", "--category", "parking", "--out", tmp_path / "v.json")
-    (tmp_path / "vendor.toml").write_text(vendor_toml)
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        coap_port = sock.getsockname()[1]
-    processes: list[subprocess.Popen[str]] = []
-    try:
-        broker = _process("broker", "run", "--data", tmp_path / "mq", stdout=subprocess.PIPE)
-        processes.append(broker)
-        assert broker.stdout is not None
-        url = re.search(r"mqtt://\S+", broker.stdout.readline()).group(0)  # type: ignore[union-attr]
-        processes.append(_process("bank", "serve", "--data", data, "--broker", url, stderr=subprocess.DEVNULL))
-        t = Town(bank=data, broker=url, vendor=f"coap://[::1]:{coap_port}", wallet=tmp_path / "wallet",
-                 credentials=tmp_path / "alice.json", vendor_data=tmp_path / "vendor", processes=processes,
-                 vendor_args=("vendor", "serve", "--credentials", tmp_path / "v.json", "--broker", url,
-                              "--coap-port", str(coap_port), "--config", tmp_path / "vendor.toml",
-                              "--data", tmp_path / "vendor"))
-        t.start_vendor()
-        yield t
-    finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            process.wait(10)
-
-
-def _first_payment(t: Town, units: int) -> subprocess.CompletedProcess[str]:
-    """Pay, retrying while the vendor is still starting (it serves once it has the bank's keys)."""
-    deadline = time.monotonic() + 20
-    while True:
-        result = m2mpay("user", "pay", "--wallet", t.wallet, t.vendor, "--units", str(units), check=False)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            return result
-        time.sleep(0.2)
 
 
 def test_every_role_as_its_own_process(tmp_path: Path) -> None:
     with town(tmp_path, "[pricing]\nprice = 1\nmeter_interval = 0.05\n") as t:
         assert "withdrew 1 coin" in m2mpay("user", "withdraw", "--wallet", t.wallet, "--credentials",
                                            t.credentials, "--broker", t.broker, "--coins", "1").stdout
-        result = _first_payment(t, 4)  # 4 units at 1, tokens of 1: 4 tokens, the blocking one the first
+        result = first_payment(t, 4)  # 4 units at 1, tokens of 1: 4 tokens, the blocking one the first
         assert "paid meter 4 token(s); credited 4" in result.stdout, result.stdout + result.stderr
         coins = json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)
         assert [c["remaining"] for c in coins] == [96] and "seed" not in json.dumps(coins)
@@ -104,8 +37,8 @@ def test_user_killed_mid_session_never_reuses_a_token(tmp_path: Path) -> None:
     with town(tmp_path, "[pricing]\nprice = 1\nmeter_interval = 0.05\n[session]\nidle_timeout = 1\n") as t:
         m2mpay("user", "withdraw", "--wallet", t.wallet, "--credentials", t.credentials, "--broker", t.broker,
                "--coins", "2")
-        assert _first_payment(t, 1).returncode == 0
-        victim = _process("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "90",
+        assert first_payment(t, 1).returncode == 0
+        victim = popen("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "90",
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not any(c["status"] == "in_session" and c["position"] < 95 for c in  # mid-session, tokens paid
@@ -120,7 +53,8 @@ def test_user_killed_mid_session_never_reuses_a_token(tmp_path: Path) -> None:
         assert "paid meter 3 token(s)" in result.stdout  # with the other coin: the first stays blocked until T
         after = {c["tip"]: c for c in json.loads(m2mpay("user", "wallet", "--wallet", t.wallet, "--json").stdout)}
         assert after[interrupted["tip"]]["position"] == interrupted["position"]  # nothing reused
-        time.sleep(2.5)  # the vendor settles the orphaned session once idle
+        wait_until(lambda: _vendor_status(t)["open"] == 0, timeout=20,
+                   what="the vendor has settled the orphaned session (idle for 1 s)")
     audit = m2mpay("bank", "audit", "--data", t.bank).stdout
     assert "audit passed" in audit
     credited = int(re.search(r"credited (\d+)", audit).group(1))  # type: ignore[union-attr]
@@ -138,8 +72,8 @@ def test_vendor_killed_before_settling_settles_the_same_after_restart(tmp_path: 
                         "checkpoint_every = 100000\n") as t:
         m2mpay("user", "withdraw", "--wallet", t.wallet, "--credentials", t.credentials, "--broker", t.broker,
                "--coins", "1")
-        assert _first_payment(t, 1).returncode == 0  # 1 token (the blocking one pays the unit), settled at close
-        payer = _process("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "80",
+        assert first_payment(t, 1).returncode == 0  # 1 token (the blocking one pays the unit), settled at close
+        payer = popen("user", "pay", "--wallet", t.wallet, t.vendor, "--units", "80",
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t.processes.append(payer)
         deadline = time.monotonic() + 20

@@ -39,7 +39,7 @@ def test_unit_is_hardened_and_accepted_by_systemd(unit: Path) -> None:
 
 def _debian_root(tmp_path: Path) -> Path:
     """A root with the mosquitto package's configuration, as Debian installs it."""
-    from .conftest import DEBIAN_MOSQUITTO_CONF
+    from .installs import DEBIAN_MOSQUITTO_CONF
 
     (tmp_path / "etc" / "mosquitto" / "conf.d").mkdir(parents=True)
     (tmp_path / "etc" / "mosquitto" / "mosquitto.conf").write_text(DEBIAN_MOSQUITTO_CONF)

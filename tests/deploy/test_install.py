@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LOCKS, REPO, UIDS, Deployment, install, run
+from .installs import LOCKS, REPO, UIDS, Deployment, install, run
 from .sandbox import Host, Refused, Service, Unit
 
 pytestmark = pytest.mark.network

@@ -9,7 +9,7 @@ import os
 import gmpy2
 import pytest
 
-from m2mpay.agents.bench.world import BankWorld
+from tests.bank_world import BankWorld
 from m2mpay.protocol import blindrsa, cbor, cose
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import BlockRequest, Coin, WithdrawAnswer, WithdrawRequest
@@ -60,10 +60,8 @@ async def test_forged_settlements_are_refused(world: BankWorld) -> None:
     wc, pay = wallet.reveal(wc, 5)
     session.pay(pay, world.clock.now)
     request = session.settle_request(os.urandom(16), keep_open=False)
-    # Signed by another vendor, for this vendor's session: the coin is not blocked for the thief.
-    assert await _refusal(world, "settle", thief.sign(request, "settle")) in (ErrorCode.BAD_SIGNATURE,
-                                                                             ErrorCode.SESSION_CLOSED,
-                                                                             ErrorCode.COIN_BLOCKED)
+    # Signed by another vendor, for this vendor's session: the session is not the thief's.
+    assert await _refusal(world, "settle", thief.sign(request, "settle")) is ErrorCode.SESSION_CLOSED
     # A token that does not hash up to the coin, and a position above what the chain allows.
     bad_token = dataclasses.replace(request, req_id=os.urandom(16), token=os.urandom(32))
     assert await _refusal(world, "settle", vendor.sign(bad_token, "settle")) is ErrorCode.CHAIN_MISMATCH

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from m2mpay.agents.bank import admin
-from m2mpay.agents.bench.world import BANK, BankWorld
 from m2mpay.agents.mqtt import BankClient
 from m2mpay.protocol import envelope
 from m2mpay.protocol.messages import BlockAnswer, SettleAnswer
 from m2mpay.protocol.rules import wallet
+from tests.bank_world import BankWorld
 
 pytestmark = pytest.mark.network
 
@@ -30,14 +30,14 @@ def _serve(data: Path, broker: str) -> subprocess.Popen[bytes]:
                              "--broker", broker], stderr=subprocess.DEVNULL)
 
 
-async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) -> dict[str, int]:
-    world = BankWorld.create(tmp_path, None)
+async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int, bank_id: str) -> dict[str, int]:
+    world = BankWorld.create(tmp_path, None, bank=bank_id)
     keys, store, clock = world.keys, world.store, world.clock
     user, vendors = world.user("payer", deposit=100 * spends), [world.vendor(f"v{i}") for i in range(4)]
     bank = [_serve(tmp_path / "bank", mosquitto)]
     answer_key = keys.answer_key.public_key()
     credited = 0
-    async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:6]}", timeout=1.5, retries=40) as client:
+    async with BankClient(mosquitto, world.bank, f"dev-{uuid.uuid4().hex[:6]}", timeout=1.5, retries=40) as client:
         await client.keys(timeout=30)
         world.send = client.request
         coins = []
@@ -47,12 +47,12 @@ async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) ->
         async def spend(i: int, wc: wallet.WalletCoin) -> int:
             vendor = vendors[i % len(vendors)]
             wc, session, signed = world.session(vendor, wc)
-            session.blocked(envelope.open_answer(await client.request("block", signed), answer_key, BANK,  # type: ignore[arg-type]
+            session.blocked(envelope.open_answer(await client.request("block", signed), answer_key, world.bank,  # type: ignore[arg-type]
                                                  "block", BlockAnswer, request=signed))
             wc, pay = wallet.reveal(wc, 3)
             session.pay(pay, clock.now)
             request = vendor.sign(session.settle_request(os.urandom(16), keep_open=False), "settle")
-            answer = envelope.open_answer(await client.request("settle", request), answer_key, BANK, "settle",
+            answer = envelope.open_answer(await client.request("settle", request), answer_key, world.bank, "settle",
                                           SettleAnswer, request=request)
             return answer.credited  # type: ignore[attr-defined, no-any-return]
 
@@ -61,11 +61,11 @@ async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) ->
 
         async def killer() -> None:
             for _ in range(kills):
-                await asyncio.sleep(0.8)
+                await asyncio.sleep(0.8)  # the kill schedule: spends run in between
                 kill_times.append(time.monotonic())
                 bank[-1].send_signal(signal.SIGKILL)
                 bank[-1].wait(10)
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the outage: requests wait on a dead bank this long
                 bank.append(_serve(tmp_path / "bank", mosquitto))
 
         pool = list(enumerate(coins))
@@ -99,8 +99,8 @@ async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int) ->
 
 
 @pytest.mark.asyncio
-async def test_bank_killed_three_times_during_spends(mosquitto: str, tmp_path: Path) -> None:
-    result = await _crash_run(mosquitto, tmp_path, spends=1200, kills=3)
+async def test_bank_killed_three_times_during_spends(mosquitto: str, tmp_path: Path, bank_id: str) -> None:
+    result = await _crash_run(mosquitto, tmp_path, spends=1200, kills=3, bank_id=bank_id)
     assert result["restarts"] == 3 and result["spends"] > 0
     # blocking token + 3 per spend, each credited once, and what devices were told is the books
     assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
@@ -108,8 +108,8 @@ async def test_bank_killed_three_times_during_spends(mosquitto: str, tmp_path: P
 
 @pytest.mark.heavy
 @pytest.mark.asyncio
-async def test_bank_killed_twenty_times_during_spends(mosquitto: str, tmp_path: Path) -> None:
-    result = await _crash_run(mosquitto, tmp_path, spends=4000, kills=20)
+async def test_bank_killed_twenty_times_during_spends(mosquitto: str, tmp_path: Path, bank_id: str) -> None:
+    result = await _crash_run(mosquitto, tmp_path, spends=4000, kills=20, bank_id=bank_id)
     print("bank crashes:", result)
     assert result["restarts"] == 20
     assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]

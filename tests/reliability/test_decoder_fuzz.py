@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from m2mpay.protocol.errors import RemoteProtocolError
 
 from ..protocol.strategies import for_message
-from ..protocol.test_decoders_and_tables import DECODERS
-from ..protocol.test_messages import ALL
+from ..protocol.catalog import ALL, DECODERS
 from .faults import mutate
 
 SURFACES = {f"message:{cls.__name__}": cls.decode for cls in ALL} | {f"decoder:{n}": f for n, f in DECODERS.items()}
@@ -39,7 +38,7 @@ def _fuzz(count: int) -> Counter[str]:
     seeds = _seeds(60)
     rng = random.Random(25112026)
     outcomes: Counter[str] = Counter()
-    for name, decode in SURFACES.items():
+    for decode in SURFACES.values():
         for _ in range(count):
             blob = mutate(rng, rng.choice(seeds))
             try:

@@ -23,18 +23,18 @@ from paho.mqtt.properties import Properties
 
 from m2mpay.agents.mqtt import BankClient, broker_address
 from m2mpay.agents.vendor.coap import CoapLimits
-from m2mpay.protocol import cbor, cose, envelope
+from m2mpay.protocol import cbor, cose, envelope, wire
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import OPS, FinalReceipt, StatusAnswer, StatusRequest
 from m2mpay.protocol.rules import wallet
-from tests.bank.conftest import BANK, BankWorld
-from tests.bank.test_mqtt import online  # noqa: F401  (fixture)
-from tests.security.test_vendor_exhaustion import observation_request, request, served, upload_block
-from tests.vendor.test_coap_payment import CBOR, Scene, _open, scene  # noqa: F401  (fixture)
+from tests.bank_world import BankWorld
+from tests.vendor_scene import Scene, open_session
+from tests.vendor_site import observation_request, request, served, upload_block
 
 from .faults import mutate
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
+OFFER, SESSIONS = wire.path_text(wire.OFFER_PATH), wire.path_text(wire.SESSIONS_PATH)
 
 WIRE_CODES = {code.wire for code in ErrorCode}
 
@@ -51,21 +51,21 @@ async def _fuzz_bank(world: BankWorld, client: BankClient, count: int) -> Counte
         "settle": vendor.sign(session.settle_request(os.urandom(16), keep_open=True), "settle"),
         "status": vendor.sign(StatusRequest(req_id=os.urandom(16), tip=wc.coin.tip), "status"),
     }
-    for op, request in seeds.items():  # the genuine ones once: a copy of one is then only a replay
-        envelope.open_answer(await client.request(op, request), world.keys.answer_key.public_key(), BANK, op,
-                             OPS[op][1], request=request)
+    for op, genuine in seeds.items():  # the genuine ones once: a copy of one is then only a replay
+        envelope.open_answer(await client.request(op, genuine), world.keys.answer_key.public_key(), world.bank, op,
+                             OPS[op][1], request=genuine)
     session.settled(envelope.open_answer(await client.request("settle", seeds["settle"]),  # type: ignore[arg-type]
-                                         world.keys.answer_key.public_key(), BANK, "settle", OPS["settle"][1],
+                                         world.keys.answer_key.public_key(), world.bank, "settle", OPS["settle"][1],
                                          request=seeds["settle"]))
     before = world.audit()
     rng = random.Random(20261125)
     codes: Counter[str] = Counter()
-    for i in range(count):
+    for _ in range(count):
         op = rng.choice([*seeds, "nosuchop"])
         payload = mutate(rng, seeds.get(op, seeds["block"]))
         raw = await client.request(op, payload)
         try:
-            envelope.open_answer(raw, world.keys.answer_key.public_key(), BANK, op if op in OPS else "error",
+            envelope.open_answer(raw, world.keys.answer_key.public_key(), world.bank, op if op in OPS else "error",
                                  OPS[op][1] if op in OPS else StatusAnswer, request=payload)
         except RemoteProtocolError as refusal:
             codes[refusal.code.wire] += 1
@@ -80,38 +80,38 @@ async def _fuzz_bank(world: BankWorld, client: BankClient, count: int) -> Counte
     return codes
 
 
-async def test_bank_topics_fuzzed(online: tuple[BankWorld, BankClient]) -> None:  # noqa: F811
+async def test_bank_topics_fuzzed(online: tuple[BankWorld, BankClient]) -> None:
     codes = await _fuzz_bank(*online, count=400)
     assert sum(codes.values()) == 400 and codes["accepted"] == 0
     assert set(codes) <= WIRE_CODES
 
 
 @pytest.mark.heavy
-async def test_bank_topics_fuzzed_10000(online: tuple[BankWorld, BankClient]) -> None:  # noqa: F811
+async def test_bank_topics_fuzzed_10000(online: tuple[BankWorld, BankClient]) -> None:
     codes = await _fuzz_bank(*online, count=10_000)
     print("bank fuzz:", dict(codes))
     assert codes["accepted"] == 0 and set(codes) <= WIRE_CODES
 
 
-async def _fuzz_vendor(scene: Scene, count: int) -> Counter[str]:  # noqa: F811
+async def _fuzz_vendor(scene: Scene, count: int) -> Counter[str]:
     world = scene.world
     (wc,) = await world.withdraw(world.user("alice"))
-    wc, opened = await _open(scene, wc)
-    pay_path = f"/sessions/{opened.session.hex()}/pay"
+    wc, opened = await open_session(scene, wc)
+    pay_path = f"{SESSIONS}/{opened.session.hex()}/{wire.PAY}"
     wc, pay = wallet.reveal(wc, 1)
-    offer = (await scene.call(Code.GET, "/offer")).payload
+    offer = (await scene.call(Code.GET, OFFER)).payload
     # (close takes no body: any POST to it closes the session, as it should)
-    seeds = {pay_path: pay.encode(), "/sessions": offer}
+    seeds = {pay_path: pay.encode(), SESSIONS: offer}
     held = scene.agent.store.session(opened.session)
     rng = random.Random(1125)
     codes: Counter[str] = Counter()
     for _ in range(count):
-        path = rng.choice(list(seeds) + [f"/sessions/{os.urandom(8).hex()}/pay", "/offer", "/nowhere"])
+        path = rng.choice([*seeds, f"{SESSIONS}/{os.urandom(8).hex()}/{wire.PAY}", OFFER, "/nowhere"])
         body = mutate(rng, seeds.get(path, pay.encode()))
         method = rng.choice([Code.POST, Code.POST, Code.POST, Code.GET, Code.PUT])
-        response = await scene.call(method, path, body, rng.choice([CBOR, CBOR, CBOR, 0, None]))
+        response = await scene.call(method, path, body, rng.choice([*[wire.CONTENT_FORMAT_CBOR] * 3, 0, None]))
         if response.code.is_successful():
-            assert (path, method) == ("/offer", Code.GET), (path, method, response.code)  # a body is ignored
+            assert (path, method) == (OFFER, Code.GET), (path, method, response.code)  # a body is ignored
             codes["ok"] += 1
             continue
         assert response.code.class_ == 4, (path, response.code, response.payload)
@@ -128,23 +128,22 @@ async def _fuzz_vendor(scene: Scene, count: int) -> Counter[str]:  # noqa: F811
     return codes
 
 
-async def test_vendor_resources_fuzzed(scene: Scene) -> None:  # noqa: F811
+async def test_vendor_resources_fuzzed(scene: Scene) -> None:
     codes = await _fuzz_vendor(scene, 400)
     assert sum(codes.values()) == 400
 
 
 @pytest.mark.heavy
-async def test_vendor_resources_fuzzed_10000(scene: Scene) -> None:  # noqa: F811
+async def test_vendor_resources_fuzzed_10000(scene: Scene) -> None:
     codes = await _fuzz_vendor(scene, 10_000)
     print("vendor fuzz:", dict(codes))
 
 
 # (A NUL in a topic makes Mosquitto close the sender's connection: tested on its own in
 # tests/security/test_bank_requests.py, left out here so that one client sends everything.)
-_HOSTILE_REPLY_TOPICS = (
-    f"m2mpay/{BANK}/resp/+", f"m2mpay/{BANK}/resp/#", f"m2mpay/{BANK}/resp/a/b", f"m2mpay/{BANK}/resp/",
-    f"m2mpay/{BANK}/resp/{'a' * 40}", f"m2mpay/{BANK}/resp/UPPER",
-    "m2mpay/other/resp/alice", "#", "", f"m2mpay/{BANK}/resp/victim",
+_HOSTILE_REPLY_TOPICS = (  # {resp}: the answer topics' prefix of the bank under test, {other}: another bank's
+    "{resp}+", "{resp}#", "{resp}a/b", "{resp}", f"{{resp}}{'a' * 40}", "{resp}UPPER",
+    "{other}alice", "#", "", "{resp}victim",
 )
 
 
@@ -165,7 +164,7 @@ async def _fuzz_bank_reply_topics(world: BankWorld, client: BankClient, count: i
     raw.on_message = lambda _c, _u, m: victim.append(bytes(m.payload))
     raw.connect(host, port)
     raw.loop_start()
-    raw.subscribe(f"m2mpay/{BANK}/resp/victim", qos=1)
+    raw.subscribe(wire.response_topic(world.bank, "victim"), qos=1)
     rng = random.Random(20261129)
     codes: Counter[str] = Counter()
     retained: set[str] = set()
@@ -177,10 +176,12 @@ async def _fuzz_bank_reply_topics(world: BankWorld, client: BankClient, count: i
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             # The victim's topic only for requests whose signer the bank verifies: a refusal before
             # verification goes back where it was asked for (signed over that request, useless).
-            props.ResponseTopic = rng.choice(_HOSTILE_REPLY_TOPICS if genuine else _HOSTILE_REPLY_TOPICS[:-1])
+            hostile = rng.choice(_HOSTILE_REPLY_TOPICS if genuine else _HOSTILE_REPLY_TOPICS[:-1])
+            props.ResponseTopic = hostile.format(resp=wire.response_prefix(world.bank),
+                                                 other=wire.response_prefix("other"))
             props.CorrelationData = os.urandom(8)
             retain = rng.random() < 0.2
-            topic = f"m2mpay/{BANK}/req/{op}"
+            topic = wire.request_prefix(world.bank) + op  # "+" among them: not a name, never built as one
             try:
                 raw.publish(topic, payload, qos=rng.choice([0, 1]), retain=retain, properties=props)
             except ValueError:
@@ -192,7 +193,7 @@ async def _fuzz_bank_reply_topics(world: BankWorld, client: BankClient, count: i
             codes["genuine " + op] += genuine
         (coin,) = await world.withdraw(user)  # still serving, in order behind all of them
         assert coin.remaining == 100
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # proving that no answer reaches the victim takes waiting for one
     finally:
         for topic in retained:  # the broker is shared by the session: leave no retained request behind
             raw.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
@@ -208,39 +209,39 @@ async def _fuzz_bank_reply_topics(world: BankWorld, client: BankClient, count: i
     return codes
 
 
-async def test_bank_hostile_reply_topics(online: tuple[BankWorld, BankClient]) -> None:  # noqa: F811
+async def test_bank_hostile_reply_topics(online: tuple[BankWorld, BankClient]) -> None:
     """Wildcard, multi-level, foreign and retained: the bank answers only its signers, and serves on."""
     codes = await _fuzz_bank_reply_topics(*online, count=300)
     assert codes["sent"] + codes["refused by paho"] == 300 and codes["sent"] > 200
 
 
 @pytest.mark.heavy
-async def test_bank_hostile_reply_topics_10000(online: tuple[BankWorld, BankClient]) -> None:  # noqa: F811
+async def test_bank_hostile_reply_topics_10000(online: tuple[BankWorld, BankClient]) -> None:
     codes = await _fuzz_bank_reply_topics(*online, count=10_000)
     print("bank reply-topic fuzz:", dict(codes))
 
 
 # --- Vendor adversarial floods (the CoAP resource-exhaustion finding) -----------------------
 
-async def _real_payment(scene: Scene) -> int:  # noqa: F811
+async def _real_payment(scene: Scene) -> int:
     """A whole payment with a fresh coin (offer, open, pay, close); the credit."""
     (wc,) = await scene.world.withdraw(scene.world.user("bob"))
-    wc, opened = await _open(scene, wc)
+    wc, opened = await open_session(scene, wc)
     wc, pay = wallet.reveal(wc, 2)
-    path = f"/sessions/{opened.session.hex()}"
+    path = f"{SESSIONS}/{opened.session.hex()}"
     assert (await scene.call(Code.POST, f"{path}/pay", pay.encode())).code == Code.CHANGED
     closed = await scene.call(Code.POST, f"{path}/close", b"")
     assert closed.code == Code.CHANGED, closed.payload
     return FinalReceipt.decode(cose.decode_sign1(closed.payload).payload).credited  # the signed receipt
 
 
-async def _flood_vendor(scene: Scene, kind: str, count: int) -> Counter[str]:  # noqa: F811
+async def _flood_vendor(scene: Scene, kind: str, count: int) -> Counter[str]:
     """``count`` hostile requests of one ``kind``; then nothing changed, little is held, and a
     genuine token and a whole new payment still go through."""
     world, limits = scene.world, CoapLimits()
     (wc,) = await world.withdraw(world.user("alice"))
     async with served(scene) as vendor:
-        wc, opened = await _open(vendor.scene, wc)
+        wc, opened = await open_session(vendor.scene, wc)
         sid = opened.session
         wc, pay = wallet.reveal(wc, 1)
         held, sessions, before = scene.agent.store.session(sid), set(scene.agent.sessions), world.audit()
@@ -251,10 +252,10 @@ async def _flood_vendor(scene: Scene, kind: str, count: int) -> Counter[str]:  #
                 response = await request(vendor.scene, observation_request(vendor.scene,
                                                                            sid if i % 2 else os.urandom(16)))
             elif kind == "offer":
-                response = await vendor.scene.call(Code.GET, "/offer")
+                response = await vendor.scene.call(Code.GET, OFFER)
             else:  # Block1: any block of any transfer to the resources that take a body
                 szx = rng.choice([0, 2, 4, 6])
-                path = rng.choice(["/sessions", f"/sessions/{sid.hex()}/pay", "/offer"])
+                path = rng.choice([SESSIONS, f"{SESSIONS}/{sid.hex()}/{wire.PAY}", OFFER])
                 body = os.urandom(2 ** (szx + 4) if rng.random() < 0.9 else rng.randrange(1, 64))
                 response = await request(vendor.scene, upload_block(
                     vendor.scene, path, body, rng.choice([0, 0, 1, 2, 3, 5, 300]), rng.random() < 0.9, szx,
@@ -268,28 +269,29 @@ async def _flood_vendor(scene: Scene, kind: str, count: int) -> Counter[str]:  #
         assert scene.agent.store.session(sid) == held and set(scene.agent.sessions) == sessions
         assert after.ok and (after.withdrawn, after.credited, after.outstanding) == (
             before.withdrawn, before.credited, before.outstanding), "a flood moved money"
-        assert (await vendor.scene.call(Code.POST, f"/sessions/{sid.hex()}/pay", pay.encode())).code == Code.CHANGED
+        paid = await vendor.scene.call(Code.POST, f"{SESSIONS}/{sid.hex()}/{wire.PAY}", pay.encode())
+        assert paid.code == Code.CHANGED
         assert await _real_payment(vendor.scene) == 3
     return codes
 
 
-async def test_vendor_observe_flood(scene: Scene) -> None:  # noqa: F811
+async def test_vendor_observe_flood(scene: Scene) -> None:
     codes = await _flood_vendor(scene, "observe", 300)
     assert codes["4.04 Not Found"] == 150 and codes["2.05 Content"] == 150
 
 
-async def test_vendor_offer_flood(scene: Scene) -> None:  # noqa: F811
+async def test_vendor_offer_flood(scene: Scene) -> None:
     codes = await _flood_vendor(scene, "offer", 300)
     assert codes["2.05 Content"] == 300
 
 
-async def test_vendor_block1_flood(scene: Scene) -> None:  # noqa: F811
+async def test_vendor_block1_flood(scene: Scene) -> None:
     codes = await _flood_vendor(scene, "block1", 300)
     assert sum(codes.values()) == 300 and codes["4.13 Request Entity Too Large"] > 0
 
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("kind", ["observe", "offer", "block1"])
-async def test_vendor_floods_10000(scene: Scene, kind: str) -> None:  # noqa: F811
+async def test_vendor_floods_10000(scene: Scene, kind: str) -> None:
     codes = await _flood_vendor(scene, kind, 10_000)
     print(f"vendor {kind} flood:", dict(codes))

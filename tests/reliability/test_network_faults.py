@@ -16,7 +16,6 @@ import pytest
 
 from m2mpay.agents.bank import admin
 from m2mpay.agents.bank.server import serve
-from m2mpay.agents.bench.world import BANK, BankWorld
 from m2mpay.agents.mqtt import BankClient, broker_address
 from m2mpay.agents.user.agent import UserAgent, UserCredentials
 from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
@@ -24,6 +23,9 @@ from m2mpay.agents.vendor.server import load_credentials, run_vendor
 from m2mpay.broker.launcher import Mosquitto, free_udp_port
 from m2mpay.protocol.messages import SettleAnswer
 from m2mpay.protocol.rules import wallet
+
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until_async
 
 from .faults import CuttingTcp, LossyUdp
 
@@ -44,7 +46,7 @@ async def _lossy_payments(world: BankWorld, mosquitto: str, tmp_path: Path, paym
     user = UserAgent(tmp_path / "wallet", clock=world.clock)
     ctx = await aiocoap.Context.create_client_context()
     try:
-        async with BankClient(mosquitto, BANK, f"alice-{uuid.uuid4().hex[:6]}") as bank:
+        async with BankClient(mosquitto, world.bank, f"alice-{uuid.uuid4().hex[:6]}") as bank:
             await user.withdraw(bank, UserCredentials.load(tmp_path / "alice.json"), payments)
         credited = 0
         async with LossyUdp(target=port, drop=drop, delay=0.02) as proxy:
@@ -89,14 +91,14 @@ async def _cut_connections(world: BankWorld, mosquitto: str, spends: int, cut_ev
     credited = 0
     try:
         async with CuttingTcp(target=broker_address(mosquitto)[1]) as proxy:
-            async with BankClient(f"mqtt://127.0.0.1:{proxy.port}", BANK, f"meter-{uuid.uuid4().hex[:6]}",
+            async with BankClient(f"mqtt://127.0.0.1:{proxy.port}", world.bank, f"meter-{uuid.uuid4().hex[:6]}",
                                   timeout=1.0, retries=30) as client:
                 world.send = client.request
 
                 async def cutter() -> None:
                     rng = random.Random(7)
                     while True:
-                        await asyncio.sleep(rng.uniform(0.4, 1.6) * cut_every)
+                        await asyncio.sleep(rng.uniform(0.4, 1.6) * cut_every)  # the fault schedule
                         proxy.cut()
 
                 chaos = asyncio.create_task(cutter())
@@ -152,17 +154,21 @@ async def test_broker_restarted_in_the_middle_of_sessions(world: BankWorld, tmp_
         for name in ("alice", "bob", "carol"):
             world.user(name)
             agent = UserAgent(tmp_path / "wallets" / name, clock=world.clock)
-            async with BankClient(broker.url, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
+            async with BankClient(broker.url, world.bank, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
                 await agent.withdraw(bank, UserCredentials.load(tmp_path / f"{name}.json"), 1)
             users.append(agent)
 
         stopped: list[float] = []
 
+        async def sessions_open() -> bool:
+            row = await world.store.run(lambda tx: tx.one("SELECT COUNT(*) FROM coins WHERE vendor = 'meter'"))
+            return row is not None and row[0] == len(users)
+
         async def restart_soon() -> None:
-            await asyncio.sleep(0.3)  # sessions are open and paying by now
+            await wait_until_async(sessions_open, what="every user's session is open at the bank")
             stopped.append(time.monotonic())
             await asyncio.to_thread(broker.stop)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the outage: the broker stays away this long
             await asyncio.to_thread(broker.start)  # same port, same persistence
 
         async def pay(agent: UserAgent) -> tuple[float, int, int]:

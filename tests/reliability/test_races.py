@@ -8,18 +8,18 @@ import contextlib
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from m2mpay.agents.bank import admin
-from m2mpay.agents.bench.world import BANK, BankWorld
-from m2mpay.agents.mqtt import BankClient
+from m2mpay.agents.mqtt import BankClient, broker_address
 from m2mpay.protocol import envelope
 from m2mpay.protocol.errors import ErrorCode
 from m2mpay.protocol.messages import BlockAnswer
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until_async
 
 pytestmark = pytest.mark.network
 
@@ -29,24 +29,42 @@ def _workers(pid: int) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tuple[int, int]:
+def _connected(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds an established TCP connection to ``port`` on this machine."""
+    sockets = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                target = fd.readlink().name
+                if target.startswith("socket:["):
+                    sockets.add(target[len("socket:["):-1])
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()  # local, remote (hex address:port), state (01 established), ..., inode
+            if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in sockets:
+                return True
+    return False
+
+
+async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int, bank_id: str) -> tuple[int, int]:
     """(trials where exactly one vendor got the block, trials in all)."""
-    world = BankWorld.create(tmp_path, db_url)
+    world = BankWorld.create(tmp_path, db_url, bank=bank_id)
     keys, store = world.keys, world.store
     user = world.user("payer", deposit=100 * trials)
     vendors = [world.vendor("north"), world.vendor("south")]
-    bank = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve", "--data", str(tmp_path / "bank"),
-                             "--broker", mosquitto, "--workers", "2"], stderr=subprocess.DEVNULL)
-    clients = [BankClient(mosquitto, BANK, f"{v.name}-{uuid.uuid4().hex[:6]}", timeout=10) for v in vendors]
+    bank = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve",
+                             "--data", str(tmp_path / "bank"), "--broker", mosquitto, "--workers", "2"],
+                            stderr=subprocess.DEVNULL)
+    clients = [BankClient(mosquitto, world.bank, f"{v.name}-{uuid.uuid4().hex[:6]}", timeout=10) for v in vendors]
     try:
         for client in clients:
             await client.__aenter__()
         await clients[0].keys(timeout=30)
-        deadline = time.monotonic() + 20
-        while len(_workers(bank.pid)) < 1:
-            assert time.monotonic() < deadline, "the second worker never started"
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # both subscribed
+        # Both processes on the broker: each subscribes as soon as it is connected, and the
+        # withdrawals below come before the first race.
+        port = broker_address(mosquitto)[1]
+        await wait_until_async(lambda: [p for p in [bank.pid, *_workers(bank.pid)] if _connected(p, port)][1:],
+                               timeout=20, what="both bank processes are connected to the broker")
         world.send = clients[0].request
         coins = []
         for _ in range(0, trials, 50):
@@ -58,9 +76,9 @@ async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tup
             outcomes = []
             for request, raw in zip(requests, raws, strict=True):
                 try:
-                    outcomes.append(envelope.open_answer(raw, keys.answer_key.public_key(), BANK, "block",
+                    outcomes.append(envelope.open_answer(raw, keys.answer_key.public_key(), world.bank, "block",
                                                          BlockAnswer, request=request))
-                except Exception as exc:  # the loser's signed refusal
+                except envelope.Refusal as exc:  # the loser's signed refusal
                     outcomes.append(exc)
             won = [o for o in outcomes if isinstance(o, BlockAnswer)]
             lost = [o for o in outcomes if not isinstance(o, BlockAnswer)]
@@ -79,14 +97,15 @@ async def _race(mosquitto: str, db_url: str, tmp_path: Path, trials: int) -> tup
 
 
 @pytest.mark.asyncio
-async def test_same_coin_two_vendors_two_workers(mosquitto: str, pg_database: str, tmp_path: Path) -> None:
-    exactly_one, trials = await _race(mosquitto, pg_database, tmp_path, 40)
+async def test_same_coin_two_vendors_two_workers(mosquitto: str, pg_database: str, tmp_path: Path,
+                                                  bank_id: str) -> None:
+    exactly_one, trials = await _race(mosquitto, pg_database, tmp_path, 40, bank_id)
     assert exactly_one == trials == 40
 
 
 @pytest.mark.heavy
 @pytest.mark.asyncio
 async def test_same_coin_two_vendors_two_workers_1000_times(mosquitto: str, pg_database: str,
-                                                            tmp_path: Path) -> None:
-    exactly_one, trials = await _race(mosquitto, pg_database, tmp_path, 1000)
+                                                            tmp_path: Path, bank_id: str) -> None:
+    exactly_one, trials = await _race(mosquitto, pg_database, tmp_path, 1000, bank_id)
     assert exactly_one == trials == 1000

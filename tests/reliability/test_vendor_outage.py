@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from m2mpay.agents.bank import admin
 from m2mpay.agents.bank.server import serve
-from m2mpay.agents.bench.world import BANK, BankWorld
 from m2mpay.agents.mqtt import BankClient
 from m2mpay.agents.user.agent import UserAgent, UserCredentials
 from m2mpay.agents.vendor.config import Pricing, SessionPolicy, SettlementPolicy, VendorConfig
@@ -35,7 +34,8 @@ from m2mpay.protocol import cose
 from m2mpay.protocol.messages import CertificateBody, FinalReceipt
 from m2mpay.protocol.receipts import AAD_RECEIPT
 from m2mpay.protocol.rules import wallet
-from tests.vendor.test_server import _until
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 
@@ -113,7 +113,7 @@ class Vendor:
 async def _user(world: BankWorld, broker: str, name: str, coins: int = 1) -> UserAgent:
     world.user(name)
     user = UserAgent(world.directory / f"wallet-{name}", clock=world.clock)
-    async with BankClient(broker, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
+    async with BankClient(broker, world.bank, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
         await user.withdraw(bank, UserCredentials.load(world.directory / f"{name}.json"), coins)
     return user
 
@@ -139,7 +139,8 @@ async def _pay_while_the_bank_stops(ctx: aiocoap.Context, user: UserAgent, vendo
     payment went on after that (the tokens, then a close that waits ``close_wait`` for the bank).
     """
     paying = asyncio.create_task(user.pay(ctx, vendor.base, units))
-    await _until(lambda: bool(vendor.held()) or paying.done(), 10)
+    await wait_until_async(lambda: bool(vendor.held()) or paying.done(), timeout=10,
+                           what="the vendor holds a session, or the payment ended")
     (sid, _, _), = vendor.held()
     await bank.stop()
     down = time.monotonic()
@@ -180,12 +181,13 @@ async def test_bank_outage_across_a_close_and_a_vendor_restart(world: BankWorld,
         assert again == first  # the same receipt (the test's clock stands still: the same time too)
         (kept,) = user.receipts()  # the wallet kept the pending receipt of its own close
         assert kept.receipt.pending and kept.receipt.tokens == tokens and kept.receipt.session == sid
-        await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down)))
+        await asyncio.sleep(max(0.0, OUTAGE - (time.monotonic() - down)))  # the outage lasts OUTAGE seconds
         assert time.monotonic() - down > 3 * WINDOW and admin.balance(world.store, "meter") == 0
 
         await bank.start()  # back well before T
         up = time.monotonic()
-        await _until(lambda: admin.balance(world.store, "meter") == tokens * value, 20)
+        await wait_until_async(lambda: admin.balance(world.store, "meter") == tokens * value, timeout=20,
+                               what="the vendor is credited for every token")
         settle_time = time.monotonic() - up
         final, _ = await _close(ctx, vendor, sid)
         assert final.pending is None and final.credited == tokens * value and final.index == first.index
@@ -230,12 +232,13 @@ async def test_chain_attack_the_late_settlement_lands_before_the_next_vendor(
     value = world.keys.keyring.keysets[world.keyset].token_value
     ctx = await aiocoap.Context.create_client_context()
     try:
-        at_a, sid, _, _ = await _pay_while_the_bank_stops(ctx, user, a, bank, 10)
+        at_a, _, _, _ = await _pay_while_the_bank_stops(ctx, user, a, bank, 10)
         (_, _, deadline), = a.held()
         world.clock.now = deadline + 1  # T passes while the bank is down: the block lapses unsettled
         await bank.start()
         up = time.monotonic()
-        await _until(lambda: admin.balance(world.store, "meter") == at_a * value, 20)  # late, by status first
+        await wait_until_async(lambda: admin.balance(world.store, "meter") == at_a * value, timeout=20,
+                               what="the vendor is credited for what it held (late, by status first)")
         late = time.monotonic() - up
         assert any("settling late" in r.getMessage() for r in caplog.records)
         at_b = await user.pay(ctx, b.base, 5)

@@ -1,7 +1,1 @@
-"""The bank fixtures of ``tests/bank``, shared with the security tests (both databases)."""
-
-from __future__ import annotations
-
-from tests.bank.conftest import db_url, world
-
-__all__ = ["db_url", "world"]
+"""The security tests use the shared bank fixtures (``tests/plugins/banks.py``), on both databases."""

@@ -30,7 +30,7 @@ from m2mpay.agents.bank.store import Store, Tx
 from m2mpay.protocol import hashchain
 from m2mpay.protocol.rules import wallet
 
-from ..bank.conftest import BANK, BankWorld, Clock
+from tests.bank_world import BankWorld, Clock
 
 pytestmark = pytest.mark.asyncio
 
@@ -57,9 +57,9 @@ class Books:
 
 
 @pytest_asyncio.fixture
-async def books(tmp_path: Path, db_url: str) -> AsyncIterator[Books]:
+async def books(tmp_path: Path, db_url: str, bank_id: str) -> AsyncIterator[Books]:
     clock = Clock(int(time.time()))  # the real time: the bank's command-line tools check their keys against it
-    init_bank(tmp_path / "bank", BANK, db_url, clock.now, keysets=((100, 100), (1000, 1000)))
+    init_bank(tmp_path / "bank", bank_id, db_url, clock.now, keysets=((100, 100), (1000, 1000)))
     keys, store = load_bank(tmp_path / "bank", clock.now, connections=2)
     world = BankWorld(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
                       directory=tmp_path)
@@ -145,13 +145,13 @@ async def test_bank_audit_command_fails_naming_the_corruption(books: Books) -> N
 
 
 async def test_database_upgraded_from_before_issuance_records_audits_clean(
-        tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, db_url: str, bank_id: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Withdrawals journalled before migration 2 carry no keyset: they form one pool that may
     back coins of any keyset, and the audit of an upgraded database passes."""
     now = int(time.time())
     with monkeypatch.context() as old:
         old.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])  # the bank as it was
-        init_bank(tmp_path / "bank", BANK, db_url, now, keysets=((100, 100),))
+        init_bank(tmp_path / "bank", bank_id, db_url, now, keysets=((100, 100),))
         store = Store(db_url)
         try:
             (keyset,) = [row[0] for row in store.run_sync(lambda tx: tx.all("SELECT id FROM keysets"))]

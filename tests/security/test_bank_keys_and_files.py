@@ -23,15 +23,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from m2mpay.agents.bank import admin
 from m2mpay.agents.bank.keys import init_bank, load_bank
-from m2mpay.agents.bench.world import BANK, NOW, BankWorld
 from m2mpay.protocol import cose
 from m2mpay.protocol.certificates import AAD_KEYS, ca_fingerprint, verify_announcement
 from m2mpay.protocol.errors import RemoteProtocolError
 from m2mpay.protocol.messages import BlockAnswer, Offer, SettleAnswer
 
-from ..cli.test_bank_cli import m2mpay
+from tests.bank_world import NOW, BankWorld
+
+from tests.commands import m2mpay
 
 DAY = 86400
+BANK = "keys-and-files"
+"""The bank id of the tests here that build a bank of their own: none of them reaches a broker."""
 
 
 def _mode(path: Path) -> int:
@@ -76,7 +79,7 @@ def test_ca_key_loaded_by_every_serve_no_longer(tmp_path: Path) -> None:
         assert announcement.bank == BANK
         with pytest.raises(RemoteProtocolError):  # signed by the delegated key, not by the CA
             cose.verify_sign1(keys.announcement, keys.keyring.ca_key, external_aad=AAD_KEYS)
-        with pytest.raises(FileNotFoundError, match="ca.key"):  # certifying needs the CA key: a clear error
+        with pytest.raises(FileNotFoundError, match=r"ca\.key"):  # certifying needs the CA key: a clear error
             admin.enroll_vendor(keys, store, "meter", "parking", tmp_path / "meter.json", NOW + 60)
         assert not (tmp_path / "meter.json").exists()
         from m2mpay.agents.bank.keys import load_ca_key
@@ -186,12 +189,12 @@ async def test_vendor_revocation_refuses_blocks_and_settlements(world: BankWorld
     wallet_dir = tmp_path / "wallet"
     wallet_dir.mkdir()
     (wallet_dir / "bank-keys.cose").write_bytes(keys.announcement)
-    (wallet_dir / "wallet.json").write_text(json.dumps({"ca_fingerprint": keys.fingerprint, "bank": BANK}))
+    (wallet_dir / "wallet.json").write_text(json.dumps({"ca_fingerprint": keys.fingerprint, "bank": world.bank}))
     agent = UserAgent(wallet_dir, clock=world.clock)
     try:
         def offer(cert: bytes) -> Offer:
             return Offer(cert=cert, service="parking", unit="minute", price=1, deadline=world.clock.now + 600,
-                         nonce=bytes(16), bank=BANK, keysets=tuple(keys.keyring.keysets))
+                         nonce=bytes(16), bank=world.bank, keysets=tuple(keys.keyring.keysets))
 
         assert agent.offer_view(offer(other.cert)).vendor == "other"
         with pytest.raises(RemoteProtocolError) as refused:

@@ -32,12 +32,13 @@ from m2mpay.agents.bank.metrics import BankMetrics
 from m2mpay.agents.bank.server import serve
 from m2mpay.agents.bank.service import BankService, Reply
 from m2mpay.agents.mqtt import BankClient, broker_address
-from m2mpay.protocol import envelope
+from m2mpay.protocol import envelope, wire
 from m2mpay.protocol.certificates import verify_announcement
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import BlockAnswer, SettleAnswer, StatusAnswer, StatusRequest, WithdrawAnswer
 from m2mpay.protocol.rules import wallet
-from tests.bank.conftest import BANK, BankWorld
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,7 +59,7 @@ async def served(world: BankWorld, mosquitto: str) -> AsyncIterator[Served]:
     try:
         async with asyncio.timeout(10):
             await ready.wait()
-        async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}", timeout=2, retries=2) as client:
+        async with BankClient(mosquitto, world.bank, f"dev-{uuid.uuid4().hex[:8]}", timeout=2, retries=2) as client:
             world.send = client.request
             yield Served(world, client, task, mosquitto)
     finally:
@@ -72,6 +73,7 @@ class RawDevice:
     """A plain paho client: publishes whatever it likes and records what reaches its topics."""
 
     url: str
+    bank: str
     received: dict[str, list[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,17 +81,21 @@ class RawDevice:
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = lambda _c, _u, m: self.received.setdefault(m.topic, []).append(bytes(m.payload))
+        self.subacks: set[int] = set()
+        self.client.on_subscribe = lambda _c, _u, mid, _codes, _p: self.subacks.add(mid)
         self.client.connect(host, port)
         self.client.loop_start()
 
     def subscribe(self, topic: str) -> None:
-        self.client.subscribe(topic, qos=1)[0]
+        """Subscribe to ``topic`` and wait for the broker's SUBACK: from then on it is delivered."""
+        mid = self.client.subscribe(topic, qos=1)[1]
+        wait_until(lambda: mid in self.subacks, timeout=5, what=f"the broker acknowledges the subscription to {topic}")
 
     def request(self, op: str, payload: bytes, reply_to: str, correlation: bytes = b"c") -> None:
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = reply_to
         props.CorrelationData = correlation
-        self.client.publish(f"m2mpay/{BANK}/req/{op}", payload, qos=1, properties=props).wait_for_publish(5)
+        self.client.publish(wire.request_prefix(self.bank) + op, payload, qos=1, properties=props).wait_for_publish(5)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -97,8 +103,8 @@ class RawDevice:
 
 
 @pytest.fixture
-def raw_device(mosquitto: str) -> Iterator[RawDevice]:
-    device = RawDevice(mosquitto)
+def raw_device(mosquitto: str, bank_id: str) -> Iterator[RawDevice]:
+    device = RawDevice(mosquitto, bank_id)
     yield device
     device.close()
 
@@ -115,11 +121,11 @@ async def _eventually(check: Callable[[], bool], seconds: float = 3.0) -> bool:
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("reply_to", [f"m2mpay/{BANK}/resp/+", f"m2mpay/{BANK}/resp/#",
-                                      f"m2mpay/{BANK}/resp/a/b", f"m2mpay/{BANK}/resp/", f"m2mpay/{BANK}/resp/x\u0000y",
-                                      f"m2mpay/{BANK}/resp/{'a' * 40}", "m2mpay/other-bank/resp/alice"])
+@pytest.mark.parametrize("reply_to", ["{resp}+", "{resp}#", "{resp}a/b", "{resp}", "{resp}x\u0000y",
+                                      f"{{resp}}{'a' * 40}", "{other}alice"])
 async def test_wildcard_reply_topic_does_not_stop_bank(served: Served, raw_device: RawDevice, reply_to: str) -> None:
     """One PUBLISH with a wildcard (or otherwise unusable) Response Topic is dropped; the bank serves on."""
+    reply_to = reply_to.format(resp=wire.response_prefix(served.world.bank), other=wire.response_prefix("other-bank"))
     user = served.world.user("alice")
     pending = wallet.prepare_withdrawal("alice", served.world.keys.keyring.keysets[served.world.keyset],
                                         served.world.keys.keyring.rsa_keys[served.world.keyset], 1)
@@ -138,17 +144,18 @@ async def test_answer_goes_only_to_signer_reply_topic(served: Served, raw_device
     """A request signed by alice that names bob's topic gets no answer there."""
     world = served.world
     user = world.user("alice")
-    raw_device.subscribe(f"m2mpay/{BANK}/resp/#")
+    raw_device.subscribe(wire.response_prefix(world.bank) + "#")
     pending = wallet.prepare_withdrawal("alice", world.keys.keyring.keysets[world.keyset],
                                         world.keys.keyring.rsa_keys[world.keyset], 1)
     signed = user.sign(pending.request, "withdraw")
-    await asyncio.sleep(0.2)  # the subscription is in place
-    raw_device.request("withdraw", signed, f"m2mpay/{BANK}/resp/bob")
-    raw_device.request("withdraw", signed, f"m2mpay/{BANK}/resp/alice", correlation=b"mine")
-    assert await _eventually(lambda: f"m2mpay/{BANK}/resp/alice" in raw_device.received)
-    await asyncio.sleep(0.3)  # time for an answer to bob to arrive, if one were sent
-    assert f"m2mpay/{BANK}/resp/bob" not in raw_device.received
-    (answer,) = raw_device.received[f"m2mpay/{BANK}/resp/alice"]
+    to_bob, to_alice = wire.response_topic(world.bank, "bob"), wire.response_topic(world.bank, "alice")
+    raw_device.request("withdraw", signed, to_bob)
+    raw_device.request("withdraw", signed, to_alice, correlation=b"mine")
+    assert await _eventually(lambda: to_alice in raw_device.received)
+    # Proving that nothing comes takes waiting: long enough for an answer to bob, sent first, to arrive.
+    await asyncio.sleep(0.3)
+    assert to_bob not in raw_device.received
+    (answer,) = raw_device.received[to_alice]
     assert world.open(answer, "withdraw", WithdrawAnswer, request=signed).req_id == pending.request.req_id
 
 
@@ -164,7 +171,7 @@ async def test_no_single_request_ends_serve_loop(served: Served, raw_device: Raw
         return await genuine(self, op, data, defer_sync=defer_sync)
 
     monkeypatch.setattr(BankService, "reply", faulty)
-    raw_device.request("status", b"boom", f"m2mpay/{BANK}/resp/{served.client.client_id}")
+    raw_device.request("status", b"boom", wire.response_topic(served.world.bank, served.client.client_id))
     (coin,) = await served.world.withdraw(served.world.user("alice"))
     assert coin.remaining == 100 and not served.task.done()
 
@@ -173,7 +180,7 @@ async def test_retried_block_gets_stored_answer_after_window(world: BankWorld) -
     """A retry after the deadline window moved on still gets the block's first answer."""
     user, vendor = world.user("alice"), world.vendor("meter")
     (wc,) = await world.withdraw(user)
-    wc, session, signed = world.session(vendor, wc)
+    wc, _, signed = world.session(vendor, wc)
     first = await world.send("block", signed)
     assert isinstance(world.open(first, "block", BlockAnswer, request=signed), BlockAnswer)
     world.clock.now += 595  # 5 s before T: a new block with this deadline would be refused (window)
@@ -253,7 +260,7 @@ async def test_revocation_reaches_devices_without_restart(world: BankWorld, mosq
         admin.revoke_vendor(world.store, "meter", world.clock.now)
         async with asyncio.timeout(5):
             while True:
-                async with BankClient(mosquitto, BANK, f"dev-{uuid.uuid4().hex[:8]}") as client:
+                async with BankClient(mosquitto, world.bank, f"dev-{uuid.uuid4().hex[:8]}") as client:
                     announcement = verify_announcement(await client.keys(), world.keys.fingerprint, world.clock.now)
                 if announcement.revoked == ("meter",):
                     break
@@ -290,10 +297,10 @@ async def test_withdrawal_paid_before_its_keyset_retired_is_still_signed(world: 
     assert first.value.code is ErrorCode.INTERNAL and not first.value.final
     assert admin.balance(world.store, "alice") == 10_000 - 200  # the debit is made
     monkeypatch.undo()
-    retire_keyset(world.store, keyset)
+    retire_keyset(world.store, keyset, world.clock.now)
     keys, store = load_bank(tmp_path / "bank", world.clock.now)
     try:
-        assert keyset not in keys.keyring.keysets  # no new withdrawal from it
+        assert keys.keyring.phases[keyset].phase == "spend-only"  # no new withdrawal from it
         service = BankService(keys, store, clock=world.clock)
         answer = world.open(await service.handle("withdraw", signed), "withdraw", WithdrawAnswer, request=signed)
         assert len(wallet.complete_withdrawal(pending, answer, info, public)) == 2
@@ -311,6 +318,18 @@ async def test_names_shared_by_users_and_vendors_refused(world: BankWorld) -> No
         world.user("v-meter")  # the vendor's account
     with pytest.raises(ValueError, match="taken"):
         world.vendor("alice")
+
+
+async def test_bank_login_names_refused_for_accounts_and_vendors(world: BankWorld) -> None:
+    """A device named ``bank-2`` would hold the broker login of a bank worker, which reads every
+    request: such names are the bank's own."""
+    for name in ("bank", "bank-2", "bank-02"):
+        with pytest.raises(ValueError, match="reserved for the bank's own broker logins"):
+            world.user(name)
+        with pytest.raises(ValueError, match="reserved for the bank's own broker logins"):
+            world.vendor(name)
+    world.user("bank-of-alice")  # only the worker names are reserved
+    assert world.audit().ok
 
 
 async def test_deposit_only_into_user_accounts(world: BankWorld) -> None:

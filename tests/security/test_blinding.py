@@ -18,7 +18,6 @@ from m2mpay.protocol import blindrsa
 from m2mpay.protocol.errors import LocalProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages import MAX_TOKENS, KeysetInfo, WithdrawAnswer, keyset_id
 from m2mpay.protocol.rules import wallet
-from m2mpay.protocol.rules.keyring import COIN_VARIANT
 
 NOW = 1_800_000_000
 COINS = 2048  # 32 withdrawals of 64 coins

@@ -20,6 +20,7 @@ import pytest
 from m2mpay.agents.cli import main
 from m2mpay.broker.config import MAX_PACKET_BYTES, BrokerConfig, render_config
 from m2mpay.broker.launcher import Mosquitto
+from m2mpay.protocol import wire
 from m2mpay.protocol.messages import OPS
 from tests.broker.clients import WAIT, TlsClient, broker_rss_kib, pki
 
@@ -28,9 +29,10 @@ __all__ = ["pki"]  # the fixture, imported for pytest
 pytestmark = pytest.mark.network
 
 BANK = "b1"
-REQ = f"m2mpay/{BANK}/req"
-RESP = f"m2mpay/{BANK}/resp"
-WORKERS = f"$share/{BANK}-workers/{REQ}/+"
+REQ = wire.request_prefix(BANK).removesuffix("/")
+RESP = wire.response_prefix(BANK).removesuffix("/")
+WORKERS = wire.shared_request_filter(BANK)
+KEYS = wire.keys_topic(BANK)
 NOT_AUTHORIZED = 0x87
 FLOOD, FLOOD_SIZE = 40, 120 * 1024  # the review's measurement: 40 retained 120 KiB messages
 LARGEST_REQUEST = 64 * 1024 + 512  # the largest request body (a withdrawal, 64 KiB), signed
@@ -65,7 +67,8 @@ def test_device_cannot_retain_requests(connect: Callable[..., TlsClient]) -> Non
     request: Mosquitto before 2.0.13 (Debian 12 ships 2.0.11) sends retained messages to a new
     shared subscription, so a worker subscribes with Retain Handling 2."""
     mallory = connect("mallory")
-    for topic in (f"{REQ}/junk", f"{REQ}/withdraw/more", f"m2mpay/{BANK}/elsewhere", "m2mpay/other-bank/req/x"):
+    for topic in (f"{REQ}/junk", f"{REQ}/withdraw/more", f"{wire.TOPIC_ROOT}/{BANK}/elsewhere",
+                  wire.request_topic("other-bank", "x")):
         reason = mallory.publish(topic, b"kept forever?", retain=True)
         assert reason is not None and reason.value == NOT_AUTHORIZED, topic
     assert mallory.publish(f"{REQ}/withdraw", b"stale", retain=True) is not None
@@ -115,16 +118,16 @@ def test_oversize_publish_refused(connect: Callable[..., TlsClient]) -> None:
     reason = alice.publish(f"{REQ}/withdraw", b"\1" * LARGEST_REQUEST)
     assert reason is not None and not reason.is_failure
     assert bank.inbox.get(timeout=WAIT) == (f"{REQ}/withdraw", b"\1" * LARGEST_REQUEST)
-    reason = bank.publish(f"m2mpay/{BANK}/keys", b"\3" * LARGEST_ANNOUNCEMENT, retain=True)
+    reason = bank.publish(KEYS, b"\3" * LARGEST_ANNOUNCEMENT, retain=True)
     assert reason is not None and not reason.is_failure
-    alice.subscribe(f"m2mpay/{BANK}/keys")
-    assert alice.inbox.get(timeout=WAIT) == (f"m2mpay/{BANK}/keys", b"\3" * LARGEST_ANNOUNCEMENT)
+    alice.subscribe(KEYS)
+    assert alice.inbox.get(timeout=WAIT) == (KEYS, b"\3" * LARGEST_ANNOUNCEMENT)
 
 
 def test_device_cannot_read_other_device_answers(connect: Callable[..., TlsClient]) -> None:
     bank, alice, mallory = connect("bank"), connect("alice"), connect("mallory")
     alice.subscribe(f"{RESP}/alice")
-    for topic in (f"{RESP}/+", f"{RESP}/alice", f"m2mpay/{BANK}/#", "#"):
+    for topic in (f"{RESP}/+", f"{RESP}/alice", f"{wire.TOPIC_ROOT}/{BANK}/#", "#"):
         mallory.subscribe(topic)  # Mosquitto grants them all; the ACL filters each message
     assert bank.publish(f"{RESP}/alice", b"alice's answer") is not None
     assert alice.inbox.get(timeout=WAIT) == (f"{RESP}/alice", b"alice's answer")
@@ -135,14 +138,14 @@ def test_device_cannot_read_other_device_answers(connect: Callable[..., TlsClien
 def test_device_cannot_publish_into_other_reply_topic(connect: Callable[..., TlsClient]) -> None:
     """Nor into its own, nor over the bank's retained keys announcement."""
     bank, alice, mallory = connect("bank"), connect("alice"), connect("mallory")
-    assert bank.publish(f"m2mpay/{BANK}/keys", b"announcement", retain=True) is not None
+    assert bank.publish(KEYS, b"announcement", retain=True) is not None
     alice.subscribe(f"{RESP}/alice")
-    for topic, retain in ((f"{RESP}/alice", False), (f"{RESP}/mallory", False), (f"m2mpay/{BANK}/keys", True)):
+    for topic, retain in ((f"{RESP}/alice", False), (f"{RESP}/mallory", False), (KEYS, True)):
         reason = mallory.publish(topic, b"", retain=retain)  # empty and retained would erase the keys
         assert reason is not None and reason.value == NOT_AUTHORIZED, topic
     assert alice.drain() == []
-    alice.subscribe(f"m2mpay/{BANK}/keys")
-    assert alice.inbox.get(timeout=WAIT) == (f"m2mpay/{BANK}/keys", b"announcement")
+    alice.subscribe(KEYS)
+    assert alice.inbox.get(timeout=WAIT) == (KEYS, b"announcement")
 
 
 def test_queued_answers_per_device_capped(connect: Callable[..., TlsClient]) -> None:

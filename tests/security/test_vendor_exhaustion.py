@@ -6,7 +6,7 @@ before the 4 KiB limit applies." Each test floods one part of the vendor's CoAP 
 what the vendor holds afterwards (:meth:`~m2mpay.agents.vendor.coap.VendorSite.held`) and that a real
 user is still served.
 
-The vendor is the ``scene``'s agent served on a second port (:func:`served`), so a test can choose
+The vendor is the ``scene``'s agent served on a second port (:func:`tests.vendor_site.served`), so a test can choose
 the limits and look at the site.
 """
 
@@ -18,7 +18,6 @@ import dataclasses
 import os
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,59 +28,25 @@ from aiocoap.optiontypes import BlockOption
 
 from m2mpay.agents.mqtt import BankClient
 from m2mpay.agents.vendor.agent import VendorAgent
-from m2mpay.agents.vendor.coap import CBOR, CoapLimits, VendorSite, serve_coap
+from m2mpay.agents.vendor.coap import CoapLimits
 from m2mpay.agents.vendor.offers import OFFER_TTL
 from m2mpay.agents.vendor.store import VendorStore
-from m2mpay.broker.launcher import free_udp_port
-from m2mpay.protocol import cbor, sealing
+from m2mpay.protocol import cbor, sealing, wire
 from m2mpay.protocol.certificates import cert_hash
 from m2mpay.protocol.messages import Due, Offer, OpenSession, SessionOpened
 from m2mpay.protocol.rules import wallet
-from tests.bank.conftest import BANK
-from tests.vendor.test_coap_payment import Scene, _open, scene  # noqa: F401  (fixture)
+from m2mpay.protocol.wire import CONTENT_FORMAT_CBOR as CBOR
+from tests.vendor_scene import Scene, open_session
+from tests.vendor_site import WAIT, observation_request, request, served, upload_block
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
-
-WAIT = 5.0
-
-
-@dataclass
-class Served:
-    """A vendor served on its own port: the scene pointed at it, and its CoAP site."""
-
-    scene: Scene
-    site: VendorSite
-
-
-@contextlib.asynccontextmanager
-async def served(scene: Scene, limits: CoapLimits | None = None, agent: VendorAgent | None = None,
-                 ) -> AsyncIterator[Served]:
-    """``agent`` (the scene's by default) served on a fresh loopback port with ``limits``."""
-    agent = agent or scene.agent
-    port = free_udp_port()
-    async with serve_coap(agent, "::1", port, limits or CoapLimits()) as context:
-        yield Served(dataclasses.replace(scene, agent=agent, base=f"coap://[::1]:{port}"), context.serversite)
-
-
-async def request(scene: Scene, message: aiocoap.Message, *, blockwise: bool = False) -> aiocoap.Message:
-    """One exchange, bounded; ``blockwise=False`` sends the message's own block options as they are."""
-    async with asyncio.timeout(WAIT):
-        return await scene.client.request(message, handle_blockwise=blockwise).response
+OFFER, SESSIONS = wire.path_text(wire.OFFER_PATH), wire.path_text(wire.SESSIONS_PATH)
 
 
 def error_code(response: aiocoap.Message) -> str:
     """The wire code of a CBOR error body."""
     assert response.opt.content_format == CBOR, (response.code, response.payload)
     return str(cbor.decode(response.payload)["code"])
-
-
-def upload_block(scene: Scene, path: str, payload: bytes, number: int, more: bool, szx: int = 6,
-                 query: tuple[str, ...] = ()) -> aiocoap.Message:
-    """One Block1 block of a POST."""
-    message = aiocoap.Message(code=Code.POST, uri=scene.base + path, payload=payload, content_format=CBOR)
-    message.opt.block1 = BlockOption.BlockwiseTuple(number, more, szx)
-    message.opt.uri_query = query
-    return message
 
 
 async def upload(scene: Scene, path: str, body: bytes, szx: int) -> aiocoap.Message:
@@ -109,11 +74,6 @@ async def download(scene: Scene, path: str, szx: int) -> bytes:
         if response.opt.block2 is None or not response.opt.block2.more:
             return body
         number += 1
-
-
-def observation_request(scene: Scene, sid: bytes) -> aiocoap.Message:
-    """An Observe request of ``/sessions/{sid}/due``."""
-    return aiocoap.Message(code=Code.GET, uri=f"{scene.base}/sessions/{sid.hex()}/due", observe=0)
 
 
 def observe(scene: Scene, sid: bytes) -> Any:
@@ -172,17 +132,17 @@ def open_body(scene: Scene, wc: wallet.WalletCoin, offer: Offer) -> tuple[wallet
     """The ``POST /sessions`` body that opens ``offer`` with ``wc``."""
     wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
                                 now=scene.world.clock.now)
-    sealed = sealing.seal(auth.encode(), scene.world.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+    sealed = sealing.seal(auth.encode(), scene.world.keys.keyring.sealing_key, sealing.info_for_bank(scene.world.bank))
     return wc, OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce).encode()
 
 
 async def get_offer(scene: Scene) -> Offer:
-    return Offer.decode((await scene.call(Code.GET, "/offer")).payload)
+    return Offer.decode((await scene.call(Code.GET, OFFER)).payload)
 
 
 # --- Observe -------------------------------------------------------------------------------
 
-async def test_observe_unknown_session_leaves_no_watcher(scene: Scene) -> None:  # noqa: F811
+async def test_observe_unknown_session_leaves_no_watcher(scene: Scene) -> None:
     async with served(scene) as vendor:
         for _ in range(300):
             response = await request(vendor.scene, observation_request(vendor.scene, os.urandom(16)))
@@ -191,10 +151,10 @@ async def test_observe_unknown_session_leaves_no_watcher(scene: Scene) -> None: 
         assert (held.watchers, held.watched_sessions) == (0, 0)
 
 
-async def test_observe_watchers_bounded_per_session(scene: Scene) -> None:  # noqa: F811
+async def test_observe_watchers_bounded_per_session(scene: Scene) -> None:
     async with served(scene) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
-        wc, opened = await _open(vendor.scene, wc)
+        wc, opened = await open_session(vendor.scene, wc)
         limit = CoapLimits().watchers_per_session
         observations = [observe(vendor.scene, opened.session) for _ in range(limit + 3)]
         for observation in observations:
@@ -211,10 +171,10 @@ async def test_observe_watchers_bounded_per_session(scene: Scene) -> None:  # no
 @pytest.mark.parametrize("limits", [CoapLimits(watchers_per_session=8, watchers_per_peer=3),
                                     CoapLimits(watchers_per_session=8, watchers_total=3)],
                          ids=["per-peer", "total"])
-async def test_observe_watchers_bounded_per_peer_and_in_total(scene: Scene, limits: CoapLimits) -> None:  # noqa: F811
+async def test_observe_watchers_bounded_per_peer_and_in_total(scene: Scene, limits: CoapLimits) -> None:
     async with served(scene, limits) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
-        wc, opened = await _open(vendor.scene, wc)
+        wc, opened = await open_session(vendor.scene, wc)
         kept = [observe(vendor.scene, opened.session) for _ in range(3)]
         for observation in kept:
             assert (await asyncio.wait_for(observation.response, WAIT)).code == Code.CONTENT
@@ -225,10 +185,10 @@ async def test_observe_watchers_bounded_per_peer_and_in_total(scene: Scene, limi
             observation.observation.cancel()
 
 
-async def test_observe_watcher_removed_when_observation_ends_or_session_closes(scene: Scene) -> None:  # noqa: F811
+async def test_observe_watcher_removed_when_observation_ends_or_session_closes(scene: Scene) -> None:
     async with served(scene) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
-        wc, opened = await _open(vendor.scene, wc)
+        wc, opened = await open_session(vendor.scene, wc)
         async with raw_peer(vendor.scene) as peer:
             token = os.urandom(4)
             first = await peer.exchange(observation_request(vendor.scene, opened.session), token)
@@ -250,33 +210,33 @@ async def test_observe_watcher_removed_when_observation_ends_or_session_closes(s
 
 # --- Offers --------------------------------------------------------------------------------
 
-async def test_offer_flood_does_not_evict_pending_offer(scene: Scene) -> None:  # noqa: F811
+async def test_offer_flood_does_not_evict_pending_offer(scene: Scene) -> None:
     async with served(scene) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
         offer = await get_offer(vendor.scene)
         for _ in range(1100):
-            assert (await vendor.scene.call(Code.GET, "/offer")).code == Code.CONTENT
+            assert (await vendor.scene.call(Code.GET, OFFER)).code == Code.CONTENT
         assert vendor.site.held().offers == 0  # a flood of offers holds nothing
         wc, body = open_body(vendor.scene, wc, offer)
-        response = await vendor.scene.call(Code.POST, "/sessions", body)
+        response = await vendor.scene.call(Code.POST, SESSIONS, body)
         assert response.code == Code.CREATED, response.payload
         assert vendor.site.held().offers == 1  # only the opened offer, until it expires
 
 
-async def test_opened_offer_cannot_open_a_second_session(scene: Scene) -> None:  # noqa: F811
+async def test_opened_offer_cannot_open_a_second_session(scene: Scene) -> None:
     async with served(scene) as vendor:
         first, second = await scene.world.withdraw(scene.world.user("alice"), 2)
         offer = await get_offer(vendor.scene)
         first, body = open_body(vendor.scene, first, offer)
-        assert (await vendor.scene.call(Code.POST, "/sessions", body)).code == Code.CREATED
+        assert (await vendor.scene.call(Code.POST, SESSIONS, body)).code == Code.CREATED
         second, replayed = open_body(vendor.scene, second, offer)
-        response = await vendor.scene.call(Code.POST, "/sessions", replayed)
+        response = await vendor.scene.call(Code.POST, SESSIONS, replayed)
         assert response.code == Code.CONFLICT and error_code(response) == "replay"
         assert len(scene.agent.sessions) == 1
 
 
 @pytest.mark.parametrize("change", ["nonce", "deadline", "expired"])
-async def test_offer_nonce_is_a_mac_over_its_terms(scene: Scene, change: str) -> None:  # noqa: F811
+async def test_offer_nonce_is_a_mac_over_its_terms(scene: Scene, change: str) -> None:
     async with served(scene) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
         offer = await get_offer(vendor.scene)
@@ -287,13 +247,13 @@ async def test_offer_nonce_is_a_mac_over_its_terms(scene: Scene, change: str) ->
         else:
             scene.world.clock.now += OFFER_TTL + 1  # T is still ahead, but the offer is stale
         wc, body = open_body(vendor.scene, wc, offer)
-        response = await vendor.scene.call(Code.POST, "/sessions", body)
+        response = await vendor.scene.call(Code.POST, SESSIONS, body)
         expected = {"nonce": "bad_request", "deadline": "bad_request", "expired": "deadline"}[change]
         assert response.code.class_ == 4 and error_code(response) == expected
         assert not scene.agent.sessions and vendor.site.held().offers == 0
 
 
-async def test_offer_opens_after_vendor_restart(scene: Scene, tmp_path: Path) -> None:  # noqa: F811
+async def test_offer_opens_after_vendor_restart(scene: Scene, tmp_path: Path) -> None:
     (wc,) = await scene.world.withdraw(scene.world.user("alice"))
     offer = await get_offer(scene)  # from the vendor before it restarts
     reborn = VendorAgent(scene.credentials, scene.world.keys.keyring, scene.agent.bank,
@@ -301,7 +261,7 @@ async def test_offer_opens_after_vendor_restart(scene: Scene, tmp_path: Path) ->
     try:
         async with served(scene, agent=reborn) as vendor:
             wc, body = open_body(vendor.scene, wc, offer)
-            response = await vendor.scene.call(Code.POST, "/sessions", body)
+            response = await vendor.scene.call(Code.POST, SESSIONS, body)
             assert response.code == Code.CREATED, response.payload
             await reborn.close(SessionOpened.decode(response.payload).session)
     finally:
@@ -310,28 +270,28 @@ async def test_offer_opens_after_vendor_restart(scene: Scene, tmp_path: Path) ->
 
 # --- Block-wise transfers ------------------------------------------------------------------
 
-async def test_block1_body_limit_enforced_during_reassembly(scene: Scene) -> None:  # noqa: F811
+async def test_block1_body_limit_enforced_during_reassembly(scene: Scene) -> None:
     async with served(scene) as vendor:
         limit = CoapLimits().max_body
         for number in range(limit // 1024):
-            response = await request(vendor.scene, upload_block(vendor.scene, "/sessions", bytes(1024), number, True))
+            response = await request(vendor.scene, upload_block(vendor.scene, SESSIONS, bytes(1024), number, True))
             assert response.code == Code.CONTINUE
         assert vendor.site.held().upload_bytes == limit
-        response = await request(vendor.scene, upload_block(vendor.scene, "/sessions", bytes(1024), limit // 1024,
+        response = await request(vendor.scene, upload_block(vendor.scene, SESSIONS, bytes(1024), limit // 1024,
                                                             True))
         assert response.code == Code.REQUEST_ENTITY_TOO_LARGE and error_code(response) == "too_large"
         assert response.opt.size1 == limit  # RFC 7959 §2.9.3: tell the client what would fit
         assert vendor.site.held().uploads == 0  # the partial body is dropped
-        announced = upload_block(vendor.scene, "/sessions", bytes(1024), 0, True)
+        announced = upload_block(vendor.scene, SESSIONS, bytes(1024), 0, True)
         announced.opt.size1 = limit + 1  # a Size1 that will not fit is refused before anything is kept
         response = await request(vendor.scene, announced)
         assert response.code == Code.REQUEST_ENTITY_TOO_LARGE and vendor.site.held().uploads == 0
 
 
-async def test_block1_uploads_bounded_per_peer(scene: Scene) -> None:  # noqa: F811
+async def test_block1_uploads_bounded_per_peer(scene: Scene) -> None:
     async with served(scene) as vendor:
         for i in range(50):
-            response = await request(vendor.scene, upload_block(vendor.scene, "/sessions", bytes(1024), 0, True,
+            response = await request(vendor.scene, upload_block(vendor.scene, SESSIONS, bytes(1024), 0, True,
                                                                 query=(f"n={i}",)))
             assert response.code == Code.CONTINUE
         held = vendor.site.held()
@@ -339,31 +299,32 @@ async def test_block1_uploads_bounded_per_peer(scene: Scene) -> None:  # noqa: F
         assert held.upload_bytes == 1024 * held.uploads
 
 
-async def test_block1_uploads_bounded_in_total(scene: Scene) -> None:  # noqa: F811
+async def test_block1_uploads_bounded_in_total(scene: Scene) -> None:
     async with served(scene, CoapLimits(transfers_per_peer=8, transfers_total=3)) as vendor:
         for i in range(3):
-            response = await request(vendor.scene, upload_block(vendor.scene, "/sessions", bytes(1024), 0, True,
+            response = await request(vendor.scene, upload_block(vendor.scene, SESSIONS, bytes(1024), 0, True,
                                                                 query=(f"n={i}",)))
             assert response.code == Code.CONTINUE
-        response = await request(vendor.scene, upload_block(vendor.scene, "/sessions", bytes(1024), 0, True,
+        response = await request(vendor.scene, upload_block(vendor.scene, SESSIONS, bytes(1024), 0, True,
                                                             query=("n=3",)))
         assert response.code == Code.SERVICE_UNAVAILABLE and error_code(response) == "unavailable"
         assert vendor.site.held().uploads == 3
 
 
-async def test_block1_open_in_small_blocks_still_works(scene: Scene) -> None:  # noqa: F811
+async def test_block1_open_in_small_blocks_still_works(scene: Scene) -> None:
     async with served(scene) as vendor:
         (wc,) = await scene.world.withdraw(scene.world.user("alice"))
         wc, body = open_body(vendor.scene, wc, await get_offer(vendor.scene))
-        response = await upload(vendor.scene, "/sessions", body, szx=2)  # 64-byte blocks
+        response = await upload(vendor.scene, SESSIONS, body, szx=2)  # 64-byte blocks
         assert response.code == Code.CREATED, response.payload
         assert SessionOpened.decode(response.payload).position == wc.position
         assert vendor.site.held().uploads == 0
 
 
-async def test_block2_downloads_bounded_per_peer(scene: Scene) -> None:  # noqa: F811
+async def test_block2_downloads_bounded_per_peer(scene: Scene) -> None:
     async with served(scene) as vendor:
-        assert Offer.decode(await download(vendor.scene, "/offer", szx=0)).bank == BANK  # 16-byte blocks work
+        # 16-byte blocks work
+        assert Offer.decode(await download(vendor.scene, OFFER, szx=0)).bank == vendor.scene.world.bank
         for i in range(50):
             message = aiocoap.Message(code=Code.GET, uri=f"{vendor.scene.base}/offer?n={i}")
             message.opt.block2 = BlockOption.BlockwiseTuple(0, False, 0)
@@ -375,7 +336,7 @@ async def test_block2_downloads_bounded_per_peer(scene: Scene) -> None:  # noqa:
 
 # --- Requests waiting for the bank ---------------------------------------------------------
 
-async def test_opens_waiting_for_the_bank_bounded_per_peer(scene: Scene, mosquitto: str,  # noqa: F811
+async def test_opens_waiting_for_the_bank_bounded_per_peer(scene: Scene, mosquitto: str,
                                                            tmp_path: Path) -> None:
     """With the bank silent, a peer holding one valid coin may keep only a few opens waiting."""
     (wc,) = await scene.world.withdraw(scene.world.user("alice"))
@@ -387,7 +348,7 @@ async def test_opens_waiting_for_the_bank_bounded_per_peer(scene: Scene, mosquit
                 limit = CoapLimits().waiting_per_peer
                 bodies = [open_body(vendor.scene, wc, await get_offer(vendor.scene))[1]
                           for _ in range(limit + 1)]
-                calls = [asyncio.create_task(vendor.scene.call(Code.POST, "/sessions", body)) for body in bodies]
+                calls = [asyncio.create_task(vendor.scene.call(Code.POST, SESSIONS, body)) for body in bodies]
                 done, pending = await asyncio.wait(calls, timeout=1.5, return_when=asyncio.FIRST_COMPLETED)
                 assert len(done) == 1 and vendor.site.held().waiting == limit
                 refused = done.pop().result()

@@ -18,7 +18,7 @@ from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, WithdrawAnswer
 from m2mpay.protocol.rules import wallet
 
-from ..bank.conftest import BANK, BankWorld, Device
+from tests.bank_world import BankWorld, Device
 
 pytestmark = pytest.mark.asyncio
 
@@ -106,11 +106,11 @@ async def test_retired_keyset_refusal_is_stored(world: BankWorld) -> None:
     user = world.user("alice")
     info = add_keyset(world.directory / "bank", world.store, value=100, tokens=100, withdraw_days=1,
                       spend_days=2, now=world.clock.now)
-    retire_keyset(world.store, info.id)
+    retire_keyset(world.store, info.id, world.clock.now)
     pending = wallet.prepare_withdrawal("alice", info, blindrsa.PublicKey.from_der(info.public_key), 3)
     data = user.sign(pending.request, "withdraw")
     first = await world.send("withdraw", data)
-    assert refusal(world, first, data) is ErrorCode.UNKNOWN_KEYSET
+    assert refusal(world, first, data) is ErrorCode.UNKNOWN_KEYSET  # added after this bank loaded its keys
     assert stored(world, "alice", pending.request.req_id) is not None
     assert await world.send("withdraw", data) == first
     assert signer.calls == 0 and admin.balance(world.store, "alice") == 10_000
@@ -136,7 +136,7 @@ async def test_too_many_coins_sign_nothing(world: BankWorld) -> None:
     obj = cbor.decode(pending.request.encode(), max_size=1 << 20)
     obj["blinded"] = [*obj["blinded"], obj["blinded"][0]]  # one above the batch limit: refused undecoded
     oversized = cose.sign1(cbor.encode(obj), user.key, kid=b"alice",
-                           external_aad=envelope.request_aad(BANK, "withdraw"))
+                           external_aad=envelope.request_aad(world.bank, "withdraw"))
     assert refusal(world, await world.send("withdraw", oversized), oversized) is ErrorCode.BAD_REQUEST
     assert refusal(world, await world.send("withdraw", data), data) is ErrorCode.INSUFFICIENT_FUNDS  # 64 x 100
     assert signer.calls == 0 and admin.balance(world.store, "alice") == 6_300

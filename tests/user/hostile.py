@@ -34,7 +34,7 @@ from m2mpay.protocol.receipts import AAD_RECEIPT
 from m2mpay.protocol.rules.keyring import Keyring
 from m2mpay.protocol.rules.vendor import SessionState
 
-from ..bank.conftest import BankWorld
+from tests.bank_world import BankWorld
 
 
 class Misbehaviour(enum.Enum):

@@ -1,7 +1,7 @@
 """Money semantics owned by the core: prices in money, tokens owed by one rule, a signed final receipt.
 
 A real vendor (:mod:`tests.user.hostile`) over CoAP and a real bank over Mosquitto with two keysets
-whose tokens are worth 1 and 10 (:data:`tests.user.conftest.KEYSETS`).
+whose tokens are worth 1 and 10 (:data:`tests.plugins.banks.SERVED_KEYSETS`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from m2mpay.agents.bank import admin
 from m2mpay.agents.policy.config import PolicyConfig
 from m2mpay.agents.user.agent import PolicyRefusal, UserAgent
 from m2mpay.agents.user.outcome import Stop
-from m2mpay.protocol import cose
+from m2mpay.protocol import cose, wire
 from m2mpay.protocol.certificates import verify_certificate
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.rules import wallet
 
-from .conftest import BANK, BankWorld
+from tests.bank_world import BankWorld
 from .hostile import Misbehaviour, hostile_vendor
-from .test_payment_findings import _withdraw, ctx  # noqa: F401  (ctx: a fixture)
+from .withdrawals import withdraw_coins
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 
@@ -37,7 +37,7 @@ def _spent(agent: UserAgent) -> int:
     return sum(spend.amount for spend in agent.spending())
 
 
-async def test_prices_in_money_two_keysets(served: BankWorld, mosquitto: str, ctx: aiocoap.Context,  # noqa: F811
+async def test_prices_in_money_two_keysets(served: BankWorld, mosquitto: str, ctx: aiocoap.Context,
                                            tmp_path: Path) -> None:
     """Policy limits hold in money for either coin; vendor credit = the wallet's log = price × units
     rounded up to whole tokens of the coin paid with, the blocking token included."""
@@ -45,8 +45,8 @@ async def test_prices_in_money_two_keysets(served: BankWorld, mosquitto: str, ct
     ones = UserAgent(tmp_path / "ones", policy, clock=served.clock)
     tens = UserAgent(tmp_path / "tens", policy, clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, ones, "alice", 1, value=100)
-        await _withdraw(served, mosquitto, tens, "alice", 1, value=1000)
+        await withdraw_coins(served, mosquitto, ones, "alice", 1, value=100)
+        await withdraw_coins(served, mosquitto, tens, "alice", 1, value=1000)
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE, price=4) as vendor:
             credited = 0
             for agent, token_value in ((ones, 1), (tens, 10)):
@@ -88,17 +88,17 @@ async def test_prices_in_money_two_keysets(served: BankWorld, mosquitto: str, ct
 
 
 async def test_blocking_token_counts_toward_what_is_owed(served: BankWorld, mosquitto: str,
-                                                         ctx: aiocoap.Context, tmp_path: Path) -> None:  # noqa: F811
+                                                         ctx: aiocoap.Context, tmp_path: Path) -> None:
     """2 units at price 2 with tokens of 1: 4 tokens credited, not 5; 1 unit with a token of 10: the
     blocking token alone."""
     user = UserAgent(tmp_path / "wallet", clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, user, "alice", 1, value=100)
+        await withdraw_coins(served, mosquitto, user, "alice", 1, value=100)
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE, price=2) as vendor:
             result = await user.pay(ctx, vendor.url, 2)
             assert (result.stop, result.tokens, result.credited) == (Stop.COMPLETE, 4, 4), result
             assert admin.balance(served.store, "meter") == 4 == vendor.kept() == _spent(user)
-            await _withdraw(served, mosquitto, user, "alice", 1, value=1000)
+            await withdraw_coins(served, mosquitto, user, "alice", 1, value=1000)
             for wc, _ in user.store.coins():
                 if wc.token_value == 1:  # the wallet must pay with the coin of tens
                     user.store.save(dataclasses.replace(wc, status=wallet.CoinStatus.SPENT))
@@ -109,7 +109,7 @@ async def test_blocking_token_counts_toward_what_is_owed(served: BankWorld, mosq
         user.close()
 
 
-async def test_final_receipt_signed_and_kept(served: BankWorld, mosquitto: str, ctx: aiocoap.Context,  # noqa: F811
+async def test_final_receipt_signed_and_kept(served: BankWorld, mosquitto: str, ctx: aiocoap.Context,
                                              tmp_path: Path) -> None:
     """The close answers with a receipt the vendor's certified key signed; the wallet keeps it. A
     receipt that does not verify is refused: not kept, and the coin waits for its deadline."""
@@ -117,10 +117,10 @@ async def test_final_receipt_signed_and_kept(served: BankWorld, mosquitto: str, 
 
     user = UserAgent(tmp_path / "wallet", clock=served.clock)
     try:
-        (coin,) = await _withdraw(served, mosquitto, user, "alice", 1, value=100)
+        (coin,) = await withdraw_coins(served, mosquitto, user, "alice", 1, value=100)
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE, price=3) as vendor:
             result = await user.pay(ctx, vendor.url, 3)
-            cert = verify_certificate(vendor.agent.credentials.cert, served.keys.keyring.ca_key, BANK,
+            cert = verify_certificate(vendor.agent.credentials.cert, served.keys.keyring.ca_key, served.bank,
                                       served.clock.now)
         (kept,) = user.store.receipts()
         assert kept.cert == vendor.agent.credentials.cert
@@ -135,7 +135,7 @@ async def test_final_receipt_signed_and_kept(served: BankWorld, mosquitto: str, 
             cose.sign1(dataclasses.replace(receipt, credited=900).encode(), Ed25519PrivateKey.generate(), b"meter",
                        AAD_RECEIPT),  # another key
             kept.signed[:-1] + bytes([kept.signed[-1] ^ 1]),  # a signature bit flipped
-            cose.sign1(signed.payload, vendor.agent.credentials.key, b"meter", b"m2mpay/req/1/bank/settle"),
+            cose.sign1(signed.payload, vendor.agent.credentials.key, b"meter", wire.request_aad("bank", "settle")),
         ]
         for bad in forged:
             with pytest.raises(RemoteProtocolError) as refused:

@@ -9,45 +9,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiocoap
 import pytest
-import pytest_asyncio
 
 from m2mpay.agents.bank import admin
-from m2mpay.agents.mqtt import BankClient
 from m2mpay.agents.policy.config import PolicyConfig
-from m2mpay.agents.user.agent import PolicyRefusal, UserAgent, UserCredentials
+from m2mpay.agents.user.agent import PolicyRefusal, UserAgent
 from m2mpay.agents.user.outcome import Stop
 from m2mpay.protocol.errors import ProtocolError
 from m2mpay.protocol.rules import wallet
 
-from .conftest import BANK, BankWorld
+from tests.bank_world import BankWorld
 from .hostile import Misbehaviour, hostile_vendor
+from .withdrawals import withdraw_coins
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
-
-
-@pytest_asyncio.fixture
-async def ctx() -> AsyncIterator[aiocoap.Context]:
-    context = await aiocoap.Context.create_client_context()
-    try:
-        yield context
-    finally:
-        await context.shutdown()
-
-
-async def _withdraw(world: BankWorld, mosquitto: str, user: UserAgent, name: str, count: int,
-                    value: int = 100) -> list[wallet.WalletCoin]:
-    """``count`` coins of the keyset worth ``value`` each, for ``name`` (opened with 10,000 if new)."""
-    if not (world.directory / f"{name}.json").exists():
-        world.user(name)
-    keyset = next(k for k, info in world.keys.keyring.keysets.items() if info.value == value)
-    async with BankClient(mosquitto, BANK, f"{name}-{uuid.uuid4().hex[:6]}") as bank:
-        return await user.withdraw(bank, UserCredentials.load(world.directory / f"{name}.json"), count, keyset)
 
 
 async def test_tokens_without_receipt_counted_against_budget(served: BankWorld, mosquitto: str,
@@ -56,7 +34,7 @@ async def test_tokens_without_receipt_counted_against_budget(served: BankWorld, 
     user = UserAgent(tmp_path / "wallet", PolicyConfig.from_dict({"budget": {"per_hour": 20}}),
                      clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, user, "alice", 12)
+        await withdraw_coins(served, mosquitto, user, "alice", 12)
         async with hostile_vendor(served, mosquitto, "grabber", Misbehaviour.KEEPS_TOKENS) as vendor:
             refusals = []
             for _ in range(15):
@@ -83,7 +61,7 @@ async def test_vendor_asking_nothing_is_closed_by_deadline(served: BankWorld, mo
     user = UserAgent(tmp_path / "wallet", PolicyConfig.from_dict({"session": {"max_duration": 2}}),
                      clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, user, "alice", 1)
+        await withdraw_coins(served, mosquitto, user, "alice", 1)
         async with hostile_vendor(served, mosquitto, "staller", Misbehaviour.ASKS_NOTHING) as vendor:
             started = time.monotonic()
             result = await user.pay(ctx, vendor.url, 5)
@@ -131,7 +109,7 @@ async def test_policy_counts_money_of_the_coin_used(served: BankWorld, mosquitto
     # 10 a unit: a unit is one token of 10
     user = UserAgent(tmp_path / "wallet", policy, clock=served.clock)
     try:
-        (coin,) = await _withdraw(served, mosquitto, user, "alice", 1, value=1000)
+        (coin,) = await withdraw_coins(served, mosquitto, user, "alice", 1, value=1000)
         assert coin.token_value == 10
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE, price=10) as vendor:
             with pytest.raises(PolicyRefusal) as refused:
@@ -153,7 +131,7 @@ async def test_default_policy_when_none_given(served: BankWorld, mosquitto: str,
     """No policy given: the conservative default applies (50 a unit is above its ceiling of 10)."""
     user = UserAgent(tmp_path / "wallet", clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, user, "alice", 1)
+        await withdraw_coins(served, mosquitto, user, "alice", 1)
         async with hostile_vendor(served, mosquitto, "pricey", Misbehaviour.NONE, price=50) as vendor:
             with pytest.raises(PolicyRefusal) as refused:
                 await user.pay(ctx, vendor.url, 1)
@@ -175,7 +153,7 @@ async def test_torn_spending_history_does_not_stop_payments(served: BankWorld, m
         + '\n{"ts": 18000')
     user = UserAgent(directory, PolicyConfig.from_dict({"budget": {"per_hour": 200}}), clock=served.clock)
     try:
-        await _withdraw(served, mosquitto, user, "alice", 1)
+        await withdraw_coins(served, mosquitto, user, "alice", 1)
         async with hostile_vendor(served, mosquitto, "meter", Misbehaviour.NONE) as vendor:
             first = await user.pay(ctx, vendor.url, 5)  # 191 + 5 <= 200
             assert first.stop is Stop.COMPLETE and first.tokens == 5

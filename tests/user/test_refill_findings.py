@@ -12,7 +12,7 @@ from m2mpay.agents.bank import admin
 from m2mpay.agents.policy.config import PolicyConfig
 from m2mpay.agents.user.run import RunConfig, run_user
 
-from .conftest import NOW, BankWorld
+from tests.bank_world import NOW, BankWorld
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,18 @@ from m2mpay.protocol.messages import FinalReceipt, WithdrawAnswer
 from m2mpay.protocol.receipts import sign_receipt
 from m2mpay.protocol.rules import wallet
 
-from ..protocol.world import BANK, NOW, MemoryBank, det_rng, make_keyset
+from ..protocol.world import BANK, NOW, LocalBank, det_rng, make_keyset
 
 
 @pytest.fixture(scope="module")
-def bank() -> MemoryBank:
+def bank() -> Iterator[LocalBank]:
     ks = make_keyset(rsa.generate_private_key(public_exponent=65537, key_size=2048), value=100, n=100)
-    return MemoryBank(keysets={ks.info.id: ks})
+    world = LocalBank(keysets={ks.info.id: ks})
+    yield world
+    world.close()
 
 
-def test_withdrawal_survives_a_crash_and_debits_once(bank: MemoryBank, tmp_path: Path) -> None:
+def test_withdrawal_survives_a_crash_and_debits_once(bank: LocalBank, tmp_path: Path) -> None:
     key = bank.open_account("alice", 1_000)
     ks = next(iter(bank.keysets.values()))
     store = WalletStore(tmp_path / "wallet")
@@ -50,7 +53,7 @@ def test_withdrawal_survives_a_crash_and_debits_once(bank: MemoryBank, tmp_path:
         blindrsa.verify(ks.public, wc.coin.signed_input, wc.coin.sig, blindrsa.SHA384_PSS_RANDOMIZED)
 
 
-def test_write_ahead_never_reuses_a_position(bank: MemoryBank, tmp_path: Path) -> None:
+def test_write_ahead_never_reuses_a_position(bank: LocalBank, tmp_path: Path) -> None:
     key = bank.open_account("bob", 1_000)
     ks = next(iter(bank.keysets.values()))
     pending = wallet.prepare_withdrawal("bob", ks.info, ks.public, 1, det_rng(4))

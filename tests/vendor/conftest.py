@@ -1,3 +1,2 @@
-"""Vendor tests reuse the bank world (a real bank on SQLite and PostgreSQL)."""
-
-from tests.bank.conftest import db_url, world  # noqa: F401  (fixtures)
+"""Vendor tests use the shared bank world (``tests/plugins/banks.py``): a real bank on SQLite and
+PostgreSQL."""

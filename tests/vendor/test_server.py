@@ -17,21 +17,16 @@ from m2mpay.agents.bank.server import serve
 from m2mpay.agents.vendor import cli as vendor_cli
 from m2mpay.agents.vendor.config import Pricing, SessionPolicy, VendorConfig
 from m2mpay.agents.vendor.server import load_credentials, run_vendor
-from m2mpay.protocol import sealing
+from m2mpay.broker.launcher import free_udp_port
+from m2mpay.protocol import sealing, wire
 from m2mpay.protocol.certificates import cert_hash
 from m2mpay.protocol.messages import Due, Offer, OpenSession, SessionOpened
 from m2mpay.protocol.rules import wallet
 
-from ..bank.conftest import BANK, BankWorld
-from .test_coap_payment import _free_udp_port
+from tests.bank_world import BankWorld
+from tests.waiting import wait_until_async
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.network]
-
-
-async def _until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def test_metered_session_checkpoints_and_settles_when_idle(world: BankWorld, mosquitto: str, tmp_path: Path,
@@ -42,7 +37,7 @@ async def test_metered_session_checkpoints_and_settles_when_idle(world: BankWorl
     world.vendor("meter")
     config = VendorConfig(pricing=Pricing(service="parking", unit="tick", price=1, meter_interval=0.05),
                           session=SessionPolicy(block_window=600, checkpoint_every=4, idle_timeout=60))
-    port = _free_udp_port()
+    port = free_udp_port()
     vendor_task = asyncio.create_task(run_vendor(
         load_credentials(tmp_path / "meter.json"), mosquitto, port, tmp_path / "vendor", config,
         ready=vendor_ready, clock=world.clock, settle_period=0.05))
@@ -51,31 +46,35 @@ async def test_metered_session_checkpoints_and_settles_when_idle(world: BankWorl
         await asyncio.wait_for(vendor_ready.wait(), 10)
         base = f"coap://[::1]:{port}"
         (wc,) = await world.withdraw(world.user("alice"))
-        offer = Offer.decode((await client.request(aiocoap.Message(code=Code.GET, uri=base + "/offer")).response).payload)
+        offer_uri = wire.uri(base, wire.OFFER_PATH)
+        offer = Offer.decode((await client.request(aiocoap.Message(code=Code.GET, uri=offer_uri)).response).payload)
         wc, auth = wallet.authorize(wc, deadline=offer.deadline, nonce=offer.nonce, cert_hash=cert_hash(offer.cert),
                                     now=world.clock.now)
-        sealed = sealing.seal(auth.encode(), world.keys.keyring.sealing_key, sealing.info_for_bank(BANK))
+        sealed = sealing.seal(auth.encode(), world.keys.keyring.sealing_key, sealing.info_for_bank(world.bank))
         opened = SessionOpened.decode((await client.request(aiocoap.Message(
-            code=Code.POST, uri=base + "/sessions", content_format=60,
+            code=Code.POST, uri=wire.uri(base, wire.SESSIONS_PATH), content_format=wire.CONTENT_FORMAT_CBOR,
             payload=OpenSession(coin=wc.coin, sealed=sealed, deadline=offer.deadline, nonce=offer.nonce).encode(),
         )).response).payload)
-        sid = opened.session.hex()
-        observation = client.request(aiocoap.Message(code=Code.GET, uri=f"{base}/sessions/{sid}/due", observe=0))
+        due_uri, pay_uri = (wire.uri(base, wire.session_path(opened.session, leaf)) for leaf in (wire.DUE, wire.PAY))
+        observation = client.request(aiocoap.Message(code=Code.GET, uri=due_uri, observe=0))
         await observation.response
         paid = 1
         async for note in observation.observation:  # the meter asks; the user pays what is owed
             due = Due.decode(note.payload)
             if due.tokens:
                 wc, pay = wallet.reveal(wc, due.tokens)
-                await client.request(aiocoap.Message(code=Code.POST, uri=f"{base}/sessions/{sid}/pay",
-                                                     content_format=60, payload=pay.encode())).response
+                await client.request(aiocoap.Message(code=Code.POST, uri=pay_uri,
+                                                     content_format=wire.CONTENT_FORMAT_CBOR,
+                                                     payload=pay.encode())).response
                 paid += due.tokens
             if paid >= 9:
                 break
         observation.observation.cancel()
-        await _until(lambda: admin.balance(world.store, "meter") >= 4)  # a checkpoint settled while open
+        await wait_until_async(lambda: admin.balance(world.store, "meter") >= 4, timeout=5,
+                               what="a checkpoint settled while the session is open")
         world.clock.now += 61  # nobody pays any more: idle
-        await _until(lambda: admin.balance(world.store, "meter") == paid)
+        await wait_until_async(lambda: admin.balance(world.store, "meter") == paid, timeout=5,
+                               what="the idle session is settled")
     finally:
         await client.shutdown()
         for task in (vendor_task, bank_task):
