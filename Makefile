@@ -13,8 +13,10 @@ DURATION ?= 30
 demo: $(STAMP)
 	$(VENV)/bin/m2mpay demo --duration $(DURATION)
 
+# Types (mypy --strict on every package), lint (the rules in pyproject.toml), then the tests.
 test: $(STAMP)
-	$(PY) -m mypy --strict -p m2mpay.protocol
+	$(PY) -m mypy --strict -p m2mpay
+	$(PY) -m ruff check --quiet .
 	$(PY) -m pytest
 
 # The heavy reliability runs: 1,000 races, 10,000 fuzz inputs per surface, repeated crashes.

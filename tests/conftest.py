@@ -1,48 +1,49 @@
-"""Shared fixtures: a fresh PostgreSQL database per test run, bank directories on both databases."""
+"""Test-run wide rules: the shared fixtures' plugins, and what the ``network`` marker means.
+
+A test is ``network`` when it starts or talks to a server: Mosquitto, PostgreSQL, a CoAP socket, an
+agent in another process. Tests that reach a server through the shared fixtures
+(:data:`tests.plugins.servers.SERVER_FIXTURES`, directly or through other fixtures) are marked here
+at collection; a server fixture requested at run time by a test without the marker fails that test.
+Tests that start their own servers carry the marker in their module. ``-m "not network"`` thus runs
+with no Mosquitto binary and no PostgreSQL reachable.
+"""
 
 from __future__ import annotations
 
-import os
-import secrets
-from collections.abc import Iterator
+from collections.abc import Generator
 
 import pytest
 
-PG_ADMIN = os.environ.get("M2MPAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+pytest_plugins = ["tests.plugins.servers", "tests.plugins.banks", "tests.plugins.vendors"]
+
+_running: list[pytest.Item] = []
+"""The test being run (pytest runs one test at a time): its setup, call and teardown."""
 
 
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """A URL prefix for creating throwaway databases; fails loudly when PostgreSQL is missing."""
-    import psycopg
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``network`` every test whose fixtures include a server."""
+    from tests.plugins.servers import SERVER_FIXTURES  # loaded (and assertion-rewritten) as a plugin by now
 
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    _running.append(item)
     try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5):
-            pass
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is needed for the bank tests ({PG_ADMIN}): {exc}")
-    yield PG_ADMIN.rsplit("/", 1)[0]
-
-
-@pytest.fixture
-def pg_database(pg_server: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database, dropped afterwards."""
-    import psycopg
-
-    name = f"m2mpay_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"{pg_server}/{name}"
+        return (yield)
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _running.pop()
 
 
-@pytest.fixture(scope="session")
-def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private Mosquitto for the test session on a free loopback port; its mqtt:// URL."""
-    from m2mpay.broker.launcher import Mosquitto
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[object]) -> None:
+    """Fail a test that reaches a server fixture at run time (``request.getfixturevalue``) without
+    the ``network`` marker: ``-m "not network"`` would not keep it away from servers."""
+    from tests.plugins.servers import SERVER_FIXTURES
 
-    with Mosquitto(tmp_path_factory.mktemp("mosquitto")) as broker:
-        yield broker.url
+    if fixturedef.argname in SERVER_FIXTURES and _running and _running[-1].get_closest_marker("network") is None:
+        pytest.fail(f"{_running[-1].nodeid} uses the server fixture {fixturedef.argname!r} without the "
+                    "network marker", pytrace=False)

@@ -1,0 +1,1 @@
+"""Fixtures shared by every test directory, registered once in ``tests/conftest.py``."""
