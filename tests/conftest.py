@@ -16,6 +16,17 @@ import pytest
 
 pytest_plugins = ["tests.plugins.servers", "tests.plugins.banks", "tests.plugins.vendors"]
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let the agents the tests start hear Ctrl-C even when the run itself was started in the
+    background of a script, where the shell hands every process SIGINT ignored: an ignored signal
+    is inherited across exec, a handled one is reset to the default, which Python turns into
+    KeyboardInterrupt. The tests stop agents with SIGINT, as a user at a terminal does."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 _running: list[pytest.Item] = []
 """The test being run (pytest runs one test at a time): its setup, call and teardown."""
 
