@@ -224,7 +224,7 @@ async def wait_for_broker(url: str, tls: TlsLogin | None, *, what: str,
             await sleep(wait)
 
 
-RUNNING_FIRST, RUNNING_CAP = 0.2, 10.0
+RUNNING_FIRST, RUNNING_CAP = 0.2, 4.0  # a request waits 30 attempts of a second: a reconnect falls within it
 """Seconds between reconnect attempts of a running agent: the first, and the most."""
 _STABLE = 10.0
 """A connection that held this long resets the backoff; a shorter one counts as a failed attempt."""
