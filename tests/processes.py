@@ -35,7 +35,12 @@ def stop(*processes: subprocess.Popen[bytes] | None) -> None:
     for process in processes:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGINT)
-            process.wait(15)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()  # fail the test, but leave no agent running behind it
+                process.wait(5)
+                raise
 
 
 def wait_for_text(path: Path, text: str, seconds: float = 15.0) -> None:
