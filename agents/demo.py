@@ -27,6 +27,7 @@ from rich.live import Live
 from rich.table import Table
 
 from m2mpay.broker.launcher import Mosquitto, free_port, free_udp_port
+from m2mpay.protocol.rules.keyring import default_withdrawal
 
 from .bank import admin
 from .bank.keys import init_bank, load_bank
@@ -81,8 +82,10 @@ def _view(stats: Stats, store: Store, users: dict[str, UserAgent], remaining: fl
 async def _refill(agent: UserAgent, bank: BankClient, credentials: UserCredentials, refilled: int) -> int:
     """Withdraw when the policy's refill rule says so; returns the value refilled today."""
     value = sum(wc.remaining for wc, _ in agent.store.coins())
-    coin_value = min(k.value for k in agent.keyring().keysets.values())
-    count, decision = PolicyEngine(agent.policy).refill(value, coin_value, True, refilled)
+    coin = default_withdrawal(agent.keyring().keysets.values())  # what a withdrawal brings: not change
+    if coin is None:
+        return refilled
+    count, decision = PolicyEngine(agent.policy).refill(value, coin.value, True, refilled)
     agent.record_decision("refill", decision)
     if count:
         coins = await agent.withdraw(bank, credentials, count)

@@ -8,11 +8,13 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from m2mpay.protocol import cose
-from m2mpay.protocol.rules.phases import phase_at
+from m2mpay.protocol.messages import KeysetInfo
+from m2mpay.protocol.rules.keyring import default_withdrawal, is_change
+from m2mpay.protocol.rules.phases import Phase, phase_at
 
 from ..locks import DirectoryLock
 from ..logs import setup_logging
@@ -128,10 +130,34 @@ def _now() -> int:
     return int(time.time())
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+def _change_summary(change: list[KeysetInfo]) -> str:
+    """``1, 2, 4 tokens of 0.01 EUR``: the change keysets' token counts, per token value."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for k in change:
+        groups.setdefault((k.currency, k.token_value), []).append(k.n)
+    return "; ".join(f"{', '.join(map(str, sorted(set(ns))))} tokens of {format_money(tv, cur)}"
+                     for (cur, tv), ns in sorted(groups.items()))
+
+
+def _by_use(keysets: Iterable[KeysetInfo]) -> tuple[list[KeysetInfo], list[KeysetInfo]]:
+    """The keysets to withdraw from, then the change ones (:func:`is_change`), each in order of
+    currency, token value and size."""
+    ordered = sorted(keysets, key=lambda k: (k.currency, k.token_value, k.n, k.id))
+    return [k for k in ordered if not is_change(k)], [k for k in ordered if is_change(k)]
+
+
 def _init(args: argparse.Namespace) -> int:
-    init_bank(args.data, args.bank, args.db, _now())
+    made = init_bank(args.data, args.bank, args.db, _now())
     with _bank(args) as (keys, _):
         print(f"bank {keys.bank} created in {args.data}; CA fingerprint {keys.fingerprint}")
+    withdraw, change = _by_use(made)
+    coins = ", ".join(format_money(k.value, k.currency) for k in withdraw)
+    print(f"{len(made)} keysets: {len(withdraw)} to withdraw (coins of {coins or 'none'}), {len(change)} for "
+          f"change ({_change_summary(change) or 'none: wallets cannot exchange'}); 'm2mpay bank keys' lists them")
     print("keys/ca.key is needed only to enrol vendors and to renew the announcement key ('bank delegate'): "
           "keep it offline")
     return 0
@@ -270,10 +296,22 @@ def _keys(args: argparse.Namespace) -> int:
         print(f"bank {keys.bank}  CA fingerprint {keys.fingerprint}")
         if ring.revoked:
             print(f"  revoked vendors: {', '.join(sorted(ring.revoked))}")
-        for k in ring.keysets.values():  # money with its decimals: "1000 EUR" would read as a thousand euros
-            print(f"  {k.id}  coin {format_money(k.value, k.currency)} in {k.n} tokens of "
-                  f"{format_money(k.token_value, k.currency)}")
+        withdraw, change = _by_use(ring.keysets.values())
+        default = default_withdrawal(k for k in withdraw + change if phases[k.id] == Phase.ACTIVE.value)
+        print(f"  to withdraw ({len(withdraw)}):")
+        for k in withdraw:
+            print(_keyset_line(k, phases[k.id], k is default))
+        print(f"  change, for exchanges ({len(change)}): {_change_summary(change) or 'none: wallets cannot exchange'}")
+        for k in change:
+            print(_keyset_line(k, phases[k.id], k is default))
     return 0
+
+
+def _keyset_line(k: KeysetInfo, phase: str, default: bool) -> str:
+    # Money with its decimals: "1000 EUR" would read as a thousand euros.
+    notes = ([] if phase == Phase.ACTIVE.value else [phase]) + (["wallets' default"] if default else [])
+    return (f"    {k.id}  coin {format_money(k.value, k.currency)} in {_tokens(k.n)} of "
+            f"{format_money(k.token_value, k.currency)}" + (f"  ({', '.join(notes)})" if notes else ""))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -43,8 +43,8 @@ from .revocation import revoked_vendors
 from .store import Store
 from .tx import Tx
 
-__all__ = ["DELEGATION_DAYS", "BankKeys", "add_keyset", "delegate", "init_bank", "load_bank", "load_ca_key",
-           "reannounce", "retire_keyset"]
+__all__ = ["CHANGE_KEYSETS", "DEFAULT_KEYSETS", "DELEGATION_DAYS", "WITHDRAWAL_KEYSETS", "BankKeys", "add_keyset",
+           "delegate", "init_bank", "load_bank", "load_ca_key", "reannounce", "retire_keyset"]
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,19 @@ def delegate(data_dir: Path, now: int, *, valid_days: float = DELEGATION_DAYS, b
     return body
 
 
+WITHDRAWAL_KEYSETS = ((100, 100), (1000, 1000))
+"""``(value, tokens)`` of the coins a new bank issues to pay with: 1.00 and 10.00 in cents."""
+CHANGE_KEYSETS = tuple((1 << i, 1 << i) for i in range(10))
+"""Change of token value 1 for exchanges: 1, 2, 4 … 512 tokens, which add up to 1023, so any
+remainder of the 1000-token coin has its change (``change_slots``, docs/LIFECYCLE.md)."""
+DEFAULT_KEYSETS = WITHDRAWAL_KEYSETS + CHANGE_KEYSETS
+"""What ``bank init`` makes: without the change keysets, wallets could not exchange."""
+
+
 def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
-              keysets: tuple[tuple[int, int], ...] = ((100, 100), (1000, 1000))) -> None:
-    """Create a bank: configuration, CA, announcement, answer and sealing keys, the first keysets.
+              keysets: tuple[tuple[int, int], ...] = DEFAULT_KEYSETS) -> tuple[KeysetInfo, ...]:
+    """Create a bank: configuration, CA, announcement, answer and sealing keys, the first keysets
+    (``(value, tokens)`` each; :data:`DEFAULT_KEYSETS` unless given), which it returns.
 
     A PostgreSQL URL must not carry a password (``ValueError``); a SQLite path given on the
     command line is taken relative to the working directory, the default one lives in the data
@@ -182,11 +192,12 @@ def init_bank(data_dir: Path, bank: str, db_url: str | None, now: int,
                           ("sealing.key", X25519PrivateKey.generate())):
             write_private(data_dir / "keys" / name, _raw(key), exclusive=True)
         delegate(data_dir, now, bank=bank, ca_key=ca)
-        for value, tokens in keysets:
-            add_keyset(data_dir, store, value=value, tokens=tokens, withdraw_days=365, spend_days=730, now=now)
+        made = tuple(add_keyset(data_dir, store, value=value, tokens=tokens, withdraw_days=365, spend_days=730,
+                                now=now) for value, tokens in keysets)
     finally:
         store.close()
     write_private(data_dir / "bank.json", json.dumps({"bank": bank, "db": url}, indent=2) + "\n")
+    return made
 
 
 def _all_keysets(tx: Tx) -> list[KeysetInfo]:
@@ -252,9 +263,17 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
         # Every keyset, retired ones too: a withdrawal paid for before the retirement is still
         # signed when its device retries (a new one is refused: its phase is read at the debit).
         for info in store.run_sync(_all_keysets):
-            private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None)
+            # OpenSSL's full RSA key check costs ~30 ms a key (a third of a second for the default
+            # twelve keysets, seconds on a Pi, at every start and every admin command). What it
+            # guards against is checked otherwise: the key must be the keyset's own (its public
+            # half is the announced one), and every signature is verified before it leaves
+            # (BlindSigner.sign checks s^e == m), so a damaged key can only refuse, never mis-sign.
+            private = serialization.load_pem_private_key((keys_dir / f"{info.id}.pem").read_bytes(), None,
+                                                         unsafe_skip_rsa_key_validation=True)
             if not isinstance(private, rsa.RSAPrivateKey):
                 raise ValueError(f"keyset {info.id}: not an RSA key")
+            if blindrsa.PublicKey.from_cryptography(private.public_key()).to_der() != info.public_key:
+                raise ValueError(f"keyset {info.id}: its key file holds another keyset's key")
             signers[info.id] = blindrsa.BlindSigner.from_private_key(private)
     except BaseException:
         store.close()

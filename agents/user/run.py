@@ -45,6 +45,7 @@ from typing import Any
 import aiocoap
 
 from m2mpay.protocol.errors import ProtocolError
+from m2mpay.protocol.rules.keyring import default_withdrawal
 
 from ..config import ConfigError, build, read_toml
 from ..mqtt import BankClient, TlsLogin, TransportError
@@ -108,9 +109,13 @@ async def _refill(agent: UserAgent, config: RunConfig, credentials: UserCredenti
             await agent.exchange_due(bank, credentials)
             keyring = agent.keyring()
             value = agent.spendable_value(keyring)  # the keys may be fresh: a retirement counts now
-            open_ = [k.value for k in keyring.keysets.values() if agent.can_withdraw(keyring, k.id)]
-            coin_value = min(open_ or [k.value for k in keyring.keysets.values()])
-            count, decision = engine.refill(value, coin_value, True, refilled)
+            # The coin a withdrawal without a keyset brings: the cheapest that is not change.
+            open_ = [k for k in keyring.keysets.values() if agent.can_withdraw(keyring, k.id)]
+            coin = default_withdrawal(open_) or default_withdrawal(keyring.keysets.values())
+            if coin is None:
+                log.warning("no refill: the bank lists no keyset")
+                return
+            count, decision = engine.refill(value, coin.value, True, refilled)
             agent.record_decision("refill", decision)
             if count:
                 await agent.withdraw(bank, credentials, count)

@@ -5,11 +5,14 @@ it, and a wallet choosing a keyset. Keysets not listed in the announcement do no
 (DESIGN.md §5, tagging). Vendors the announcement lists as revoked are refused by name. Each
 keyset's phase record (docs/LIFECYCLE.md) decides what it may still be used for: a retired keyset
 takes no withdrawals but its coins are spent until ``spend_until``.
+
+Which keyset a wallet withdraws from when not told is :func:`default_withdrawal`: the bank's
+power-of-two keysets (:func:`is_change`) are its change denominations, not coins to pay with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -20,9 +23,27 @@ from ..errors import ErrorCode, RemoteProtocolError
 from ..messages import Coin, KeysAnnouncement, KeysetInfo, KeysetPhase
 from .phases import Use, follow_phases, require
 
-__all__ = ["COIN_VARIANT", "Keyring"]
+__all__ = ["COIN_VARIANT", "Keyring", "default_withdrawal", "is_change"]
 
 COIN_VARIANT = blindrsa.SHA384_PSS_RANDOMIZED
+
+
+def is_change(info: KeysetInfo) -> bool:
+    """Whether ``info`` is one of the bank's change denominations: its token count is a power of
+    two, the only keysets an exchange makes change in (docs/LIFECYCLE.md, "Exchange")."""
+    return info.n & (info.n - 1) == 0
+
+
+def default_withdrawal(keysets: Iterable[KeysetInfo]) -> KeysetInfo | None:
+    """The keyset a wallet withdraws from when none is named; ``None`` when ``keysets`` is empty.
+
+    The cheapest coin among those that are not change (:func:`is_change`): a wallet paying with
+    one-token change coins would need a coin per token. Only when every keyset given is change is
+    the cheapest of them taken. Equal values go to the longest-lived keyset, then the lowest id,
+    so every caller picks the same one. The caller passes the keysets open for withdrawal.
+    """
+    ranked = sorted(keysets, key=lambda k: (is_change(k), k.value, -k.spend_until, k.id))
+    return ranked[0] if ranked else None
 
 
 @dataclass(frozen=True, slots=True)

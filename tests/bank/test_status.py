@@ -53,4 +53,5 @@ def test_bank_status_command(tmp_path: Path) -> None:
     shown = json.loads(m2mpay("bank", "status", "--data", data, "--json").stdout)
     assert set(shown) == {"bank", "time", "accounts", "vendors", "keysets", "open_blocks", "outstanding"}
     assert shown["accounts"] == [{"name": "alice", "balance": 700}]
+    assert sorted(k["n"] for k in shown["keysets"]) == sorted([100, 1000] + [1 << i for i in range(10)])
     assert "alice" in m2mpay("bank", "status", "--data", data).stdout

@@ -20,7 +20,9 @@ def test_operator_flow_and_audit(tmp_path: Path) -> None:
     assert m2mpay("bank", "init", "--data", data, check=False).returncode == 2  # never overwrite a bank
     keys = json.loads(m2mpay("bank", "keys", "--data", data, "--json").stdout)
     assert keys["bank"] == "bank-x"
-    assert sorted((k["value"], k["n"]) for k in keys["keysets"]) == [(100, 100), (1000, 1000)]
+    # the coins to withdraw, and change of 1, 2, 4 … 512 tokens for exchanges
+    assert sorted((k["value"], k["n"]) for k in keys["keysets"]) == sorted(
+        [(100, 100), (1000, 1000)] + [(1 << i, 1 << i) for i in range(10)])
     m2mpay("bank", "account", "open", "--data", data, "alice", "--out", tmp_path / "alice.json")
     creds = json.loads((tmp_path / "alice.json").read_text())
     assert creds["ca_fingerprint"] == keys["ca_fingerprint"] and creds["bank"] == "bank-x"
@@ -34,6 +36,8 @@ def test_operator_flow_and_audit(tmp_path: Path) -> None:
     # Still announced until it closes (its coins are spent until spend_until); no withdrawals.
     listed = json.loads(m2mpay("bank", "keys", "--data", data, "--json").stdout)["keysets"]
     assert {k["id"]: k["phase"] for k in listed}[new_id] == "spend-only"
+    assert f"{new_id}  coin 0.50 EUR in 50 tokens of 0.01 EUR  (spend-only)" in m2mpay("bank", "keys", "--data",
+                                                                                        data).stdout
     again = m2mpay("bank", "keyset", "retire", "--data", data, new_id)
     assert again.stdout.startswith(f"keyset {new_id} was already retired at ")
     assert m2mpay("bank", "keyset", "retire", "--data", data, "ks-none", check=False).returncode == 2
@@ -142,15 +146,16 @@ def test_bank_serve_with_two_worker_processes(tmp_path: Path, mosquitto: str, ba
 
     async def withdraw_many() -> int:
         from m2mpay.protocol import envelope
-        from m2mpay.protocol.rules.keyring import Keyring
+        from m2mpay.protocol.rules.keyring import Keyring, default_withdrawal
 
         key = Device.load(tmp_path / "alice.json").key
         async with BankClient(mosquitto, bank_id, f"alice-{time.monotonic_ns()}") as client:
             announcement = verify_announcement(await client.keys(timeout=30), creds["ca_fingerprint"],
                                                int(time.time()))
             keyring = Keyring.from_announcement(announcement)
-            keyset = min(keyring.keysets, key=lambda k: keyring.keysets[k].value)
-            info, public = keyring.keysets[keyset], keyring.rsa_keys[keyset]
+            info = default_withdrawal(keyring.keysets.values())  # as a wallet's withdrawal picks it
+            assert info is not None and info.value == 100
+            public = keyring.rsa_keys[info.id]
             pendings = [wallet.prepare_withdrawal("alice", info, public, 2) for _ in range(12)]
             signed = [envelope.sign_request(p.request, key, "alice", bank_id, "withdraw") for p in pendings]
             raws = await asyncio.gather(*(client.request("withdraw", s) for s in signed))

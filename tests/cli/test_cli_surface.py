@@ -53,8 +53,17 @@ def test_user_credentials_given_to_vendor_serve(bank: Path, tmp_path: Path) -> N
 
 def test_bank_keys_shows_money_with_its_decimals(bank: Path) -> None:
     lines = m2mpay("bank", "keys", "--data", bank).stdout.splitlines()
-    coins = sorted(re.sub(r"ks-[0-9a-f]+", "ID", line).strip() for line in lines[1:])
-    assert coins == ["ID  coin 1.00 EUR in 100 tokens of 0.01 EUR", "ID  coin 10.00 EUR in 1000 tokens of 0.01 EUR"]
+    shown = [re.sub(r"ks-[0-9a-f]+", "ID", line).strip() for line in lines[1:]]
+    # The coins to withdraw first (the wallets' default marked), then the change for exchanges.
+    assert shown == [
+        "to withdraw (2):",
+        "ID  coin 1.00 EUR in 100 tokens of 0.01 EUR  (wallets' default)",
+        "ID  coin 10.00 EUR in 1000 tokens of 0.01 EUR",
+        "change, for exchanges (10): 1, 2, 4, 8, 16, 32, 64, 128, 256, 512 tokens of 0.01 EUR",
+        "ID  coin 0.01 EUR in 1 token of 0.01 EUR",
+        *(f"ID  coin {n // 100}.{n % 100:02d} EUR in {n} tokens of 0.01 EUR"
+          for n in (2, 4, 8, 16, 32, 64, 128, 256, 512)),
+    ]
 
 
 def test_balance_and_audit_as_json(bank: Path) -> None:
