@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 A = TypeVar("A", bound=Message)
+_ENVELOPE_OVERHEAD = 512
+"""COSE_Sign1 around an answer: protected header with the bank's name, signature, framing."""
 
 
 def request_aad(bank: str, op: str) -> bytes:
@@ -89,7 +91,10 @@ def open_answer(data: bytes, answer_key: Ed25519PublicKey, bank: str, op: str, e
     ``bad_signature``: a client must then treat the request as unanswered and retry it with the
     same bytes.
     """
-    signed = cose.verify_sign1(data, answer_key, external_aad=answer_aad(bank, op, request_digest(request)))
+    # The envelope may be as large as the answer it carries (64 blind signatures of a withdrawal
+    # are 16 KiB on their own), plus the COSE header and signature.
+    outer = cose.decode_sign1(data, max_size=expected.MAX_SIZE + _ENVELOPE_OVERHEAD)
+    signed = cose.verify_sign1(outer, answer_key, external_aad=answer_aad(bank, op, request_digest(request)))
     obj = cbor.decode(signed.payload, max_size=expected.MAX_SIZE)
     if isinstance(obj, dict) and "code" in obj:
         refusal = ErrorAnswer.from_obj(obj)

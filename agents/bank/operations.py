@@ -33,13 +33,14 @@ from m2mpay.protocol.messages import (
     StatusRequest,
     WithdrawRequest,
 )
-from m2mpay.protocol.messages.exchange import ExchangeRequest
+from m2mpay.protocol.messages.exchange import ExchangeRequest, RestoreRequest
 from m2mpay.protocol.rules import bank as rules
 from m2mpay.protocol.rules.requests import BlockWindow, verify_block
 
 from .keys import BankKeys
 from .ledger import Atomic, Ledger, Rows, SignerKind, Steps, remembered
 from .exchange import exchange
+from .restore import SignatureBudget, restore
 from .revocation import refuse_revoked
 from .withdraw import withdraw
 
@@ -58,6 +59,8 @@ class Context:
     certificates: CertificateCache = field(init=False)
     exchanging: set[bytes] = field(default_factory=set, init=False)
     """Tips of the coins this process is exchanging now: one exchange per coin at a time."""
+    restore_budget: SignatureBudget = field(default_factory=SignatureBudget, init=False)
+    """Blind signatures this process may still spend on restores (anonymous, ~1 ms of RSA each)."""
 
     def __post_init__(self) -> None:
         self.certificates = CertificateCache(self.keys.keyring.ca_key, self.keys.bank)
@@ -92,7 +95,8 @@ class Operation(Generic[Q]):
 
     request: type[Q]
     signer: SignerKind | None
-    """``None``: no account signs it (an exchange: the coin authorizes); the request is plain CBOR."""
+    """``None``: no account signs it (an exchange: the coin authorizes; a restore: it only reads);
+    the request is plain CBOR."""
     handler: Callable[[Context, Call[Q]], Steps[bytes]]
 
 
@@ -193,6 +197,7 @@ OPERATIONS: dict[str, Operation[Any]] = {
     "settle": Operation(SettleRequest, "vendor", _settle),
     "status": Operation(StatusRequest, "vendor", _status),
     "exchange": Operation(ExchangeRequest, None, exchange),
+    "restore": Operation(RestoreRequest, None, restore),
 }
 """Every operation the bank answers, by topic name (the same names as ``messages.OPS``)."""
 

@@ -195,6 +195,18 @@ CREATE TABLE signed_messages (
     tip {blob} NOT NULL                -- the exchange that had it signed
 )
 """),
+    # Every blinded message a withdrawal paid for, written with its debit: a withdrawal or an
+    # exchange refuses a message signed before (``replay``: a restored wallet replaying a counter
+    # would pay twice for one coin), and a restore finds here, and in ``signed_messages``, what the
+    # bank signed. Withdrawals made before this migration are not recorded: restore does not find them.
+    (7, """
+CREATE TABLE withdrawn_messages (
+    blinded {blob} PRIMARY KEY,
+    keyset TEXT NOT NULL,
+    account TEXT NOT NULL,
+    req_id {blob} NOT NULL             -- the withdrawal that had it signed, with the account
+)
+"""),
 )
 
 SYSTEM_ACCOUNTS = ("world", "outstanding")

@@ -2,9 +2,10 @@
 
 Blind signing costs ~0.7 ms of RSA per coin, so it comes last and outside any transaction, in
 two phases. The first transaction decides, under the account's lock: the stored answer; or the
-checks (keyset and its phase as stored now, blinded messages, balance), whose refusal is signed and stored under
-``(signer, req_id)`` at once, so that replaying a refused request costs one lookup; or the debit,
-with its issuance record and an empty "pending" answer under the key. Only then are the blinded
+checks (keyset and its phase as stored now, blinded messages, none signed before, balance), whose
+refusal is signed and stored under ``(signer, req_id)`` at once, so that replaying a refused
+request costs one lookup; or the debit, with its issuance record, the blinded messages it pays for
+(``withdrawn_messages``) and an empty "pending" answer under the key. Only then are the blinded
 messages signed, and a second transaction puts the answer in place of the pending one. So a
 refused request never costs a signature, concurrent withdrawals of one account cost only the
 signatures that were paid for, and no lock (on SQLite: the whole bank's write lock) is held
@@ -23,6 +24,7 @@ from m2mpay.protocol.messages import WithdrawAnswer, WithdrawRequest
 from m2mpay.protocol.rules import bank as rules
 from m2mpay.protocol.rules.phases import Use, require
 
+from .exchange_rows import put_withdrawn, signed_among
 from .ledger import Atomic, Ledger, Steps, remembered
 
 if TYPE_CHECKING:
@@ -60,6 +62,11 @@ def withdraw(ctx: Context, call: Call[WithdrawRequest]) -> Steps[bytes]:
             modulus = signer_key.public_key.n
             if any(len(m) != signer_key.size or int.from_bytes(m, "big") >= modulus for m in request.blinded):
                 raise RemoteProtocolError("a blinded message does not fit the keyset's key")
+            # A message signed before (by a withdrawal or an exchange), or twice in this request,
+            # would be paid for twice and give one coin: a restored wallet replaying a counter
+            # fetches that signature with a restore request instead.
+            if len(set(request.blinded)) != len(request.blinded) or signed_among(tx, request.blinded):
+                raise RemoteProtocolError("a blinded message was signed before", ErrorCode.REPLAY)
             balance = rules.apply_withdraw(account.balance, info, len(request.blinded))
         except RemoteProtocolError as exc:
             refusal = ctx.refusal("withdraw", exc.code, exc.message, request.req_id, digest)
@@ -68,6 +75,7 @@ def withdraw(ctx: Context, call: Call[WithdrawRequest]) -> Steps[bytes]:
         debit = account.balance - balance
         tx.transfer(signer, "outstanding", debit, "withdraw", request.req_id, now, running=(signer,))
         tx.issue(signer, request.req_id, info.id, len(request.blinded), debit, balance, now)
+        put_withdrawn(tx, account=signer, req_id=request.req_id, keyset=info.id, blinded=request.blinded)
         tx.put_answer(signer, request.req_id, envelope.StoredAnswer(digest, b""), now)
         return None, balance, None
 

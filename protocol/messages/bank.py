@@ -13,7 +13,7 @@ from ..errors import ErrorCode, LocalProtocolError
 from ._fields import AMOUNT, COSE_BLOB, IDENT, NONCE, POSITION, REQ_ID, SESSION_ID, TIME, TOKEN
 from ._schema import Bool, Bytes, ListOf, Message, Nested, Optional, Text, field, message
 from .coins import Coin
-from .exchange import ExchangeAnswer, ExchangeRequest
+from .exchange import ExchangeAnswer, ExchangeRequest, RestoreAnswer, RestoreRequest
 
 __all__ = [
     "MAX_WITHDRAW_BATCH",
@@ -152,6 +152,7 @@ OPS = {
     "settle": (SettleRequest, SettleAnswer),
     "status": (StatusRequest, StatusAnswer),
     "exchange": (ExchangeRequest, ExchangeAnswer),  # plain CBOR: no account signs it (docs/LIFECYCLE.md)
+    "restore": (RestoreRequest, RestoreAnswer),  # plain CBOR, like exchange: it names nobody and only reads
 }
 """Each bank operation's request and answer message types, by topic name."""
 

@@ -32,10 +32,10 @@ MESSAGES: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
 """Every message, grouped as the document presents them."""
 
 LIFECYCLE: tuple[tuple[str, tuple[type[Message], ...]], ...] = (
-    ("Restore (not served yet)", (exchange.RestoreRequest, exchange.RestoreAnswer)),
+    ("Restore (MQTT, plain CBOR: no account signs it)", (exchange.RestoreRequest, exchange.RestoreAnswer)),
 )
-"""The coin-lifecycle messages, rendered into docs/LIFECYCLE.md until the bank serves them; then
-they join :data:`MESSAGES` (and docs/PROTOCOL.md)."""
+"""The coin-lifecycle messages rendered into docs/LIFECYCLE.md: restore, served (docs/PROTOCOL.md
+specifies the operation and refers to this schema)."""
 
 _TIME = "Unix time, seconds"
 _MONEY = "money, minor units of the keyset's currency"

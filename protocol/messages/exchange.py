@@ -1,8 +1,8 @@
 """Messages of a coin's later life: keyset phases, exchange (refresh) and restore (docs/LIFECYCLE.md).
 
-Exchange and restore are not served yet: the bank and wallets are wired to them next, and
-docs/PROTOCOL.md lists them then. Until that, their CDDL is generated into docs/LIFECYCLE.md
-(``cddl.LIFECYCLE``).
+Exchange and restore are served by the bank (``exchange`` and ``restore`` in
+:data:`~m2mpay.protocol.messages.bank.OPS`; docs/PROTOCOL.md specifies both). The exchange's CDDL
+is in docs/PROTOCOL.md, the restore's is generated into docs/LIFECYCLE.md (``cddl.LIFECYCLE``).
 
 - :class:`KeysetPhase` (defined with the keys announcement, which carries it, in
   :mod:`~m2mpay.protocol.messages.coins`): where a keyset stands and the dates that move it on.
@@ -13,7 +13,8 @@ docs/PROTOCOL.md lists them then. Until that, their CDDL is generated into docs/
   the bank saw its coin spent (tokens written ahead that may never have left) still get the
   exact remainder: the bank signs the subset of ``change`` that covers the difference.
 - :class:`RestoreRequest`: blinded messages a restored wallet recomputed from its seed; the bank
-  answers with the signatures it already issued on them, and nothing else.
+  answers with the signatures it already issued on them (by a withdrawal or an exchange, for the
+  same keyset), and nothing else.
 """
 
 from __future__ import annotations

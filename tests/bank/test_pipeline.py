@@ -59,7 +59,7 @@ async def _blocked(world: BankWorld) -> tuple[Device, CoinRecord]:
 
 
 def test_one_handler_per_operation() -> None:
-    assert sorted(OPERATIONS) == sorted(OPS) == ["block", "exchange", "settle", "status", "withdraw"]
+    assert sorted(OPERATIONS) == sorted(OPS) == ["block", "exchange", "restore", "settle", "status", "withdraw"]
     assert all(OPERATIONS[op].request is OPS[op][0] for op in OPS)
 
 

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from m2mpay.agents.bank import store as store_module
+from m2mpay.agents.bank.exchange_rows import put_withdrawn, signed_keysets
 from m2mpay.agents.bank.postgresql import PgEngine
 from m2mpay.agents.bank.schema import MIGRATIONS, statements
 from m2mpay.agents.bank.store import Rows, Store, Tx
@@ -61,6 +62,11 @@ def test_migrations_on_both_databases(db_url: str, upgrade: bool, monkeypatch: p
         assert store.run_sync(lambda tx: tx.answer("meter", b"r" * 16)) == StoredAnswer(b"d" * 32, b"answer")
         journal = store.run_sync(lambda tx: tx.all("SELECT amount, kind, ref FROM journal ORDER BY id"))
         assert [(r[0], r[1], bytes(r[2])) for r in journal] == [(3, "credit:settle", tip), (2, "credit:lapse", tip)]
+        # Migration 7: a withdrawal's blinded messages, found by the lookup restores and replays use.
+        signed = [b"m" * 256, b"n" * 256]
+        store.run_sync(lambda tx: put_withdrawn(tx, account="alice", req_id=b"q" * 16, keyset="k1", blinded=signed))
+        asked = [*signed, b"o" * 256]
+        assert store.run_sync(lambda tx: signed_keysets(tx, asked)) == {(m, "k1") for m in signed}
     finally:
         store.close()
 

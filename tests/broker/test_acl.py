@@ -29,7 +29,7 @@ def test_acl_lines_are_the_wire_filters() -> None:
             f"topic readwrite {wire.keys_topic(bank)}",
         ]
     assert _rules(render_acl(bank, ("bank", "bank-2"))) == expected
-    assert REQUEST_OPS == tuple(OPS) == ("withdraw", "block", "settle", "status", "exchange")
+    assert REQUEST_OPS == tuple(OPS) == ("withdraw", "block", "settle", "status", "exchange", "restore")
 
 
 def test_acl_as_deployed_for_one_bank() -> None:
@@ -38,7 +38,7 @@ def test_acl_as_deployed_for_one_bank() -> None:
     assert _rules(render_acl("b1", ("bank",))) == [
         "pattern write m2mpay/b1/req/withdraw", "pattern write m2mpay/b1/req/block",
         "pattern write m2mpay/b1/req/settle", "pattern write m2mpay/b1/req/status",
-        "pattern write m2mpay/b1/req/exchange",
+        "pattern write m2mpay/b1/req/exchange", "pattern write m2mpay/b1/req/restore",
         "pattern read m2mpay/b1/resp/%u", "pattern read m2mpay/b1/keys",
         "user bank", "topic read m2mpay/b1/req/+", "topic read $share/b1-workers/m2mpay/b1/req/+",
         "topic write m2mpay/b1/resp/+", "topic readwrite m2mpay/b1/keys",

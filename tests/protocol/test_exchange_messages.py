@@ -34,7 +34,7 @@ from m2mpay.protocol.messages.exchange import (
 from .strategies import for_message
 
 ALL: list[type[Message]] = [cls for _, group in cddl.MESSAGES + cddl.LIFECYCLE for cls in group
-                            if cls.__module__ == msgs.__name__]  # exchange is served; restore is not yet
+                            if cls.__module__ == msgs.__name__]  # restore's CDDL is in LIFECYCLE.md
 DOC = Path(__file__).resolve().parents[2] / "docs" / "LIFECYCLE.md"
 _SECTION = re.compile(r"(<!-- cddl:begin -->\n)(.*?)(<!-- cddl:end -->)", re.S)
 
