@@ -47,6 +47,7 @@ from .errors import LocalProtocolError
 from .messages.coins import KeysetInfo, coin_message
 
 __all__ = [
+    "EXCHANGE_COUNTERS",
     "MAX_COUNTER",
     "SEED_BYTES",
     "DerivedCoin",
@@ -63,6 +64,11 @@ Rng = Callable[[int], bytes]
 SEED_BYTES = 16
 MAX_COUNTER = (1 << 32) - 1
 """Coins per keyset one seed can derive."""
+EXCHANGE_COUNTERS = 1 << 31
+"""Where exchanges' counters start: withdrawals count per keyset from 0, while exchange number
+``e`` of a wallet derives each of its change slots at counter ``EXCHANGE_COUNTERS + e`` of the
+slot's keyset. Every exchange has a slot signed, so a restore that tries every keyset at each
+``e`` finds no runs of unused numbers but those of requests that never reached the bank."""
 
 # Derivation labels (HKDF salt and info), written once in the wire module.
 _EXTRACT_SALT = wire.WALLET_EXTRACT_SALT

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from m2mpay.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocol
 from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, CertificateBody, KeysetInfo, Offer, OpenSession, WithdrawAnswer
 from m2mpay.protocol.receipts import verify_receipt
 from m2mpay.protocol.rules import wallet
-from m2mpay.protocol.rules.keyring import Keyring
+from m2mpay.protocol.rules.keyring import Keyring, default_withdrawal
+from m2mpay.protocol.seed import WalletSeed
 
 from ..files import append_private, private_dir
 from ..mqtt import BankClient
@@ -110,6 +112,8 @@ class UserAgent:
             raise
         self.policy = policy or PolicyConfig()
         self.clock = clock
+        self.seed_made = False
+        """Whether this process gave the wallet its seed (a command then says how to see it)."""
         self.on_decision: Callable[[str, Decision], None] | None = None
         """Told of every decision after it is logged (``user pay`` shows progress with it)."""
         meta = directory / "wallet.json"
@@ -185,6 +189,18 @@ class UserAgent:
         return sum(wc.remaining for wc, _ in self.store.coins()
                    if wc.available(now) and keyring.spendable(wc.coin.keyset, now) and wc.coin.tip not in busy)
 
+    def wallet_seed(self) -> WalletSeed:
+        """The seed new coins derive from; a wallet without one gets one now (:attr:`seed_made`),
+        not shown: ``user init`` shows it once."""
+        seed = self.store.seeds.seed()
+        if seed is None:
+            seed = WalletSeed.generate(os.urandom)
+            self.store.seeds.put_seed(seed)
+            self.seed_made = True
+            log.warning("wallet %s has a new seed, not shown yet: 'm2mpay user init --wallet %s' shows it once",
+                        self.directory, self.directory)
+        return seed
+
     # --- withdrawing -----------------------------------------------------------------------
     async def withdraw(self, bank: BankClient, credentials: UserCredentials, count: int,
                        keyset: str | None = None) -> list[wallet.WalletCoin]:
@@ -218,12 +234,20 @@ class UserAgent:
         coins: list[wallet.WalletCoin] = []
         if count > 0:
             info = self._withdrawable(keyring, keyset)
-            pending = wallet.prepare_withdrawal(credentials.account, info, keyring.rsa_keys[info.id], count)
+            pending, first = self.store.seeds.withdrawal(self.wallet_seed(), credentials.account, info, keyring, count)
             signed = envelope.sign_request(pending.request, credentials.key, credentials.account, credentials.bank,
                                            "withdraw")
             # Before it leaves, with its value: the daily refill cap counts it from now on.
             self.store.begin_withdrawal(pending, signed, self.now(), value=count * info.value)
-            coins = await self._complete(bank, keyring, pending, signed)
+            try:
+                coins = await self._complete(bank, keyring, pending, signed)
+            except envelope.Refusal as refusal:
+                # Nothing was signed: the next withdrawal takes these counters again; unless the
+                # bank had signed one of these messages before (a coin of this seed the wallet does
+                # not hold: `user restore` fetches it), then the next one takes new counters.
+                if refusal.final and refusal.code is not ErrorCode.REPLAY:
+                    self.store.seeds.release(info.id, first, count)
+                raise
         return WithdrawOutcome(coins=coins, recovered=recovered, refused=refused)
 
     def can_withdraw(self, keyring: Keyring, keyset: str) -> bool:
@@ -257,9 +281,12 @@ class UserAgent:
         fresh: list[wallet.WalletCoin] = []
         todo = self.store.pending_exchanges()
         for wc in exchanger.due(self.store, keyring, self.now(), margin):
+            number = self.store.seeds.exchange_number()
             try:
-                pending = prepare_exchange(wc, keyring, self.now())
+                pending = prepare_exchange(wc, keyring, self.now(),
+                                           derive=self.store.seeds.deriver(self.wallet_seed(), keyring, number))
             except LocalProtocolError as exc:  # the bank offers no keysets to take the value in
+                self.store.seeds.release_exchange(number)
                 log.warning("coin %s not exchanged: %s", wc.coin.tip.hex()[:8], exc.message)
                 continue
             self.store.begin_exchange(pending, self.now())  # before it leaves: resent as it is
@@ -276,9 +303,10 @@ class UserAgent:
         now = self.now()
         if keyset is None:
             open_ = [k for k in keyring.keysets.values() if self.can_withdraw(keyring, k.id)]
-            if not open_:
+            chosen = default_withdrawal(open_)
+            if chosen is None:
                 raise RemoteProtocolError("no keyset is open for withdrawal", ErrorCode.KEYSET_EXPIRED)
-            return min(open_, key=lambda k: k.value)
+            return chosen
         if keyset not in keyring.keysets:  # the bank's signed announcement, fresh: the bank's own answer
             raise Refused(f"the bank refused the withdrawal: {ErrorCode.UNKNOWN_KEYSET.wire} (the bank has no "
                           f"keyset {keyset}; 'm2mpay bank keys' lists them); nothing was debited")

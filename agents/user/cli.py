@@ -30,6 +30,7 @@ from .agent import UserAgent, UserCredentials, WithdrawOutcome
 from .errors import EXIT, PaymentIncomplete, Refused, UsageError, describe, exit_status
 from .outcome import PaymentResult
 from .progress import PaymentProgress, RunProgress
+from .seed_cli import add_seed_commands
 from .status import iso, render_status, wallet_status
 from .store import KeptReceipt, require_wallet
 
@@ -62,8 +63,9 @@ _WALLET_HELP = "the wallet directory (private: it holds every coin's secret)"
 
 
 def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``user withdraw|pay|status|wallet|receipts|run|decisions``."""
+    """``user init|restore|withdraw|pay|status|wallet|receipts|run|decisions``."""
     user = commands.add_parser("user", help="a user device's wallet").add_subparsers(dest="action", required=True)
+    add_seed_commands(user, _guarded, _WALLET_HELP)
     withdraw = user.add_parser("withdraw", help="withdraw coins from the bank")
     option(withdraw, "--wallet", "user.wallet", _WALLET_HELP, required=True)
     option(withdraw, "--credentials", "user.credentials", "from bank account open", required=True)
@@ -144,6 +146,9 @@ def _withdraw(args: argparse.Namespace) -> int:
             "refused": [{"code": r.code.wire, "message": r.message} for r in outcome.refused]}, indent=2))
         return 0
     print(f"withdrew {len(outcome.coins)} coin(s)")
+    if agent.seed_made:
+        print(f"m2mpay: this wallet's seed has not been shown: 'm2mpay user init --wallet {args.wallet}' shows it "
+              "once (without it a lost wallet cannot be restored)", file=sys.stderr)
     if outcome.recovered:
         print(f"also {len(outcome.recovered)} coin(s) of an earlier withdrawal whose answer had not arrived")
     for earlier in outcome.refused:
@@ -156,6 +161,8 @@ _CREDENTIALS_HINT = "is --credentials the file 'm2mpay bank account open' wrote 
 _REFUSAL_HINTS = {
     # The bank does not say whether the account exists: an unknown account and a wrong key look alike.
     ErrorCode.BAD_SIGNATURE: f" ({_CREDENTIALS_HINT})",
+    ErrorCode.REPLAY: (" (the bank had signed coins of this wallet's seed that the wallet does not hold: "
+                       "'m2mpay user restore' into this wallet fetches them; the next withdrawal takes new ones)"),
 }
 """What the user can do about a final refusal of a withdrawal, said after it."""
 

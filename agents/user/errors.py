@@ -56,7 +56,7 @@ class NoWallet(UsageError):
     likely): said so rather than shown as an empty wallet, and nothing is created there."""
 
     def __init__(self, directory: Path) -> None:
-        super().__init__(f"user: no wallet at {directory} (user withdraw creates one)")
+        super().__init__(f"user: no wallet at {directory} (user init creates one)")
         self.directory = directory
 
 

@@ -6,7 +6,9 @@ value up to its ``n``, and the bank signs exactly the slots that make the remain
 (:func:`~m2mpay.protocol.rules.exchange.plan_change`), which the wallet checks
 (:func:`~m2mpay.protocol.rules.exchange.check_answer`) before it keeps the coins. The request's
 secrets and exact bytes are stored before it leaves and resent as they are until an answer or a
-final refusal comes (docs/LIFECYCLE.md).
+final refusal comes (docs/LIFECYCLE.md). A seeded wallet derives every change slot from its
+seed (``derive``: the next counter of the slot's keyset), so a restore finds the coins an
+exchange made too.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from m2mpay.protocol import blindrsa, hashchain, sealing
 from m2mpay.protocol.errors import RemoteProtocolError
-from m2mpay.protocol.messages import Coin, coin_message
+from m2mpay.protocol.messages import Coin, KeysetInfo, coin_message
 from m2mpay.protocol.messages.exchange import (
     ExchangeAnswer,
     ExchangeProof,
@@ -28,6 +30,7 @@ from m2mpay.protocol.messages.exchange import (
 )
 from m2mpay.protocol.rules.exchange import Use, change_slots, check_answer, require
 from m2mpay.protocol.rules.keyring import COIN_VARIANT, Keyring
+from m2mpay.protocol.seed import DerivedCoin
 from m2mpay.protocol.rules.wallet import WalletCoin
 
 __all__ = ["PendingExchange", "complete_exchange", "issuing", "prepare_exchange"]
@@ -65,17 +68,26 @@ def issuing(keyring: Keyring, currency: str, now: int) -> list[str]:
     return found
 
 
-def prepare_exchange(wc: WalletCoin, keyring: Keyring, now: int, rng: Rng = os.urandom) -> PendingExchange:
-    """The request exchanging ``wc``'s whole remainder, with its secrets (nothing is sent)."""
+def prepare_exchange(wc: WalletCoin, keyring: Keyring, now: int, rng: Rng = os.urandom, *,
+                     derive: Callable[[KeysetInfo], DerivedCoin] | None = None) -> PendingExchange:
+    """The request exchanging ``wc``'s whole remainder, with its secrets (nothing is sent).
+
+    With ``derive`` each change slot is the coin it derives for the slot's keyset (a seeded
+    wallet); without, its secrets are drawn from ``rng``.
+    """
     old = keyring.keyset(wc.coin.keyset)
     keysets = [keyring.keysets[k] for k in issuing(keyring, old.currency, now)]
     slots = change_slots(wc.token_value, wc.n, keysets)
     change, seeds, prefixes, secrets = [], [], [], []
     for info in slots:
-        seed = rng(32)
-        tip = hashchain.make_chain(seed, info.n)
-        prefix, input_msg = blindrsa.prepare(coin_message(info.id, tip), COIN_VARIANT, rng)
-        blinded, secret = blindrsa.blind(keyring.rsa_keys[info.id], input_msg, COIN_VARIANT, rng)
+        if derive is not None:
+            derived = derive(info)
+            seed, prefix, blinded, secret = derived.secret, derived.prefix, derived.blinded, derived.inv
+        else:
+            seed = rng(32)
+            tip = hashchain.make_chain(seed, info.n)
+            prefix, input_msg = blindrsa.prepare(coin_message(info.id, tip), COIN_VARIANT, rng)
+            blinded, secret = blindrsa.blind(keyring.rsa_keys[info.id], input_msg, COIN_VARIANT, rng)
         change.append(Output(keyset=info.id, blinded=blinded))
         seeds.append(seed)
         prefixes.append(prefix)

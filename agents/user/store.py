@@ -30,6 +30,7 @@ from m2mpay.protocol.rules.wallet import CoinStatus, PendingWithdrawal, WalletCo
 from ..policy.engine import Spend
 from .errors import NoWallet
 from .exchange import PendingExchange
+from .seeds import SeedBook
 
 __all__ = ["DATABASE", "KeptReceipt", "WalletStore", "require_wallet"]
 
@@ -126,6 +127,8 @@ class WalletStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self.seeds = SeedBook(self._db)
+        """The wallet seed and its counters."""
 
     def close(self) -> None:
         """Close the database."""
@@ -200,11 +203,9 @@ class WalletStore:
     def begin_exchange(self, pending: PendingExchange, now: int) -> None:
         """Keep an exchange's secrets and exact bytes before it is sent; its coin is not paid with
         until it ends."""
-        blob = cbor.encode({"seeds": list(pending.seeds), "prefixes": list(pending.prefixes),
-                            "secrets": list(pending.secrets)})
         with self._transaction():
             self._db.execute("INSERT INTO exchanges VALUES (?, ?, ?, ?)",
-                             (pending.request.coin.tip, pending.data, blob, now))
+                             (pending.request.coin.tip, pending.data, _exchange_secrets(pending), now))
 
     def pending_exchanges(self) -> list[PendingExchange]:
         """Exchanges sent (or about to be) whose answer has not been kept, oldest first."""
@@ -228,6 +229,14 @@ class WalletStore:
                 self._save(wc, frozenset())
             self._save(spent, frozenset())
             self._db.execute("DELETE FROM exchanges WHERE tip = ?", (old.coin.tip,))
+
+    def restore_coin(self, wc: WalletCoin, pending: PendingExchange, now: int) -> None:
+        """Keep a coin a restore found, with the exchange that learns its remainder, in one
+        transaction: it is never paid with before the bank said what is left of it."""
+        with self._transaction():
+            self._save(wc, frozenset())
+            self._db.execute("INSERT INTO exchanges VALUES (?, ?, ?, ?)",
+                             (pending.request.coin.tip, pending.data, _exchange_secrets(pending), now))
 
     def drop_exchange(self, tip: bytes, *, spent: WalletCoin | None = None) -> None:
         """Forget an exchange the bank refused (nothing changed there); with ``spent``, the bank
@@ -315,6 +324,11 @@ class WalletStore:
             for wc in coins:
                 self._save(wc, frozenset())
             self._db.execute("DELETE FROM withdrawals WHERE req_id = ?", (req_id,))
+
+
+def _exchange_secrets(pending: PendingExchange) -> bytes:
+    return cbor.encode({"seeds": list(pending.seeds), "prefixes": list(pending.prefixes),
+                        "secrets": list(pending.secrets)})
 
 
 def _coin(row: tuple[Any, ...]) -> WalletCoin:

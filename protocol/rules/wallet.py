@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import blindrsa, hashchain
+from ..seed import DerivedCoin, WalletSeed, derive_coin
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ..messages import Authorization, Coin, KeysetInfo, Pay, WithdrawAnswer, WithdrawRequest, coin_message
 from .keyring import COIN_VARIANT
@@ -29,6 +30,8 @@ __all__ = [
     "WalletEvent",
     "authorize",
     "complete_withdrawal",
+    "derive_coins",
+    "pending_withdrawal",
     "prepare_withdrawal",
     "reveal",
 ]
@@ -187,6 +190,23 @@ def prepare_withdrawal(
     request = WithdrawRequest(account=account, keyset=keyset.id, blinded=tuple(blinded), req_id=rng(16))
     return PendingWithdrawal(request=request, seeds=tuple(seeds), prefixes=tuple(prefixes),
                              secrets=tuple(secrets))
+
+
+def derive_coins(seed: WalletSeed, keyset: KeysetInfo, public_key: blindrsa.PublicKey, first: int,
+                 count: int) -> list[DerivedCoin]:
+    """Coins ``first .. first + count - 1`` of ``keyset`` from the wallet seed (docs/LIFECYCLE.md):
+    the same blinded messages every time, so a restored wallet can find them again."""
+    return [derive_coin(seed, keyset, public_key, first + i, COIN_VARIANT) for i in range(count)]
+
+
+def pending_withdrawal(account: str, keyset: KeysetInfo, coins: list[DerivedCoin], req_id: bytes) -> PendingWithdrawal:
+    """The withdrawal of coins derived from the wallet seed (:func:`derive_coins`)."""
+    if not coins or any(c.keyset != keyset.id for c in coins):
+        raise LocalProtocolError("a withdrawal takes one or more coins of its own keyset")
+    request = WithdrawRequest(account=account, keyset=keyset.id, blinded=tuple(c.blinded for c in coins),
+                              req_id=req_id)
+    return PendingWithdrawal(request=request, seeds=tuple(c.secret for c in coins),
+                             prefixes=tuple(c.prefix for c in coins), secrets=tuple(c.inv.to_bytes() for c in coins))
 
 
 def complete_withdrawal(

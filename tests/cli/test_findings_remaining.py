@@ -212,7 +212,7 @@ def test_reading_a_wallet_that_does_not_exist(command: str, tmp_path: Path) -> N
     for extra in ((), ("--json",)):
         result = m2mpay("user", command, "--wallet", typo, *extra, check=False)
         assert result.returncode == 2 and result.stdout == ""
-        assert one_line(result) == f"m2mpay: user: no wallet at {typo} (user withdraw creates one)"
+        assert one_line(result) == f"m2mpay: user: no wallet at {typo} (user init creates one)"
     assert not typo.exists()
 
 

@@ -169,6 +169,7 @@ def test_withdraw_says_when_the_count_differs(cli_town: Town, tmp_path: Path) ->
     from m2mpay.agents.user.agent import UserAgent, UserCredentials
     from m2mpay.protocol import envelope
     from m2mpay.protocol.rules import wallet as rules
+    from m2mpay.protocol.rules.keyring import default_withdrawal
 
     t = cli_town
     wallet = tmp_path / "resent"
@@ -177,7 +178,8 @@ def test_withdraw_says_when_the_count_differs(cli_town: Town, tmp_path: Path) ->
     try:  # a withdrawal of 2 written ahead, as if its answer had been lost
         credentials = UserCredentials.load(t.credentials)
         keyring = agent.keyring()
-        info = min(keyring.keysets.values(), key=lambda k: k.value)
+        info = default_withdrawal(keyring.keysets.values())  # the 1.00 EUR coin, as a withdrawal picks it
+        assert info is not None
         pending = rules.prepare_withdrawal(credentials.account, info, keyring.rsa_keys[info.id], 2)
         signed = envelope.sign_request(pending.request, credentials.key, credentials.account, credentials.bank,
                                        "withdraw")
@@ -301,6 +303,7 @@ def test_user_status_spendable_in_session_uncertain_pending(cli_town: Town, tmp_
     from m2mpay.agents.user.agent import UserAgent, UserCredentials
     from m2mpay.protocol import envelope
     from m2mpay.protocol.rules import wallet as rules
+    from m2mpay.protocol.rules.keyring import default_withdrawal
 
     t = cli_town
     wallet = tmp_path / "status"
@@ -317,7 +320,8 @@ def test_user_status_spendable_in_session_uncertain_pending(cli_town: Town, tmp_
         agent.store.save(lapsed, frozenset({"meter"}))  # its block has lapsed: spendable again
         credentials = UserCredentials.load(t.credentials)
         keyring = agent.keyring()
-        info = min(keyring.keysets.values(), key=lambda k: k.value)
+        info = default_withdrawal(keyring.keysets.values())  # the 1.00 EUR coin, as a withdrawal picks it
+        assert info is not None
         pending = rules.prepare_withdrawal(credentials.account, info, keyring.rsa_keys[info.id], 3)
         signed = envelope.sign_request(pending.request, credentials.key, credentials.account, credentials.bank,
                                        "withdraw")
@@ -339,8 +343,12 @@ def test_user_status_spendable_in_session_uncertain_pending(cli_town: Town, tmp_
     assert text[0] == "spendable    1.99 EUR in 2 coin(s)"
     assert text[1] == "in session   0.99 EUR in 1 coin(s)"
     assert text[2].startswith(f"  {a.coin.tip.hex()[:16]}  0.99 EUR at meter until ")
-    assert text[-2] == ("withdrawals  1 waiting for the bank's answer (3.00 EUR); 'm2mpay user withdraw --coins 0' "
+    assert text[-3] == ("withdrawals  1 waiting for the bank's answer (3.00 EUR); 'm2mpay user withdraw --coins 0' "
                         "completes them")
+    assert text[-2] == "spent        0 coin(s)"
+    # A wallet `user withdraw` created: its seed exists and was never shown.
+    assert status["seed"] == "not_shown"
+    assert text[-1] == "seed         never shown: 'm2mpay user init --wallet DIR' shows it once"
 
 
 def test_pay_progress_on_a_terminal_is_one_line_redrawn(cli_town: Town, tmp_path: Path) -> None:
