@@ -197,7 +197,7 @@ class UserAgent:
             seed = WalletSeed.generate(os.urandom)
             self.store.seeds.put_seed(seed)
             self.seed_made = True
-            log.warning("wallet %s has a new seed, not shown yet: 'm2mpay user init --wallet %s' shows it once",
+            log.info("wallet %s has a new seed, not shown yet: 'm2mpay user init --wallet %s' shows it once",
                         self.directory, self.directory)
         return seed
 
