@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.commands import m2mpay
 from tests.processes import popen
 
-__all__ = ["Town", "first_payment", "town"]
+__all__ = ["Town", "first_payment", "free_coap_port", "serve_bank", "stop_all", "town"]
 
 
 @dataclass
@@ -39,6 +39,35 @@ class Town:
         return process
 
 
+def free_coap_port() -> int:
+    """A UDP port free on ``[::1]`` now, for a vendor's CoAP server."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def serve_bank(tmp_path: Path, data: Path, processes: list[subprocess.Popen[str]]) -> str:
+    """Start ``broker run`` (its data in ``tmp_path/mq``) and ``bank serve --data DATA`` on it,
+    appending both to ``processes``; the broker's URL."""
+    broker = popen("broker", "run", "--data", tmp_path / "mq", stdout=subprocess.PIPE)
+    processes.append(broker)
+    assert broker.stdout is not None
+    found = re.search(r"mqtt://\S+", broker.stdout.readline())
+    assert found is not None, "the broker did not say its URL"
+    url = found.group(0)
+    processes.append(popen("bank", "serve", "--data", data, "--broker", url, stderr=subprocess.DEVNULL))
+    return url
+
+
+def stop_all(processes: list[subprocess.Popen[str]]) -> None:
+    """Interrupt every process still running, last started first, and wait for each."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        process.wait(10)
+
+
 @contextlib.contextmanager
 def town(tmp_path: Path, vendor_toml: str) -> Iterator[Town]:
     """A bank with alice (1000) and a parking meter; broker, bank and vendor serving as processes."""
@@ -48,18 +77,10 @@ def town(tmp_path: Path, vendor_toml: str) -> Iterator[Town]:
     m2mpay("bank", "account", "deposit", "--data", data, "alice", "1000")
     m2mpay("bank", "vendor", "enroll", "--data", data, "meter", "--category", "parking", "--out", tmp_path / "v.json")
     (tmp_path / "vendor.toml").write_text(vendor_toml)
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        coap_port = sock.getsockname()[1]
+    coap_port = free_coap_port()
     processes: list[subprocess.Popen[str]] = []
     try:
-        broker = popen("broker", "run", "--data", tmp_path / "mq", stdout=subprocess.PIPE)
-        processes.append(broker)
-        assert broker.stdout is not None
-        found = re.search(r"mqtt://\S+", broker.stdout.readline())
-        assert found is not None, "the broker did not say its URL"
-        url = found.group(0)
-        processes.append(popen("bank", "serve", "--data", data, "--broker", url, stderr=subprocess.DEVNULL))
+        url = serve_bank(tmp_path, data, processes)
         t = Town(bank=data, broker=url, vendor=f"coap://[::1]:{coap_port}", wallet=tmp_path / "wallet",
                  credentials=tmp_path / "alice.json", vendor_data=tmp_path / "vendor", processes=processes,
                  vendor_args=("vendor", "serve", "--credentials", tmp_path / "v.json", "--broker", url,
@@ -68,10 +89,7 @@ def town(tmp_path: Path, vendor_toml: str) -> Iterator[Town]:
         t.start_vendor()
         yield t
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            process.wait(10)
+        stop_all(processes)
 
 
 def first_payment(t: Town, units: int) -> subprocess.CompletedProcess[str]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 from m2mpay.protocol.messages import KeysetInfo
 from m2mpay.protocol.rules import wallet
@@ -46,19 +46,11 @@ class SeedMismatch(Exception):
 class SeedBook:
     """The seed and the counters of one wallet database (the connection is the store's)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, transaction: Callable[[], AbstractContextManager[None]]) -> None:
         self._db = db
+        self._transaction = transaction
+        """The store's own transactions (``BEGIN IMMEDIATE`` … ``COMMIT``)."""
         self._db.executescript(SCHEMA)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def seed(self) -> WalletSeed | None:
         """The wallet's seed, ``None`` for a wallet made before seeds."""

@@ -127,7 +127,7 @@ class WalletStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        self.seeds = SeedBook(self._db)
+        self.seeds = SeedBook(self._db, self._transaction)
         """The wallet seed and its counters."""
 
     def close(self) -> None:

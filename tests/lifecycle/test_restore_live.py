@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,17 +19,11 @@ from m2mpay.agents.user.store import WalletStore
 from m2mpay.protocol.seed import WalletSeed
 from tests.commands import m2mpay, one_line
 from tests.processes import popen
+from tests.town import free_coap_port, serve_bank, stop_all
 
 pytestmark = pytest.mark.network
 
 _SEED = re.compile(r"m2mseed1(?: [a-z0-9]{4,5})+")
-
-
-def _coap_port() -> int:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        sock.bind(("::1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -44,30 +36,21 @@ def _two_vendors(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     m2mpay("bank", "account", "deposit", "--data", data, "alice", "10000")
     processes: list[subprocess.Popen[str]] = []
     try:
-        broker = popen("broker", "run", "--data", tmp_path / "mq", stdout=subprocess.PIPE)
-        processes.append(broker)
-        assert broker.stdout is not None
-        found = re.search(r"mqtt://\S+", broker.stdout.readline())
-        assert found is not None, "the broker did not say its URL"
-        url = found.group(0)
-        processes.append(popen("bank", "serve", "--data", data, "--broker", url, stderr=subprocess.DEVNULL))
+        url = serve_bank(tmp_path, data, processes)
         vendors = []
         for name, category in (("meter", "parking"), ("charger", "ev")):
             m2mpay("bank", "vendor", "enroll", "--data", data, name, "--category", category,
                    "--out", tmp_path / f"{name}.json")
             (tmp_path / f"{name}.toml").write_text(
                 f'[pricing]\nservice = "{category}"\nprice = 3\nmeter_interval = 0.05\n')
-            port = _coap_port()
+            port = free_coap_port()
             processes.append(popen("vendor", "serve", "--credentials", tmp_path / f"{name}.json", "--broker", url,
                                    "--coap-port", str(port), "--config", tmp_path / f"{name}.toml",
                                    "--data", tmp_path / name, stderr=subprocess.DEVNULL))
             vendors.append(f"coap://[::1]:{port}")
         yield url, vendors[0], vendors[1]
     finally:
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGINT)
-            process.wait(10)
+        stop_all(processes)
 
 
 def _pay(wallet: Path, vendor: str, units: int) -> dict[str, object]:
