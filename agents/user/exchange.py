@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from m2mpay.protocol import blindrsa, hashchain, sealing
 from m2mpay.protocol.errors import RemoteProtocolError
-from m2mpay.protocol.messages import Coin, KeysetInfo, coin_message
+from m2mpay.protocol.messages import KeysetInfo, coin_message
 from m2mpay.protocol.messages.exchange import (
     ExchangeAnswer,
     ExchangeProof,
@@ -31,7 +31,7 @@ from m2mpay.protocol.messages.exchange import (
 from m2mpay.protocol.rules.exchange import Use, change_slots, check_answer, require
 from m2mpay.protocol.rules.keyring import COIN_VARIANT, Keyring
 from m2mpay.protocol.seed import DerivedCoin
-from m2mpay.protocol.rules.wallet import WalletCoin
+from m2mpay.protocol.rules.wallet import WalletCoin, finish_coin
 
 __all__ = ["PendingExchange", "complete_exchange", "issuing", "prepare_exchange"]
 
@@ -110,13 +110,6 @@ def complete_exchange(pending: PendingExchange, answer: ExchangeAnswer, keyring:
     for output, blind_sig in pairs:
         i = slots.index(output)
         info = keyring.keyset(output.keyset)
-        seed, prefix = pending.seeds[i], pending.prefixes[i]
-        tip = hashchain.make_chain(seed, info.n)
-        input_msg = prefix + coin_message(info.id, tip)
-        sig = blindrsa.finalize(keyring.rsa_keys[info.id], input_msg, blind_sig,  # verified, or bad_signature
-                                blindrsa.BlindingSecret.from_bytes(pending.secrets[i]), COIN_VARIANT)
-        walker = hashchain.PebbleTraversal(seed, info.n, info.n)
-        coins.append(WalletCoin(coin=Coin(keyset=info.id, tip=tip, prefix=prefix, sig=sig), n=info.n,
-                                token_value=info.token_value, position=info.n, seed=seed,
-                                traversal=walker.to_state()))
+        coins.append(finish_coin(info, keyring.rsa_keys[info.id], pending.seeds[i], pending.prefixes[i],
+                                 blindrsa.BlindingSecret.from_bytes(pending.secrets[i]), blind_sig))
     return coins

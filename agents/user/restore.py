@@ -24,19 +24,20 @@ derive the same counters: the bank signs each blinded message once, so one of th
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from m2mpay.protocol import blindrsa, envelope, hashchain
+from m2mpay.protocol import envelope
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
-from m2mpay.protocol.messages import Coin, KeysetInfo
+from m2mpay.protocol.messages import KeysetInfo
 from m2mpay.protocol.messages.exchange import MAX_RESTORE, Output, RestoreAnswer, RestoreRequest
 from m2mpay.protocol.rules.keyring import COIN_VARIANT, Keyring
 from m2mpay.protocol.rules.requests import BlockWindow
-from m2mpay.protocol.rules.wallet import CoinStatus, WalletCoin, derive_coins
+from m2mpay.protocol.rules.wallet import CoinStatus, WalletCoin, derive_coins, finish_coin
 from m2mpay.protocol.seed import EXCHANGE_COUNTERS, DerivedCoin, WalletSeed, derive_coin
 
 from ..mqtt import BankClient
@@ -100,12 +101,9 @@ async def _ask(bank: BankClient, keyring: Keyring, coins: list[DerivedCoin]) -> 
 
 def _coin(derived: DerivedCoin, blind_sig: bytes, info: KeysetInfo, keyring: Keyring, now: int) -> WalletCoin:
     """The coin a found signature makes: verified, its remainder unknown until its exchange."""
-    sig = blindrsa.finalize(keyring.rsa_keys[info.id], derived.input_msg, blind_sig, derived.inv, COIN_VARIANT)
-    walker = hashchain.PebbleTraversal(derived.secret, info.n, info.n)
-    return WalletCoin(coin=Coin(keyset=info.id, tip=derived.tip, prefix=derived.prefix, sig=sig), n=info.n,
-                      token_value=info.token_value, position=info.n, seed=derived.secret,
-                      traversal=walker.to_state(), status=CoinStatus.UNCERTAIN,
-                      blocked_until=now + BlockWindow().max_ahead)
+    fresh = finish_coin(info, keyring.rsa_keys[info.id], derived.secret, derived.prefix, derived.inv, blind_sig,
+                        tip=derived.tip)
+    return dataclasses.replace(fresh, status=CoinStatus.UNCERTAIN, blocked_until=now + BlockWindow().max_ahead)
 
 
 async def _signed(bank: BankClient, keyring: Keyring,
@@ -119,37 +117,34 @@ async def _signed(bank: BankClient, keyring: Keyring,
     return found
 
 
-async def _scan_withdrawals(bank: BankClient, keyring: Keyring, seed: WalletSeed, info: KeysetInfo, gap: int,
-                            now: int) -> tuple[list[WalletCoin], int]:
-    """Every coin of ``info`` withdrawn with ``seed`` that the bank signed, and the counter past
-    the last one."""
+Batch = Callable[[int], list[tuple[DerivedCoin, KeysetInfo]]]
+"""The coins to ask about from one counter (or exchange number) on, with their keysets."""
+
+
+async def _scan(bank: BankClient, keyring: Keyring, batch: Batch, step: int, number: Callable[[DerivedCoin], int],
+                gap: int, now: int) -> tuple[list[WalletCoin], int]:
+    """Ask ``batch(0)``, ``batch(step)``, … until ``gap`` numbers in a row found nothing: every coin
+    found, and the number past the last one (``number`` says which a derived coin has)."""
     coins: list[WalletCoin] = []
-    counter, past = 0, 0
-    while counter - past < gap:
-        batch = derive_coins(seed, info, keyring.rsa_keys[info.id], counter, MAX_RESTORE)
-        for derived, _info, sig in await _signed(bank, keyring, [(d, info) for d in batch]):
+    start, past = 0, 0
+    while start - past < gap:
+        for derived, info, sig in await _signed(bank, keyring, batch(start)):
             coins.append(_coin(derived, sig, info, keyring, now))
-            past = max(past, derived.counter + 1)
-        counter += MAX_RESTORE
+            past = max(past, number(derived) + 1)
+        start += step
     return coins, past
 
 
-async def _scan_exchanges(bank: BankClient, keyring: Keyring, seed: WalletSeed, gap: int,
-                          now: int) -> tuple[list[WalletCoin], int]:
-    """Every coin an exchange of this seed made (each exchange number tried in every keyset), and
-    the exchange number past the last one."""
+def _withdrawals(seed: WalletSeed, keyring: Keyring, info: KeysetInfo) -> Batch:
+    """A keyset's withdrawal counters, 64 at a time."""
+    return lambda start: [(d, info) for d in derive_coins(seed, info, keyring.rsa_keys[info.id], start, MAX_RESTORE)]
+
+
+def _exchanges(seed: WalletSeed, keyring: Keyring, per_request: int) -> Batch:
+    """Exchange numbers, each in every listed keyset."""
     keysets = sorted(keyring.keysets.values(), key=lambda k: k.id)
-    per_request = max(1, MAX_RESTORE // len(keysets))
-    coins: list[WalletCoin] = []
-    number, past = 0, 0
-    while number - past < gap:
-        asked = [(derive_coin(seed, info, keyring.rsa_keys[info.id], EXCHANGE_COUNTERS + e, COIN_VARIANT), info)
-                 for e in range(number, number + per_request) for info in keysets]
-        for derived, info, sig in await _signed(bank, keyring, asked):
-            coins.append(_coin(derived, sig, info, keyring, now))
-            past = max(past, derived.counter - EXCHANGE_COUNTERS + 1)
-        number += per_request
-    return coins, past
+    return lambda start: [(derive_coin(seed, info, keyring.rsa_keys[info.id], EXCHANGE_COUNTERS + e, COIN_VARIANT),
+                           info) for e in range(start, start + per_request) for info in keysets]
 
 
 async def restore(agent: UserAgent, bank: BankClient, credentials: UserCredentials, seed: WalletSeed, *,
@@ -162,10 +157,13 @@ async def restore(agent: UserAgent, bank: BankClient, credentials: UserCredentia
     report = RestoreReport()
     found: list[WalletCoin] = []
     for info in sorted(keyring.keysets.values(), key=lambda k: k.id):
-        coins, past = await _scan_withdrawals(bank, keyring, seed, info, gap, agent.now())
+        coins, past = await _scan(bank, keyring, _withdrawals(seed, keyring, info), MAX_RESTORE,
+                                  lambda d: d.counter, gap, agent.now())
         agent.store.seeds.advance(info.id, past)
         found += coins
-    coins, past = await _scan_exchanges(bank, keyring, seed, gap, agent.now())
+    per_request = max(1, MAX_RESTORE // len(keyring.keysets))
+    coins, past = await _scan(bank, keyring, _exchanges(seed, keyring, per_request), per_request,
+                              lambda d: d.counter - EXCHANGE_COUNTERS, gap, agent.now())
     agent.store.seeds.restored_exchanges(past)  # before this restore's own exchanges take numbers
     found += coins
     new = [wc for wc in found if agent.store.coin(wc.coin.tip) is None]

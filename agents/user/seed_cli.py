@@ -27,7 +27,6 @@ from .agent import UserAgent, UserCredentials
 from .errors import UsageError
 from .restore import RESTORE_GAP, RestoreReport, restore
 from .seeds import SeedMismatch
-from .store import DATABASE
 
 __all__ = ["add_seed_commands"]
 
@@ -63,11 +62,10 @@ def _show(directory: Path, seed: WalletSeed, *, earlier: bool = False) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     directory: Path = args.wallet
-    existed = (directory / DATABASE).is_file()
     agent = UserAgent(directory)
     try:
         seeds = agent.store.seeds
-        if existed and seeds.seed() is not None and seeds.unshown() is None:
+        if seeds.seed() is not None and seeds.unshown() is None:
             raise UsageError(f"user: the wallet at {directory} has a seed already; it was shown when it was "
                              "made and is never shown again")
         had_coins = bool(agent.store.coins())

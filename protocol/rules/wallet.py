@@ -31,6 +31,7 @@ __all__ = [
     "authorize",
     "complete_withdrawal",
     "derive_coins",
+    "finish_coin",
     "pending_withdrawal",
     "prepare_withdrawal",
     "reveal",
@@ -209,22 +210,23 @@ def pending_withdrawal(account: str, keyset: KeysetInfo, coins: list[DerivedCoin
                              prefixes=tuple(c.prefix for c in coins), secrets=tuple(c.inv.to_bytes() for c in coins))
 
 
+def finish_coin(keyset: KeysetInfo, public_key: blindrsa.PublicKey, secret: bytes, prefix: bytes,
+                inv: blindrsa.BlindingSecret, blind_sig: bytes, *, tip: bytes | None = None) -> WalletCoin:
+    """The fresh coin a blind signature makes: unblinded and verified (``bad_signature``
+    otherwise), its whole chain ahead. ``tip`` saves the ``n`` hashes when the caller has it."""
+    tip = hashchain.make_chain(secret, keyset.n) if tip is None else tip
+    sig = blindrsa.finalize(public_key, prefix + coin_message(keyset.id, tip), blind_sig, inv, COIN_VARIANT)
+    walker = hashchain.PebbleTraversal(secret, keyset.n, keyset.n)
+    return WalletCoin(coin=Coin(keyset=keyset.id, tip=tip, prefix=prefix, sig=sig), n=keyset.n,
+                      token_value=keyset.token_value, position=keyset.n, seed=secret, traversal=walker.to_state())
+
+
 def complete_withdrawal(
     pending: PendingWithdrawal, answer: WithdrawAnswer, keyset: KeysetInfo, public_key: blindrsa.PublicKey
 ) -> list[WalletCoin]:
     """Unblind and verify every signature; a bad one raises and no coin is kept."""
     if answer.req_id != pending.request.req_id or len(answer.blind_sigs) != len(pending.seeds):
         raise RemoteProtocolError("withdraw answer does not match the request")
-    coins = []
-    for seed, prefix, secret, blind_sig in zip(
-        pending.seeds, pending.prefixes, pending.secrets, answer.blind_sigs, strict=True
-    ):
-        tip = hashchain.make_chain(seed, keyset.n)
-        input_msg = prefix + coin_message(keyset.id, tip)
-        sig = blindrsa.finalize(public_key, input_msg, blind_sig,
-                                blindrsa.BlindingSecret.from_bytes(secret), COIN_VARIANT)
-        coin = Coin(keyset=keyset.id, tip=tip, prefix=prefix, sig=sig)
-        walker = hashchain.PebbleTraversal(seed, keyset.n, keyset.n)
-        coins.append(WalletCoin(coin=coin, n=keyset.n, token_value=keyset.token_value,
-                                position=keyset.n, seed=seed, traversal=walker.to_state()))
-    return coins
+    return [finish_coin(keyset, public_key, seed, prefix, blindrsa.BlindingSecret.from_bytes(secret), blind_sig)
+            for seed, prefix, secret, blind_sig in zip(pending.seeds, pending.prefixes, pending.secrets,
+                                                       answer.blind_sigs, strict=True)]

@@ -5,8 +5,10 @@ driven only through the ``m2mpay`` command as a user and an operator drive it.""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -156,3 +158,24 @@ def test_two_wallets_of_one_seed_never_get_one_coin_signed_twice(tmp_path: Path)
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_restore_with_the_bank_out_of_reach_says_so_and_can_be_run_again(tmp_path: Path) -> None:
+    """A valid seed but no broker: one line, status 5; wrong options: one line, status 2."""
+    credentials = tmp_path / "alice.json"
+    m2mpay("bank", "init", "--data", tmp_path / "b2", "--bank", "bank-x")
+    m2mpay("bank", "account", "open", "--data", tmp_path / "b2", "alice", "--out", credentials)
+    seed = _write(tmp_path / "seed.txt", WalletSeed.generate(os.urandom).phrase())
+    target = tmp_path / "wallet"
+    args = ("user", "restore", "--wallet", target, "--credentials", credentials, "--seed-file", seed)
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        down = f"mqtt://127.0.0.1:{closed.getsockname()[1]}"
+    for _ in range(2):  # the wallet it began holds the same seed: the same command may run again
+        result = m2mpay(*args, "--broker", down, check=False)
+        assert result.returncode == 5 and one_line(result).startswith("m2mpay: bank unreachable: "), result.stderr
+    gap = m2mpay(*args, "--broker", down, "--gap", "0", check=False)
+    assert gap.returncode == 2 and one_line(gap) == "m2mpay: --gap must be a positive whole number"
+    missing = m2mpay("user", "restore", "--wallet", tmp_path / "w2", "--credentials", tmp_path / "none.json",
+                     "--seed-file", seed, "--broker", down, check=False)
+    assert missing.returncode == 2 and "none.json" in one_line(missing)
