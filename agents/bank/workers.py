@@ -100,6 +100,19 @@ async def orphan_watch(parent: int, interval: float = 1.0) -> None:
 
 
 def stop_on_sigterm(task: asyncio.Task[None]) -> None:
-    """SIGTERM (systemd, the first process) ends ``task`` as Ctrl-C would, so cleanup runs."""
+    """SIGTERM (systemd, the first process) ends ``task`` as Ctrl-C would, so cleanup runs.
+
+    The first one is enough: later ones are ignored while the process stops (a shell's ``kill``
+    and then its exit trap send two). Otherwise one could land as asyncio closes its loop, when
+    the loop's wakeup pipe is closed and its handler not yet removed (CPython then prints a
+    traceback), or after, and end the cleanup half-way.
+    """
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        task.cancel()
+
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        loop.add_signal_handler(signal.SIGTERM, stop)

@@ -3,10 +3,12 @@ mistake, no false successes, no process left behind (issue "Operating m2mpay")."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,23 @@ def test_output_into_a_closed_pipe_is_quiet(tmp_path: Path, monkeypatch: pytest.
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = m2mpay("--debug", "bank", "audit", "--data", tmp_path / "nowhere", check=False)
     assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_sigterm_sent_again_while_the_bank_stops_is_quiet(tmp_path: Path, mosquitto: str, bank_id: str) -> None:
+    """`kill %2` and then a shell's exit trap: the second SIGTERM used to land while asyncio was
+    closing its loop, and CPython printed a traceback about the loop's closed wakeup pipe."""
+    data = tmp_path / "bank"
+    m2mpay("bank", "init", "--data", data, "--bank", bank_id)
+    for attempt in range(5):
+        log = tmp_path / f"serve-{attempt}.log"
+        with log.open("w") as sink:
+            bank = subprocess.Popen([*CLI, "bank", "serve", "--data", str(data), "--broker", mosquitto],
+                                    stdout=sink, stderr=subprocess.STDOUT)
+        wait_for_text(log, "serving")
+        while bank.poll() is None:  # SIGTERM every millisecond until it is gone
+            with contextlib.suppress(ProcessLookupError):
+                bank.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+        assert bank.returncode == 0, log.read_text()
+        text = log.read_text()
+        assert "Traceback" not in text and "Exception ignored" not in text, text
