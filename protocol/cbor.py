@@ -77,96 +77,77 @@ def decode(
         )
     if not data:
         raise RemoteProtocolError("empty message")
-    reader = _Reader(bytes(data), max_depth)
-    value = reader.item(0)
-    if reader.pos != len(reader.data):
+    raw = bytes(data)
+    value, pos = _item(raw, 0, len(raw), 0, max_depth)
+    if pos != len(raw):
         raise RemoteProtocolError("trailing bytes after CBOR item")
     return value
 
 
-class _Reader:
-    __slots__ = ("data", "max_depth", "pos")
+def _item(data: bytes, pos: int, end: int, depth: int, max_depth: int) -> tuple[Any, int]:
+    """The item at ``pos`` and the position after it.
 
-    def __init__(self, data: bytes, max_depth: int) -> None:
-        self.data = data
-        self.pos = 0
-        self.max_depth = max_depth
-
-    def _take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise RemoteProtocolError("truncated CBOR")
-        chunk = self.data[self.pos : end]
-        self.pos = end
-        return chunk
-
-    def _head(self) -> tuple[int, int]:
-        """Read an initial byte and its argument; returns (major type, argument)."""
-        if self.pos >= len(self.data):
-            raise RemoteProtocolError("truncated CBOR")
-        initial = self.data[self.pos]
-        self.pos += 1
-        major, info = initial >> 5, initial & 0x1F
-        if info < 24:
-            return major, info
+    One function with the head read inline (not a reader object with a method per step): every
+    request the bank answers is decoded here, three or four times over, and Python's calls were
+    most of the time it took.
+    """
+    if pos >= end:
+        raise RemoteProtocolError("truncated CBOR")
+    initial = data[pos]
+    pos += 1
+    major, arg = initial >> 5, initial & 0x1F
+    if arg >= 24:
         if major == 7:
             raise RemoteProtocolError("floats and extended simple values are not accepted")
-        if info > 27:
+        if arg > 27:
             raise RemoteProtocolError("indefinite lengths are not accepted")
-        width = 1 << (info - 24)
-        arg = int.from_bytes(self._take(width), "big")
+        width = 1 << (arg - 24)
+        stop = pos + width
+        if stop > end:
+            raise RemoteProtocolError("truncated CBOR")
+        arg = int.from_bytes(data[pos:stop], "big")
+        pos = stop
         # Deterministic encoding: the argument must not fit in a shorter form.
-        floor = 24 if width == 1 else 1 << (4 * width)
-        if arg < floor:
+        if arg < (24 if width == 1 else 1 << (4 * width)):
             raise RemoteProtocolError("non-shortest CBOR integer or length")
-        return major, arg
-
-    def _count(self, n: int) -> int:
-        # Every item needs at least one byte: a count beyond what is left is a lie.
-        if n > len(self.data) - self.pos:
-            raise RemoteProtocolError("CBOR length exceeds the message")
-        return n
-
-    def item(self, depth: int) -> Any:
-        start = self.pos
-        major, arg = self._head()
-        if major == 0:
-            return arg
-        if major == 1:
-            return -1 - arg
-        if major == 2:
-            return self._take(self._count(arg))
-        if major == 3:
-            raw = self._take(self._count(arg))
-            try:
-                return raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RemoteProtocolError("invalid UTF-8 in text string") from exc
-        if major in (4, 5):
-            if depth >= self.max_depth:
-                raise RemoteProtocolError("CBOR nested too deeply")
-            n = self._count(arg)
-            if major == 4:
-                return [self.item(depth + 1) for _ in range(n)]
-            return self._map(n, depth + 1)
-        if major == 6:
-            raise RemoteProtocolError("CBOR tags are not accepted")
-        if arg in _SIMPLE:
-            return _SIMPLE[arg]
-        self.pos = start
-        raise RemoteProtocolError("unsupported CBOR simple value")
-
-    def _map(self, n: int, depth: int) -> dict[Any, Any]:
+    if major == 0:
+        return arg, pos
+    if major == 1:
+        return -1 - arg, pos
+    if (major == 4 or major == 5) and depth >= max_depth:
+        raise RemoteProtocolError("CBOR nested too deeply")
+    if major < 6 and arg > end - pos:  # every item needs at least one byte: a count beyond what is left is a lie
+        raise RemoteProtocolError("CBOR length exceeds the message")
+    if major == 2:
+        return data[pos:pos + arg], pos + arg
+    if major == 3:
+        try:
+            return data[pos:pos + arg].decode("utf-8"), pos + arg
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError("invalid UTF-8 in text string") from exc
+    if major == 4 or major == 5:
+        depth += 1
+        if major == 4:
+            items = []
+            for _ in range(arg):
+                value, pos = _item(data, pos, end, depth, max_depth)
+                items.append(value)
+            return items, pos
         out: dict[Any, Any] = {}
         previous = b""
-        for i in range(n):
-            key_start = self.pos
-            key = self.item(depth)
+        for i in range(arg):
+            key_start = pos
+            key, pos = _item(data, pos, end, depth, max_depth)
             if not isinstance(key, (str, int)) or isinstance(key, bool):
                 raise RemoteProtocolError("map keys must be text or integers")
-            encoded_key = self.data[key_start : self.pos]
+            encoded_key = data[key_start:pos]
             if i and encoded_key <= previous:
                 raise RemoteProtocolError("map keys unsorted or duplicated")
             previous = encoded_key
-            out[key] = self.item(depth)
-        return out
+            out[key], pos = _item(data, pos, end, depth, max_depth)
+        return out, pos
+    if major == 6:
+        raise RemoteProtocolError("CBOR tags are not accepted")
+    if arg in _SIMPLE:
+        return _SIMPLE[arg], pos
+    raise RemoteProtocolError("unsupported CBOR simple value")

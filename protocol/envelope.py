@@ -75,7 +75,8 @@ class Refusal(RemoteProtocolError):
         return self.code not in (ErrorCode.INTERNAL, ErrorCode.UNAVAILABLE)
 
 
-def sign_answer(message: Message, key: Ed25519PrivateKey, bank: str, op: str, *, request_digest: bytes) -> bytes:
+def sign_answer(message: Message, key: Ed25519PrivateKey | cose.SigningKey, bank: str, op: str, *,
+                request_digest: bytes) -> bytes:
     """The bank's signed answer (an answer message or an :class:`ErrorAnswer`) to the request
     whose bytes have ``request_digest`` (:func:`request_digest`)."""
     return cose.sign1(message.encode(), key, kid=bank.encode(),

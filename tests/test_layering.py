@@ -25,7 +25,7 @@ IO_MODULES = frozenset({
     "logging", "time", "sched", "concurrent",
 })
 # Third-party libraries the core may use: pure computation on bytes.
-CORE_THIRD_PARTY = frozenset({"cryptography", "cbor2", "gmpy2"})
+CORE_THIRD_PARTY = frozenset({"cryptography", "cbor2", "gmpy2", "nacl"})  # nacl: libsodium's Ed25519 (cose)
 
 
 @dataclass(frozen=True, slots=True)

@@ -174,7 +174,8 @@ def _serve(args: argparse.Namespace) -> int:
         check_logins(args.tls, args.workers, args.first_worker)
     # The first process holds the directory for all the workers it starts (they inherit nothing)
     lock = DirectoryLock(args.data, "bank serve") if args.worker_index == 0 and args.data.is_dir() else None
-    keys, store = load_bank(args.data, _now(), connections=_CONNECTIONS)
+    # One process on a SQLite file groups its commits; several would hold its one write lock in turns
+    keys, store = load_bank(args.data, _now(), connections=_CONNECTIONS, group_commits=args.workers == 1)
     try:
         asyncio.run(_serve_async(args, keys, store))
     except KeyboardInterrupt:

@@ -236,7 +236,8 @@ def _online_key(data_dir: Path, bank: str, now: int) -> tuple[Ed25519PublicKey, 
     return ca_public, online, delegation
 
 
-def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKeys, Store]:
+def load_bank(data_dir: Path, now: int, *, connections: int = 1,
+              group_commits: bool = False) -> tuple[BankKeys, Store]:
     """Open a bank's keys and its existing database; the keys announcement is signed afresh.
 
     Reads neither the CA's private key (unless the online announcement key is still to be made)
@@ -254,7 +255,7 @@ def load_bank(data_dir: Path, now: int, *, connections: int = 1) -> tuple[BankKe
     ca_public, online, delegation = _online_key(data_dir, bank, now)
     answer = Ed25519PrivateKey.from_private_bytes((keys_dir / "answer.key").read_bytes())
     sealing = X25519PrivateKey.from_private_bytes((keys_dir / "sealing.key").read_bytes())
-    store = Store(url if path is None else str(path), connections=connections)
+    store = Store(url if path is None else str(path), connections=connections, group_commits=group_commits)
     try:
         store.run_sync(lambda tx: backfill_phases(tx, now))
         infos, phases = store.run_sync(lambda tx: listed_keysets(tx, now))

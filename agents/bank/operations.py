@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 
 from m2mpay.protocol import cose, envelope
 from m2mpay.protocol.certificates import CertificateCache
-from m2mpay.protocol.errors import ErrorCode
+from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import (
     BlockAnswer,
     BlockRequest,
@@ -61,13 +61,16 @@ class Context:
     """Tips of the coins this process is exchanging now: one exchange per coin at a time."""
     restore_budget: SignatureBudget = field(default_factory=SignatureBudget, init=False)
     """Blind signatures this process may still spend on restores (anonymous, ~1 ms of RSA each)."""
+    answer_key: cose.SigningKey = field(init=False)
+    """The bank's answer key, prepared once: every request's answer is signed with it."""
 
     def __post_init__(self) -> None:
         self.certificates = CertificateCache(self.keys.keyring.ca_key, self.keys.bank)
+        self.answer_key = cose.SigningKey.of(self.keys.answer_key)
 
     def sign(self, answer: Message, op: str, digest: bytes) -> bytes:
         """``answer`` signed by the bank over the request's digest."""
-        return envelope.sign_answer(answer, self.keys.answer_key, self.keys.bank, op, request_digest=digest)
+        return envelope.sign_answer(answer, self.answer_key, self.keys.bank, op, request_digest=digest)
 
     def refusal(self, op: str, code: ErrorCode, message: str, req_id: bytes | None, digest: bytes) -> bytes:
         """A signed :class:`ErrorAnswer`; under the context ``error`` when ``op`` is none of ours."""
@@ -109,16 +112,21 @@ def book(ledger: Ledger, outcome: rules.Outcome, *, new: bool, now: int) -> None
 
 def _block(ctx: Context, call: Call[BlockRequest]) -> Steps[bytes]:
     vendor, req_id, digest, now = call.signer, call.request.req_id, call.digest, call.now
-    # A retry gets its first answer even if the window, the certificate or the keyset would
-    # now refuse it: the coin may be blocked under that answer.
-    stored: bytes | None = yield Atomic(lambda tx: remembered(tx, vendor, req_id, digest),
-                                        Rows(answer=(vendor, req_id)))
-    if stored is not None:
-        return stored
     # The request's signature was verified with the vendor's enrolled key: verify_block checks it
     # again only if the certificate names another key.
-    intent = verify_block(call.signed, ctx.keys.keyring, ctx.keys.sealing_key, now, ctx.window, ctx.certificates,
-                          verified_key=call.signer_key)
+    try:
+        intent = verify_block(call.signed, ctx.keys.keyring, ctx.keys.sealing_key, now, ctx.window,
+                              ctx.certificates, verified_key=call.signer_key, request=call.request)
+    except RemoteProtocolError:
+        # A retry gets its first answer even if the window, the certificate or the keyset would
+        # now refuse it: the coin may be blocked under that answer. (Looked up only here: a
+        # retry that passes the checks finds its answer in the booking transaction, and a new
+        # request, nearly every one, costs one transaction instead of two.)
+        stored: bytes | None = yield Atomic(lambda tx: remembered(tx, vendor, req_id, digest),
+                                            Rows(answer=(vendor, req_id)))
+        if stored is not None:
+            return stored
+        raise
     session = ctx.new_session()
 
     def block(tx: Ledger) -> bytes:

@@ -2,7 +2,8 @@
 
 A reconnect loop under the broker-reconnect rule (:class:`~m2mpay.agents.reach.Reconnect`: jittered
 exponential backoff; a login the broker will never accept again ends :func:`serve` with
-:class:`~m2mpay.agents.reach.BrokerRefused`) wraps one connection; inside it a TaskGroup runs
+:class:`~m2mpay.agents.reach.BrokerRefused`) wraps one connection (the bank's own MQTT client,
+:mod:`~m2mpay.agents.bank.link`); inside it a TaskGroup runs
 the request handler and the periodic lapse sweep. The handler takes every request that has
 arrived, lets :class:`~m2mpay.agents.bank.service.BankService` answer each, makes their commits durable
 together, and publishes each answer to its request's Response Topic with its Correlation Data.
@@ -24,15 +25,12 @@ import os
 import uuid
 from dataclasses import dataclass
 
-import aiomqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
-
 from m2mpay.protocol import wire
 
-from ..mqtt import TlsLogin, connect, publish_nowait
+from ..mqtt import TlsLogin
 from ..reach import Reconnect
-from .coalesce import AnswerProperties, coalesce
 from .keys import BankKeys, reannounce
+from .link import Incoming, Link, LinkError, open_link
 from .metrics import BankMetrics, serve_metrics
 from .phases import announced
 from .service import BankService, Reply
@@ -53,9 +51,9 @@ class _Request:
     correlation: bytes
 
 
-def _request(message: aiomqtt.Message, bank: str) -> _Request | None:
+def _request(message: Incoming, bank: str) -> _Request | None:
     """The request a message carries, or ``None`` when nobody can be answered."""
-    topic = message.topic.value
+    topic = message.topic
     op = wire.request_op(bank, topic)
     if op is None:
         return None
@@ -64,13 +62,11 @@ def _request(message: aiomqtt.Message, bank: str) -> _Request | None:
         # never a live request (devices publish without retain), so never answered.
         log.warning("retained request on %r: dropped", topic[:80])
         return None
-    reply_to = getattr(message.properties, "ResponseTopic", None)
-    correlation = getattr(message.properties, "CorrelationData", None) or b""
-    if wire.response_name(bank, reply_to) is None or not isinstance(correlation, (bytes, bytearray)):
+    reply_to = message.response_topic
+    if reply_to is None or wire.response_name(bank, reply_to) is None:
         log.warning("request on %r without a usable Response Topic: dropped", topic[:80])
         return None
-    payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else b""
-    return _Request(op, payload, str(reply_to), bytes(correlation))
+    return _Request(op, message.payload, reply_to, message.correlation or b"")
 
 
 def _destination(request: _Request, reply: Reply, bank: str) -> str | None:
@@ -94,7 +90,23 @@ async def _reply(service: BankService, request: _Request) -> Reply | None:
         return None
 
 
-def _publish(client: aiomqtt.Client, bank: str, requests: list[_Request], replies: list[Reply | None]) -> None:
+def _reply_now(service: BankService, request: _Request) -> Reply | None:
+    try:
+        return service.reply_now(request.op, request.payload)
+    except Exception:  # as in _reply
+        log.exception("no answer to a %r request", request.op[:32])
+        return None
+
+
+async def _replies(service: BankService, requests: list[_Request]) -> list[Reply | None]:
+    """Every request's answer. On PostgreSQL they run concurrently, each waiting on a connection
+    of its own; on SQLite nothing waits, so they run one after the other without a task each."""
+    if service.store.runs_inline:
+        return [_reply_now(service, r) for r in requests]
+    return list(await asyncio.gather(*(_reply(service, r) for r in requests)))
+
+
+def _publish(link: Link, bank: str, requests: list[_Request], replies: list[Reply | None]) -> None:
     """Send each answer. A broken connection ends the batch (the answers are stored; devices retry);
     anything one answer raises ends only that answer."""
     for request, reply in zip(requests, replies, strict=True):
@@ -104,14 +116,14 @@ def _publish(client: aiomqtt.Client, bank: str, requests: list[_Request], replie
         if topic is None:
             continue
         try:
-            publish_nowait(client, topic, reply.answer, AnswerProperties(request.correlation))
-        except aiomqtt.MqttError:
+            link.publish_nowait(topic, reply.answer, correlation=request.correlation)
+        except LinkError:
             raise
         except Exception:
             log.exception("could not publish an answer to %r", topic[:80])
 
 
-def _parse(batch: list[aiomqtt.Message], bank: str) -> list[_Request]:
+def _parse(batch: list[Incoming], bank: str) -> list[_Request]:
     requests = []
     for message in batch:
         try:
@@ -124,12 +136,13 @@ def _parse(batch: list[aiomqtt.Message], bank: str) -> list[_Request]:
     return requests
 
 
-async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: str) -> None:
+async def _answer_batches(link: Link, service: BankService, bank: str) -> None:
     """Take the requests that have arrived, answer them, make their commits durable at once, send.
 
     With one request in flight a batch is that request; under load, the requests that arrived
-    during the previous batch's sync share the next one. Answers go to paho without waiting for
-    the broker's PUBACK (see :func:`~m2mpay.agents.mqtt.publish_nowait`).
+    during the previous batch's sync share the next one. Answers are queued on the link without
+    waiting for the broker's PUBACK: each is stored under its request id, so one lost with the
+    connection is sent again when its device retries.
     """
     syncing = 0
 
@@ -139,27 +152,25 @@ async def _answer_batches(client: aiomqtt.Client, service: BankService, bank: st
             await service.store.durable(mark)
         finally:
             syncing -= 1
-        _publish(client, bank, requests, replies)
+        _publish(link, bank, requests, replies)
 
     async with asyncio.TaskGroup() as group:
-        async for message in client.messages:
-            batch = [message]
-            while len(client.messages) and len(batch) < _BATCH:
-                batch.append(await anext(client.messages))
+        while True:
+            batch = [await link.next()]
+            while len(link) and len(batch) < _BATCH:
+                batch.append(link.take())
             requests = _parse(batch, bank)
-            # Concurrently: on PostgreSQL each waits on its own connection; on SQLite they take
-            # turns on the loop and only their sync is shared.
-            replies = list(await asyncio.gather(*(_reply(service, r) for r in requests)))
+            replies = await _replies(service, requests)
             # Nothing leaves before its commit is on disk. With more requests waiting, the sync
             # runs on its thread while the loop answers them (they share the next one); with
             # none, there is nothing to overlap, and syncing right here saves two thread wake-ups.
-            if len(client.messages) or syncing:
+            if len(link) or syncing:
                 mark = service.store.commits
                 syncing += 1
                 group.create_task(release(mark, requests, replies))
             else:
                 service.store.flush()
-                _publish(client, bank, requests, replies)
+                _publish(link, bank, requests, replies)
 
 
 async def _sweeper(service: BankService, interval: float) -> None:
@@ -173,7 +184,7 @@ async def _sweeper(service: BankService, interval: float) -> None:
             log.exception("lapse sweep failed; retrying at the next interval")
 
 
-async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankService, state: dict[str, bytes],
+async def _announcer(link: Link, keys: BankKeys, service: BankService, state: dict[str, bytes],
                      interval: float) -> None:
     """Republish the keys announcement when the vendors revoked or the keysets' phases in the
     database change.
@@ -192,7 +203,7 @@ async def _announcer(client: aiomqtt.Client, keys: BankKeys, service: BankServic
                       "where the CA key is, then restart the bank", keys.delegation.exp, keys.delegation.exp - now)
             warned = now
         if await _refresh(keys, service, state):
-            await client.publish(wire.keys_topic(keys.bank), state["announcement"], qos=1, retain=True)
+            await link.publish(wire.keys_topic(keys.bank), state["announcement"], retain=True)
 
 
 async def _refresh(keys: BankKeys, service: BankService, state: dict[str, bytes]) -> bool:
@@ -212,7 +223,7 @@ async def _refresh(keys: BankKeys, service: BankService, state: dict[str, bytes]
     return True
 
 
-def _first(group: BaseExceptionGroup[aiomqtt.MqttError]) -> BaseException:
+def _first(group: BaseExceptionGroup[LinkError]) -> BaseException:
     """The first error in a (nested) group, for the log: the TaskGroup inside the connection nests its own."""
     error: BaseException = group
     while isinstance(error, BaseExceptionGroup):
@@ -239,27 +250,25 @@ async def serve(keys: BankKeys, service: BankService, url: str, *,
     while True:
         error: BaseException | str = "the connection ended"
         try:
-            async with connect(url, client_id, tls, max_queued_incoming_messages=10_000) as client:
+            async with open_link(url, client_id, tls) as link:
                 rule.connected()
-                coalesce(client)  # a batch's answers and PUBACKs in one send, reads in bulk
                 if sweep_interval is not None:
                     # One process announces (the one that sweeps): another worker, started before
                     # a revocation, must never put an older list back.
                     await _refresh(keys, service, state)
-                    await client.publish(wire.keys_topic(keys.bank), state["announcement"], qos=1, retain=True)
+                    await link.publish(wire.keys_topic(keys.bank), state["announcement"], retain=True)
                 # Retain Handling 2: a request some device left retained is not handed to a new
                 # worker (Mosquitto 2.0.11 does that for shared subscriptions; later ones don't).
-                await client.subscribe(wire.shared_request_filter(keys.bank),
-                                       options=SubscribeOptions(qos=1, retainHandling=2))
+                await link.subscribe(wire.shared_request_filter(keys.bank), qos=1, retain_handling=2)
                 log.info("bank %s serving on %s (pid %d)", keys.bank, url, os.getpid())
                 if ready is not None:
                     ready.set()
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(_answer_batches(client, service, keys.bank), name="bank-requests")
+                    group.create_task(_answer_batches(link, service, keys.bank), name="bank-requests")
                     if sweep_interval is not None:  # the one process that sweeps also announces
                         group.create_task(_sweeper(service, sweep_interval), name="bank-sweeper")
-                        group.create_task(_announcer(client, keys, service, state, sweep_interval),
+                        group.create_task(_announcer(link, keys, service, state, sweep_interval),
                                           name="bank-announcer")
-        except* aiomqtt.MqttError as group_error:
+        except* LinkError as group_error:
             error = _first(group_error)
         await rule.after(error)  # logs the attempt and waits; a permanent refusal raises

@@ -102,6 +102,10 @@ class _SqliteRoad:
             await self.engine.durable(commit)
         return result
 
+    def run_now(self, fn: Callable[[Tx], T]) -> T:
+        result, _commit = self.engine.transaction(lambda conn: fn(Tx(conn, "sqlite")))
+        return result
+
     def flush(self) -> None:
         self.engine.sync(self.engine.commits)
 
@@ -157,13 +161,16 @@ class _PgRoad:
 
 class Store:
     """A bank database. ``url`` is a SQLite file path (or ``sqlite:///path``, or ``:memory:`` for
-    tests) or ``postgresql://…``."""
+    tests) or ``postgresql://…``. ``group_commits``: on SQLite, the transactions between two syncs
+    share one commit (for the one process that serves a SQLite bank: see
+    :mod:`~m2mpay.agents.bank.sqlite`)."""
 
-    def __init__(self, url: str, *, connections: int = 1) -> None:
+    def __init__(self, url: str, *, connections: int = 1, group_commits: bool = False) -> None:
         self.url = url
         self.dialect = "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
         self._road: _SqliteRoad | _PgRoad = (_PgRoad(PgEngine(url, connections)) if self.dialect == "postgresql"
-                                             else _SqliteRoad(SqliteEngine(url.removeprefix("sqlite:///"))))
+                                             else _SqliteRoad(SqliteEngine(url.removeprefix("sqlite:///"),
+                                                                       group_commits=group_commits)))
         self.run_sync(_migrate)
 
     @property
@@ -174,6 +181,19 @@ class Store:
     def run_sync(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in one transaction and wait until it is durable (for commands, not the event loop)."""
         return self._road.run_sync(fn)
+
+    @property
+    def runs_inline(self) -> bool:
+        """Whether :meth:`run_now` works here: SQLite runs a transaction on the caller's thread."""
+        return isinstance(self._road, _SqliteRoad)
+
+    def run_now(self, fn: Callable[[Tx], T]) -> T:
+        """:meth:`run` with ``defer_sync``, without an event loop's turn: on SQLite only
+        (:attr:`runs_inline`), where nothing in a transaction waits. Call :meth:`flush` (or await
+        :meth:`durable`) before anything it returned leaves the process."""
+        if not isinstance(self._road, _SqliteRoad):
+            raise TypeError("run_now is for SQLite: PostgreSQL waits for its server")
+        return self._road.run_now(fn)
 
     async def run(self, fn: Callable[[Tx], T], *, defer_sync: bool = False, rows: Rows | None = None) -> T:
         """Run ``fn`` in one transaction; return once it is durable.

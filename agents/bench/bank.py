@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from m2mpay.agents.bank import admin
-from m2mpay.agents.bank.coalesce import AnswerProperties, coalesce
-from m2mpay.agents.mqtt import BankClient, connect
+from m2mpay.agents.bank.link import open_link
+from .coalesce import AnswerProperties, coalesce
+from m2mpay.agents.mqtt import BankClient, connect, publish_nowait
 from m2mpay.broker.launcher import Mosquitto
 from m2mpay.protocol import wire
 from m2mpay.protocol.errors import ProtocolError
@@ -48,18 +49,34 @@ from m2mpay.protocol.rules import wallet
 
 IN_FLIGHT = (1, 32)
 ECHO_BANK = "echo"  # the echo answers as if it were a bank of this name, on that bank's topics
+STOCK_ECHO_BANK = "stock-echo"  # the echo on the stock client, on its own topics
 ROUNDS = 3
 
 
 async def echo_server(url: str, ready: asyncio.Event) -> None:
-    async with connect(url, "echo-server") as client:
-        coalesce(client)  # reads and writes in bulk, as the bank's connection does
-        await client.subscribe(wire.request_filter(ECHO_BANK), qos=1)
+    """Answer every request with its own bytes, over the bank's own MQTT client and as the bank
+    sends (QoS 1, no wait for the PUBACK, what one turn of the loop queued in one write)."""
+    async with open_link(url, "echo-server") as link:
+        await link.subscribe(wire.request_filter(ECHO_BANK), qos=1)
+        ready.set()
+        while True:
+            message = await link.next()
+            if message.response_topic is not None:
+                link.publish_nowait(message.response_topic, message.payload, correlation=message.correlation or b"")
+
+
+async def stock_echo_server(url: str, ready: asyncio.Event) -> None:
+    """The same echo on the stock client devices use (aiomqtt over paho), reading and writing in
+    bulk and not waiting for PUBACKs: the baseline the bank's goals were first set against."""
+    async with connect(url, "stock-echo-server", max_queued_incoming_messages=10_000) as client:
+        coalesce(client)
+        await client.subscribe(wire.request_filter(STOCK_ECHO_BANK), qos=1)
         ready.set()
         async for message in client.messages:
             reply = getattr(message.properties, "ResponseTopic", None)
             correlation = getattr(message.properties, "CorrelationData", b"")
-            await client.publish(str(reply), message.payload, qos=1, properties=AnswerProperties(bytes(correlation)))
+            if reply is not None:
+                publish_nowait(client, str(reply), bytes(message.payload), AnswerProperties(bytes(correlation)))
 
 
 async def run_lanes(clients: list[BankClient], op: str, requests: list[bytes], in_flight: int,
@@ -87,9 +104,9 @@ async def run_lanes(clients: list[BankClient], op: str, requests: list[bytes], i
     return answers
 
 
-async def serve_echo(url: str) -> None:
+async def serve_echo(url: str, stock: bool) -> None:
     ready = asyncio.Event()
-    task = asyncio.create_task(echo_server(url, ready))
+    task = asyncio.create_task((stock_echo_server if stock else echo_server)(url, ready))
     await ready.wait()
     print("ready", flush=True)
     await task
@@ -100,10 +117,12 @@ class BankRun:
     """One configuration's figures: medians over the rounds, CPU summed over them."""
 
     rate: float
-    echo: float
+    echo: float  # the echo on the bank's own MQTT client
+    stock_echo: float  # the echo on the stock client (aiomqtt over paho)
     withdraw_rate: float
     cpu: dict[str, float]  # ms of CPU per bank request, by process group
     echo_cpu: dict[str, float]  # the same for the echo's requests
+    stock_echo_cpu: dict[str, float]
     busy: float  # the machine's busy share during the bank's waves
     locks: dict[str, Any] | None  # PostgreSQL: lock waits seen during the bank's waves
 
@@ -124,36 +143,42 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
     """Bank requests/s, echo requests/s and withdrawn coins/s for one database, with where the
     CPU went.
 
-    The echo is answered by its own process, as the bank is, through the same broker, with the
-    same number of requests in flight, sent the bank's very requests in the same two waves.
+    Each echo is answered by its own process, as the bank is, through the same broker, with the
+    same number of requests in flight, sent the bank's very requests in the same two waves: one on
+    the bank's own MQTT client, one on the stock client.
     """
     work = Path(tempfile.mkdtemp(prefix="m2mpay-bench-"))
     world = BankDriver.create(work, db_url)
     keys, store = world.keys, world.store
     user = world.user("payer", deposit=10**9)
     vendors = [world.vendor(f"v{i}") for i in range(4)]
-    async with connect(url, f"bench-clear-{secrets.token_hex(3)}") as clear:  # forget an earlier run's keys
-        await clear.publish(wire.keys_topic(BANK), b"", qos=1, retain=True)
+    async with open_link(url, f"bench-clear-{secrets.token_hex(3)}") as clear:  # forget an earlier run's keys
+        await clear.publish(wire.keys_topic(BANK), b"", retain=True)
     # The bank runs as it is deployed: its own process, so it does not share a GIL with the load.
     # Popen only starts them (no wait): fine on the event loop.
     server = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.cli", "bank", "serve",  # noqa: ASYNC220 - starts, no wait
                                "--data", str(work / "bank"), "--broker", url, "--workers", str(workers)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    echo = subprocess.Popen([sys.executable, "-m", "m2mpay.agents.bench.bank",  # noqa: ASYNC220 - starts, no wait
-                             "--serve-echo", url], stdout=subprocess.PIPE)
-    clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
-    echo_clients = [BankClient(url, ECHO_BANK, f"echo-{i}-{secrets.token_hex(3)}") for i in range(min(in_flight, 4))]
-    for c in clients + echo_clients:
+    echo, stock = (subprocess.Popen([sys.executable, "-m", "m2mpay.agents.bench.bank",  # noqa: ASYNC220 - starts, no wait
+                                     "--serve-echo", url, *extra], stdout=subprocess.PIPE)
+                   for extra in ([], ["--stock"]))
+    connections = range(min(in_flight, 4))
+    clients = [BankClient(url, BANK, f"bench-{i}-{secrets.token_hex(3)}") for i in connections]
+    echo_clients = [BankClient(url, ECHO_BANK, f"echo-{i}-{secrets.token_hex(3)}") for i in connections]
+    stock_clients = [BankClient(url, STOCK_ECHO_BANK, f"stock-{i}-{secrets.token_hex(3)}") for i in connections]
+    for c in clients + echo_clients + stock_clients:
         await c.__aenter__()
     groups = {"bank": lambda: children(server.pid), "load": lambda: [os.getpid()],
               "echo": lambda: [echo.pid], "broker": lambda: [] if broker_pid is None else [broker_pid],
               "postgres": lambda: named("postgres") if store.dialect == "postgresql" else []}
     bank_cpu, echo_cpu = CpuMeter(groups), CpuMeter(groups)
+    stock_cpu = CpuMeter({**groups, "echo": lambda: [stock.pid]})
     locks = LockWatch(db_url) if store.dialect == "postgresql" else None
     try:
-        out = echo.stdout  # a pipe (stdout=PIPE above): None never happens
-        if out is None or (await asyncio.to_thread(out.readline)).strip() != b"ready":
-            raise SystemExit("the echo server did not start")
+        for process in (echo, stock):
+            out = process.stdout  # a pipe (stdout=PIPE above): None never happens
+            if out is None or (await asyncio.to_thread(out.readline)).strip() != b"ready":
+                raise SystemExit("the echo server did not start")
         await clients[0].keys(timeout=30)  # retained by the bank once it serves
         world.send = clients[0].request
         # Withdrawals of 32 coins each, several in flight (as several users would), so that every
@@ -186,7 +211,10 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
         # Bank and echo take turns, ROUNDS times, and the medians are compared: this machine's
         # speed drifts between seconds, and a drift should not land on one side only. Every
         # answer is verified; one that does not verify fails the run.
-        bank_rates, echo_rates, failures = [], [], 0
+        bank_rates: list[float] = []
+        echo_rates: list[float] = []
+        stock_rates: list[float] = []
+        failures = 0
         for r in range(ROUNDS):
             chunk = prepared[r::ROUNDS]
             blocks = [signed for _, _, signed in chunk]
@@ -219,27 +247,30 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
                     failures += 1
             # The echo gets the very bytes the bank got, in the same two waves: same sizes, same
             # topics' lengths, and its clients read the same signers from them.
-            echo_cpu.start()
-            start = time.perf_counter()
-            await run_lanes(echo_clients, "block", blocks, in_flight, owners)
-            await run_lanes(echo_clients, "settle", settles, in_flight, settle_owners)
-            echo_rates.append((len(blocks) + len(settles)) / (time.perf_counter() - start))
-            echo_cpu.stop()
+            for meter, lane_clients, rates in ((echo_cpu, echo_clients, echo_rates),
+                                               (stock_cpu, stock_clients, stock_rates)):
+                meter.start()
+                start = time.perf_counter()
+                await run_lanes(lane_clients, "block", blocks, in_flight, owners)
+                await run_lanes(lane_clients, "settle", settles, in_flight, settle_owners)
+                rates.append((len(blocks) + len(settles)) / (time.perf_counter() - start))
+                meter.stop()
         if failures:
             raise SystemExit(f"{failures} answers of the bank did not verify")
         report = admin.audit(store)
         if not report.ok:
             raise SystemExit(f"audit failed after the benchmark: {report.problems}")
         requests = 2 * len(prepared)  # over all rounds, as the CPU was summed
-        return BankRun(statistics.median(bank_rates), statistics.median(echo_rates), withdraw_rate,
-                       bank_cpu.per_request(requests), echo_cpu.per_request(requests), bank_cpu.utilisation,
+        return BankRun(statistics.median(bank_rates), statistics.median(echo_rates), statistics.median(stock_rates),
+                       withdraw_rate, bank_cpu.per_request(requests), echo_cpu.per_request(requests),
+                       stock_cpu.per_request(requests), bank_cpu.utilisation,
                        None if locks is None else locks.summary())
     finally:
         if locks is not None:
             locks.close()
-        for c in clients + echo_clients:
+        for c in clients + echo_clients + stock_clients:
             await c.__aexit__(None, None, None)
-        for process in (server, echo):
+        for process in (server, echo, stock):
             process.terminate()
             process.wait(10)
         store.close()
@@ -311,8 +342,9 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
     with Mosquitto(Path(tempfile.mkdtemp(prefix="m2mpay-broker-"))) as broker:
         print(f"broker {broker.url}; {spends} spends per run")
         cores = os.cpu_count() or 1
+        print("echo: on the bank's own MQTT client; stock echo: on aiomqtt over paho (the devices' client)")
         print(f"{'db':10} {'workers':>7} {'in flight':>9} {'bank req/s':>11} {'echo req/s':>11} {'ratio':>6} "
-              f"{'spends/s':>9} {'withdraw coins/s':>16}")
+              f"{'stock echo':>11} {'ratio':>6} {'spends/s':>9} {'withdraw coins/s':>16}")
         for db, workers, in_flight in only or configurations(quick, pg is not None, cores):
             db_url = (str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite"
                       else pg_database(pg or ""))
@@ -320,12 +352,12 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
                 continue
             run = await bank_rate(broker.url, db_url, spends, in_flight, workers,
                                   broker.process.pid if broker.process else None)
-            rate, echo = run.rate, run.echo
+            rate, echo, stock = run.rate, run.echo, run.stock_echo
             print(f"{db:10} {workers:7d} {in_flight:9d} {rate:11,.0f} {echo:11,.0f} {rate / echo:6.2f} "
-                  f"{rate / 2:9,.0f} {run.withdraw_rate:16,.0f}")
+                  f"{stock:11,.0f} {rate / stock:6.2f} {rate / 2:9,.0f} {run.withdraw_rate:16,.0f}")
             if run.cpu:
                 print(f"{'':10} CPU ms per request: {_shares(run.cpu)}; machine busy {run.busy:.0%}"
-                      f" (echo: {_shares(run.echo_cpu)})")
+                      f" (echo: {_shares(run.echo_cpu)}; stock echo: {_shares(run.stock_echo_cpu)})")
             if run.locks is not None:
                 doing = ", ".join(f"{k} {share:.0%}" for k, share in list(run.locks["doing"].items())[:4])
                 print(f"{'':10} PostgreSQL: {run.locks['active_per_sample']:.1f} statements running per sample, "
@@ -336,9 +368,11 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
             withdraw_rates.append(run.withdraw_rate)
             results[f"{db}/{workers}w/{in_flight}"] = {
                 "db": db, "workers": workers, "in_flight": in_flight, "bank_req_per_s": rate,
-                "echo_req_per_s": echo, "ratio": rate / echo, "spends_per_s": rate / 2,
+                "echo_req_per_s": echo, "ratio": rate / echo, "stock_echo_req_per_s": stock,
+                "stock_ratio": rate / stock, "spends_per_s": rate / 2,
                 "withdraw_coins_per_s": run.withdraw_rate, "cpu_ms_per_request": run.cpu,
-                "echo_cpu_ms_per_request": run.echo_cpu, "machine_busy": run.busy, "locks": run.locks}
+                "echo_cpu_ms_per_request": run.echo_cpu, "stock_echo_cpu_ms_per_request": run.stock_echo_cpu,
+                "machine_busy": run.busy, "locks": run.locks}
         lapses = {}
         for db in ("sqlite", "postgresql") if pg is not None else ("sqlite",):
             db_url = str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite" else pg_database(pg or "")
@@ -371,9 +405,10 @@ def main() -> int:
     parser.add_argument("--config", action="append", type=_config, metavar="DB:WORKERS:IN_FLIGHT",
                         help="measure only this configuration, e.g. postgresql:2:32 (repeatable)")
     parser.add_argument("--serve-echo", metavar="URL", help=argparse.SUPPRESS)  # the baseline's own process
+    parser.add_argument("--stock", action="store_true", help=argparse.SUPPRESS)  # ... on the stock client
     args = parser.parse_args()
     if args.serve_echo:
-        asyncio.run(serve_echo(args.serve_echo))
+        asyncio.run(serve_echo(args.serve_echo, args.stock))
         return 0
     results = asyncio.run(run(args.spends, args.pg or None, only=args.config))
     if args.json:

@@ -120,9 +120,13 @@ def summary(results: dict[str, Any]) -> Table:
                 continue
             goal = GOALS["bank"] if r["db"] == "sqlite" else (
                 GOALS["bank_pg"] if r["workers"] == 1 and r["in_flight"] > 1 else None)
+            # The goals were set against an echo on the stock client (aiomqtt over paho); the echo
+            # on the bank's own client shows how far the transport itself would go.
             _row(table, f"bank {r['db']}, {r['workers']} proc, {r['in_flight']} in flight",
                  f"{r['bank_req_per_s']:,.0f} req/s ({r['spends_per_s']:,.0f} spends/s)",
-                 f"MQTT v5 echo {r['echo_req_per_s']:,.0f} req/s", r["ratio"], goal)
+                 f"MQTT v5 echo, stock client {r['stock_echo_req_per_s']:,.0f} req/s", r["stock_ratio"], goal)
+            _row(table, "  the same beside the echo on the bank's own client", "",
+                 f"MQTT v5 echo {r['echo_req_per_s']:,.0f} req/s", r["ratio"], None)
         for r in results["bank"].values():
             one = results["bank"].get(f"{r.get('db')}/1w/{r.get('in_flight')}")
             if r.get("db") == "postgresql" and r["workers"] > 1 and one is not None:
@@ -195,7 +199,7 @@ def _chart(results: dict[str, Any], path: Path, console: Console) -> None:
             goals.append(GOALS["withdraw"])
         else:
             labels.append(f"bank {r['db']} {r['workers']}p {r['in_flight']}f")
-            ratios.append(r["ratio"])
+            ratios.append(r["stock_ratio"])  # the goals' echo: see summary()
             goals.append(GOALS["bank"] if r["db"] == "sqlite" else
                          GOALS["bank_pg"] if r["workers"] == 1 and r["in_flight"] > 1 else float("nan"))
     if "pay" in results:

@@ -88,12 +88,12 @@ class BankDriver:
 
     @classmethod
     def create(cls, directory: Path, db_url: str | None, *, now: int | None = None,
-               bank: str = BANK) -> Self:
+               bank: str = BANK, group_commits: bool = False) -> Self:
         """A new bank ``bank`` in ``directory / "bank"`` (one keyset of 100 one-unit tokens), clock at
-        ``now`` (the real time when ``None``)."""
+        ``now`` (the real time when ``None``); ``group_commits`` as ``bank serve`` with one process."""
         clock = Clock(int(time.time()) if now is None else now)
         init_bank(directory / "bank", bank, db_url, clock.now, keysets=((100, 100),))
-        keys, store = load_bank(directory / "bank", clock.now, connections=2)
+        keys, store = load_bank(directory / "bank", clock.now, connections=2, group_commits=group_commits)
         return cls(keys=keys, store=store, service=BankService(keys, store, clock=clock), clock=clock,
                    directory=directory)
 

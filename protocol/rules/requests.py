@@ -69,6 +69,7 @@ def verify_block(
     window: BlockWindow,
     certificates: CertificateCache | None = None,
     verified_key: bytes | None = None,
+    request: BlockRequest | None = None,
 ) -> BlockIntent:
     """Everything DESIGN.md §4 asks of a block before the coin's record is touched.
 
@@ -76,9 +77,11 @@ def verify_block(
     keyset and signature, the sealed authorization opened and matching tip, ``T``, nonce and
     beneficiary, and ``T`` inside the window. ``verified_key``: the raw Ed25519 key that has
     already verified ``signed`` (the bank's record of the vendor); when the certificate certifies
-    that very key, the same signature is not verified a second time.
+    that very key, the same signature is not verified a second time. ``request``: the payload,
+    when the caller has decoded it already (it must be ``signed``'s own).
     """
-    request = BlockRequest.decode(signed.payload)
+    if request is None:
+        request = BlockRequest.decode(signed.payload)
     if certificates is not None:
         cert = certificates.verify(request.cert, now)
     else:

@@ -29,6 +29,7 @@ from paho.mqtt.properties import Properties
 from m2mpay.agents.bank import admin
 from m2mpay.agents.bank.keys import load_bank, retire_keyset
 from m2mpay.agents.bank.metrics import BankMetrics
+from m2mpay.agents.bank.postgresql import PgEngine
 from m2mpay.agents.bank.server import serve
 from m2mpay.agents.bank.service import BankService, Reply
 from m2mpay.agents.mqtt import BankClient, broker_address
@@ -186,6 +187,43 @@ async def test_retried_block_gets_stored_answer_after_window(world: BankWorld) -
     world.clock.now += 595  # 5 s before T: a new block with this deadline would be refused (window)
     again = await world.send("block", signed)
     assert again == first
+
+
+async def test_a_retried_block_gets_its_first_answer_even_once_refused(world: BankWorld) -> None:
+    """A retry that passes the checks finds its answer where the block is booked; one the checks
+    now refuse (a year on: certificate and deadline both) finds it before the refusal leaves.
+    Neither books anything again."""
+    user, vendor = world.user("alice"), world.vendor("meter")
+    (wc,) = await world.withdraw(user)
+    wc, _, signed = world.session(vendor, wc)
+    first = await world.send("block", signed)
+    assert isinstance(world.open(first, "block", BlockAnswer, request=signed), BlockAnswer)
+    books = admin.audit(world.store)
+    assert await world.send("block", signed) == first
+    assert admin.audit(world.store) == books
+    world.clock.now += 366 * 86400
+    assert await world.send("block", signed) == first
+    assert admin.audit(world.store) == books and books.ok
+
+
+async def test_a_new_block_is_one_transaction(world: BankWorld) -> None:
+    """The stored-answer lookup rides in the booking transaction: a block costs one, not two."""
+    user, vendor = world.user("alice"), world.vendor("meter")
+    coins = await world.withdraw(user, 2)
+    await world.block(vendor, coins[0])  # the vendor's key is read once, then kept
+    engine = world.store.engine
+    if isinstance(engine, PgEngine):  # one transaction on the fast road: two round trips
+        before = engine.round_trips
+        await world.block(vendor, coins[1])
+        assert engine.round_trips - before == 2
+        return
+    begun: list[str] = []
+    engine._conn.set_trace_callback(lambda sql: begun.append(sql) if sql.startswith("BEGIN") else None)
+    try:
+        await world.block(vendor, coins[1])
+    finally:
+        engine._conn.set_trace_callback(None)
+    assert begun == ["BEGIN IMMEDIATE"]
 
 
 async def test_status_only_for_coins_the_vendor_blocked(world: BankWorld) -> None:
