@@ -41,6 +41,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from .mqtt import TlsLogin, TransportError, broker_address
+from .mqtt_packets import CONNECT, packet, text
 
 __all__ = ["Backoff", "BrokerRefused", "Reconnect", "probe_login", "wait_for_broker"]
 
@@ -64,24 +65,10 @@ class _Transient(Exception):
     """Worth trying again."""
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return struct.pack("!H", len(data)) + data
-
-
 def _connect_packet(client_id: str) -> bytes:
     """MQTT v5 CONNECT: clean start, a username (the certificate's name replaces it), no properties."""
-    body = _text("MQTT") + bytes([5, 0x82]) + struct.pack("!H", 10) + b"\x00" + _text(client_id) + _text(client_id)
-    return b"\x10" + _varint(len(body)) + body
+    body = text("MQTT") + bytes([5, 0x82]) + struct.pack("!H", 10) + b"\x00" + text(client_id) + text(client_id)
+    return packet(CONNECT, body)
 
 
 _CONNACK_MAX = 65536
@@ -243,11 +230,15 @@ class Reconnect:
         self.backoff = Backoff(first, cap)
         self._sleep, self._clock = sleep, clock
         self._since: float | None = None
+        self._away = False  # a loss or a failed attempt was logged: the next connection is said
         self._client_id = _probe_id()
 
     def connected(self) -> None:
         """The broker accepted the connection (its CONNACK came)."""
         self._since = self._clock()
+        if self._away:
+            self._away = False
+            log.info("%s: broker connection restored", self.what)
 
     async def judge(self, error: BaseException | str) -> str:
         """Log in once to judge a failed attempt: why it failed, when another attempt may pass.
@@ -266,6 +257,7 @@ class Reconnect:
         Raises :class:`BrokerRefused` instead when the attempt failed and the broker will never
         accept this login. A connection that was up is not judged: the next attempt will be.
         """
+        self._away = True
         if self._since is not None:
             if self._clock() - self._since >= _STABLE:
                 self.backoff.reset()

@@ -14,7 +14,8 @@ none), no will, no session kept across connections (devices retry and the bank a
 store). Receive Maximum is honoured: answers past the broker's limit wait for a PUBACK. Packets
 larger than :data:`MAX_PACKET` are not sent to us (we say so in CONNECT). Whatever the broker
 sends that this subset does not expect ends the connection with a :class:`LinkError`, and the
-serve loop connects again; so does silence past the keepalive.
+serve loop connects again; so does silence past the keepalive. The packets themselves, bytes
+in and out, are :mod:`~m2mpay.agents.mqtt_packets`.
 """
 
 from __future__ import annotations
@@ -27,136 +28,20 @@ import ssl
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import cast
 
-from ..mqtt import TlsLogin, TransportError, broker_address
+from ..mqtt import TlsLogin, broker_address
+from ..mqtt_packets import (CONNACK, CONNECT, DISCONNECT, MAX_PACKET, MAXIMUM_PACKET, PINGREQ, PINGRESP,
+                      PUBACK, PUBLISH, RECEIVE_MAXIMUM, SUBACK, SUBSCRIBE, Incoming, LinkError,
+                      frame, incoming, packet, properties, text, varint)
 
 __all__ = ["MAX_PACKET", "Incoming", "Link", "LinkError", "open_link"]
 
 log = logging.getLogger(__name__)
 
-MAX_PACKET = 1 << 20
-"""Largest packet the broker may send us (a withdrawal of 64 coins is ~17 kB)."""
 KEEPALIVE = 60
 _WAIT = 10.0  # CONNACK, SUBACK, a PUBACK waited for
 _QUEUE = 10_000  # requests received and not yet taken: past this, dropped (the devices retry)
-_CONNECT, _CONNACK, _PUBLISH, _PUBACK = 0x10, 0x20, 0x30, 0x40
-_SUBSCRIBE, _SUBACK, _PINGREQ, _PINGRESP, _DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
-_RESPONSE_TOPIC, _CORRELATION, _RECEIVE_MAXIMUM, _MAXIMUM_PACKET = 0x08, 0x09, 0x21, 0x27
-
-# How long each property's value is (MQTT v5 §2.2.2.2): a fixed width, or a kind of its own.
-_BYTE, _TWO, _FOUR, _VARINT, _TEXT, _BINARY, _PAIR = 1, 2, 4, -1, -2, -3, -4
-_PROPERTY = {0x01: _BYTE, 0x02: _FOUR, 0x03: _TEXT, 0x08: _TEXT, 0x09: _BINARY, 0x0B: _VARINT, 0x11: _FOUR,
-             0x12: _TEXT, 0x13: _TWO, 0x15: _TEXT, 0x16: _BINARY, 0x17: _BYTE, 0x18: _FOUR, 0x19: _BYTE,
-             0x1A: _TEXT, 0x1C: _TEXT, 0x1F: _TEXT, 0x21: _TWO, 0x22: _TWO, 0x23: _TWO, 0x24: _BYTE,
-             0x25: _BYTE, 0x26: _PAIR, 0x27: _FOUR, 0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE}
-
-
-class LinkError(TransportError):
-    """The connection failed, ended, or the broker sent what this client does not take."""
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A PUBLISH the broker delivered: its topic, payload, retain flag and the two properties a
-    request carries (``None`` when absent)."""
-
-    topic: str
-    payload: bytes
-    retain: bool
-    response_topic: str | None
-    correlation: bytes | None
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _text(value: str) -> bytes:
-    data = value.encode()
-    return len(data).to_bytes(2, "big") + data
-
-
-def _packet(kind: int, body: bytes) -> bytes:
-    return bytes((kind,)) + _varint(len(body)) + body
-
-
-def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
-    """A Variable Byte Integer at ``pos`` (at most four bytes); its value and the next position."""
-    value, shift = 0, 0
-    for i in range(4):
-        if pos + i >= end:
-            raise LinkError("truncated variable byte integer")
-        byte = data[pos + i]
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos + i + 1
-        shift += 7
-    raise LinkError("variable byte integer longer than four bytes")
-
-
-def _frame(buffer: bytearray, pos: int, size: int) -> tuple[int, int] | None:
-    """Where the body of the packet at ``pos`` starts and ends, or ``None`` while it is incomplete."""
-    length, shift = 0, 0
-    for i in range(1, 5):
-        if pos + i >= size:
-            return None
-        byte = buffer[pos + i]
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            if length > MAX_PACKET:
-                raise LinkError(f"a packet of {length} bytes (at most {MAX_PACKET})")
-            body = pos + i + 1
-            return (body, body + length) if body + length <= size else None
-        shift += 7
-    raise LinkError("a remaining length longer than four bytes")
-
-
-def _properties(data: bytes, pos: int, end: int) -> tuple[dict[int, object], int]:
-    """The properties at ``pos`` (length first); the ones read by value and the position after."""
-    length, pos = _read_varint(data, pos, end)
-    stop = pos + length
-    if stop > end:
-        raise LinkError("properties longer than their packet")
-    found: dict[int, object] = {}
-    while pos < stop:
-        ident = data[pos]
-        kind = _PROPERTY.get(ident)
-        pos += 1
-        if kind is None:
-            raise LinkError(f"unknown property 0x{ident:02x}")
-        if kind > 0:
-            value: object = int.from_bytes(data[pos:pos + kind], "big")
-            pos += kind
-        elif kind == _VARINT:
-            value, pos = _read_varint(data, pos, stop)
-        else:
-            size = int.from_bytes(data[pos:pos + 2], "big")
-            value = data[pos + 2:pos + 2 + size]
-            pos += 2 + size
-            if kind == _PAIR:
-                size = int.from_bytes(data[pos:pos + 2], "big")
-                pos += 2 + size
-        if pos > stop:
-            raise LinkError("property longer than its properties")
-        found[ident] = value
-    return found, stop
-
-
-def _incoming(body: bytes, first: int, topic_size: int, pos: int) -> Incoming:
-    """The PUBLISH whose properties start at ``pos``."""
-    topic = body[2:2 + topic_size].decode()
-    found, pos = _properties(body, pos, len(body))
-    reply, correlation = found.get(_RESPONSE_TOPIC), found.get(_CORRELATION)
-    return Incoming(topic, body[pos:], bool(first & 0x01),
-                    bytes(reply).decode() if isinstance(reply, (bytes, bytearray)) else None,
-                    bytes(correlation) if isinstance(correlation, (bytes, bytearray)) else None)
 
 
 class Link(asyncio.Protocol):
@@ -195,7 +80,7 @@ class Link(asyncio.Protocol):
         pos, size = 0, len(buffer)
         try:
             while True:
-                framed = _frame(buffer, pos, size)
+                framed = frame(buffer, pos, size)
                 if framed is None:
                     break  # the rest of the packet is still on its way
                 body, end = framed
@@ -216,19 +101,19 @@ class Link(asyncio.Protocol):
 
     def _handle(self, first: int, body: bytes) -> None:
         kind = first & 0xF0
-        if kind == _PUBLISH:
+        if kind == PUBLISH:
             self._publish_received(first, body)
-        elif kind == _PUBACK:
+        elif kind == PUBACK:
             self._puback(body)
-        elif kind == _CONNACK:
+        elif kind == CONNACK:
             self._connack_received(body)
-        elif kind == _SUBACK:
+        elif kind == SUBACK:
             packet_id = int.from_bytes(body[:2], "big")
-            _, pos = _properties(body, 2, len(body))
+            _, pos = properties(body, 2, len(body))
             self._settle(packet_id, body[pos] if pos < len(body) else 0x80)
-        elif kind == _PINGRESP:
+        elif kind == PINGRESP:
             pass
-        elif kind == _DISCONNECT:
+        elif kind == DISCONNECT:
             reason = body[0] if body else 0
             raise LinkError(f"the broker disconnected us (reason 0x{reason:02x})")
         else:
@@ -245,7 +130,7 @@ class Link(asyncio.Protocol):
             self._schedule_flush()
             pos += 2
         try:
-            incoming = _incoming(body, first, size, pos)
+            message = incoming(body, first, size, pos)
         except (LinkError, UnicodeDecodeError, IndexError) as exc:  # one message, not the connection
             log.warning("unreadable PUBLISH from the broker (%s): dropped", exc)
             return
@@ -254,7 +139,7 @@ class Link(asyncio.Protocol):
             if self._dropped == 1 or self._dropped % 1000 == 0:
                 log.warning("%d request(s) dropped: %d waiting already", self._dropped, _QUEUE)
             return
-        self._incoming.append(incoming)
+        self._incoming.append(message)
 
     def _puback(self, body: bytes) -> None:
         packet_id = int.from_bytes(body[:2], "big")
@@ -273,7 +158,7 @@ class Link(asyncio.Protocol):
     def _connack_received(self, body: bytes) -> None:
         if len(body) < 2:
             raise LinkError("short CONNACK")
-        found, _ = _properties(body, 2, len(body))
+        found, _ = properties(body, 2, len(body))
         if not self._connack.done():
             self._connack.set_result((body[1], found))
 
@@ -330,9 +215,9 @@ class Link(asyncio.Protocol):
         self._check()
         properties = b"" if correlation is None else b"\x09" + len(correlation).to_bytes(2, "big") + correlation
         packet_id = self._packet_id() if qos else 0
-        head = _text(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + _varint(len(properties))
-        packet = b"".join((bytes((_PUBLISH | qos << 1 | int(retain),)),
-                           _varint(len(head) + len(properties) + len(payload)), head, properties, payload))
+        head = text(topic) + (packet_id.to_bytes(2, "big") if qos else b"") + varint(len(properties))
+        packet = b"".join((bytes((PUBLISH | qos << 1 | int(retain),)),
+                           varint(len(head) + len(properties) + len(payload)), head, properties, payload))
         if qos and len(self._inflight) >= self._receive_maximum:
             self._held.append((packet_id, packet))  # sent when the broker acknowledges another
             return packet_id
@@ -354,9 +239,9 @@ class Link(asyncio.Protocol):
         """Subscribe and wait for the SUBACK; :class:`LinkError` if the broker refused."""
         self._check()
         packet_id = self._packet_id()
-        body = packet_id.to_bytes(2, "big") + b"\x00" + _text(topic_filter) + bytes((qos | retain_handling << 4,))
+        body = packet_id.to_bytes(2, "big") + b"\x00" + text(topic_filter) + bytes((qos | retain_handling << 4,))
         waiter = self._waiter(packet_id)
-        self._out.append(_packet(_SUBSCRIBE, body))
+        self._out.append(packet(SUBSCRIBE, body))
         self._schedule_flush()
         reason = await self._wait(waiter, timeout, f"SUBACK for {topic_filter[:60]!r}")
         if reason >= 0x80:
@@ -401,10 +286,10 @@ class Link(asyncio.Protocol):
     # the connection's life ----------------------------------------------------------------------
 
     async def _handshake(self, client_id: str, username: str, keepalive: int, timeout: float) -> None:
-        properties = _varint(5) + bytes((_MAXIMUM_PACKET,)) + MAX_PACKET.to_bytes(4, "big")
-        body = (_text("MQTT") + bytes((5, 0x82)) + keepalive.to_bytes(2, "big") + properties + _text(client_id)
-                + _text(username))
-        self._out.append(_packet(_CONNECT, body))
+        properties = varint(5) + bytes((MAXIMUM_PACKET,)) + MAX_PACKET.to_bytes(4, "big")
+        body = (text("MQTT") + bytes((5, 0x82)) + keepalive.to_bytes(2, "big") + properties + text(client_id)
+                + text(username))
+        self._out.append(packet(CONNECT, body))
         self.flush()
         try:
             reason, found = await asyncio.wait_for(self._connack, timeout)
@@ -412,7 +297,7 @@ class Link(asyncio.Protocol):
             raise LinkError(f"no CONNACK within {timeout:g} s") from None
         if reason != 0:
             raise LinkError(f"the broker refused the connection (reason 0x{reason:02x})")
-        maximum = found.get(_RECEIVE_MAXIMUM)
+        maximum = found.get(RECEIVE_MAXIMUM)
         if isinstance(maximum, int) and maximum > 0:
             self._receive_maximum = maximum
 
@@ -424,13 +309,13 @@ class Link(asyncio.Protocol):
             if now - self.last_in > 1.5 * keepalive:
                 self._fail(LinkError(f"nothing from the broker in {1.5 * keepalive:g} s"))
             elif now - self.last_out >= keepalive / 2:
-                self._out.append(bytes((_PINGREQ, 0)))
+                self._out.append(bytes((PINGREQ, 0)))
                 self.flush()
 
     def close(self) -> None:
         """Say goodbye (DISCONNECT, normal) and close; answers queued this turn go first."""
         if self._transport is not None and self._error is None:
-            self._out.append(bytes((_DISCONNECT, 0)))
+            self._out.append(bytes((DISCONNECT, 0)))
             self.flush()
             self._error = LinkError("closed")
             self._transport.close()

@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -295,7 +296,7 @@ def pg_database(admin_url: str) -> str | None:
         # is the operator's server, not the bank's schema (the name is ours: hex digits only).
         with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return admin_url.rsplit("/", 1)[0] + "/" + name
+        return urlunsplit(urlsplit(admin_url)._replace(path="/" + name))  # a ?host=/socket/dir stays
     except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
         print(f"  (PostgreSQL not reachable: {exc})")
         return None
@@ -309,7 +310,7 @@ def drop_database(admin_url: str, db_url: str) -> None:
     """Drop a scratch database :func:`pg_database` created (what it holds was audited)."""
     import psycopg
 
-    name = db_url.rsplit("/", 1)[1]
+    name = urlsplit(db_url).path.lstrip("/")
     # SQL outside the bank's store on purpose: the benchmark's own set-up, undone (see pg_database).
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=3) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,5 +1,5 @@
-"""The bank's own MQTT client: its framing and properties read byte for byte, and the client
-against a real Mosquitto and paho on the other side."""
+"""The bank's own MQTT client: its packets' framing and properties read byte for byte, and the
+client against a real Mosquitto and paho on the other side."""
 
 from __future__ import annotations
 
@@ -14,57 +14,58 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from m2mpay.agents.bank import link
-from m2mpay.agents.bank.link import Incoming, LinkError, open_link
+from m2mpay.agents import mqtt_packets as packets
+from m2mpay.agents.bank.link import open_link
+from m2mpay.agents.mqtt_packets import Incoming, LinkError
 from m2mpay.agents.mqtt import broker_address
 from m2mpay.broker.launcher import Mosquitto, free_port
 
 
 def _publish_body(topic: str, packet_id: int, properties: bytes, payload: bytes) -> bytes:
-    return link._text(topic) + packet_id.to_bytes(2, "big") + link._varint(len(properties)) + properties + payload
+    return packets.text(topic) + packet_id.to_bytes(2, "big") + packets.varint(len(properties)) + properties + payload
 
 
 # Every kind of property a PUBLISH may carry (MQTT v5 §3.3.2.3), in one packet.
 _EVERY_KIND = (b"\x01\x01"  # payload format indicator, a byte
                + b"\x02\x00\x00\x0e\x10"  # message expiry interval, four bytes
-               + b"\x03" + link._text("application/cbor")  # content type, a string
-               + b"\x08" + link._text("m2mpay/bank-a/resp/meter-1")  # response topic
+               + b"\x03" + packets.text("application/cbor")  # content type, a string
+               + b"\x08" + packets.text("m2mpay/bank-a/resp/meter-1")  # response topic
                + b"\x09\x00\x03abc"  # correlation data, binary
-               + b"\x26" + link._text("k") + link._text("v")  # a user property, a pair of strings
-               + b"\x26" + link._text("k2") + link._text("")
+               + b"\x26" + packets.text("k") + packets.text("v")  # a user property, a pair of strings
+               + b"\x26" + packets.text("k2") + packets.text("")
                + b"\x0b\x81\x01")  # subscription identifier, a variable byte integer (129)
 
 
 def test_every_property_kind_is_read_or_stepped_over() -> None:
     topic = "m2mpay/bank-a/req/block"
     body = _publish_body(topic, 7, _EVERY_KIND, b"\xa1\x01\x02")
-    message = link._incoming(body, 0x32, len(topic), 2 + len(topic) + 2)
+    message = packets.incoming(body, 0x32, len(topic), 2 + len(topic) + 2)
     assert message == Incoming(topic, b"\xa1\x01\x02", False, "m2mpay/bank-a/resp/meter-1", b"abc")
-    whole, _ = link._properties(link._varint(len(_EVERY_KIND)) + _EVERY_KIND, 0, len(_EVERY_KIND) + 1)
+    whole, _ = packets.properties(packets.varint(len(_EVERY_KIND)) + _EVERY_KIND, 0, len(_EVERY_KIND) + 1)
     assert (whole[0x08], whole[0x09], whole[0x0B], whole[0x02]) == (b"m2mpay/bank-a/resp/meter-1", b"abc", 129, 3600)
     for cut in range(1, len(_EVERY_KIND)):  # properties cut short: an error, or the whole ones before the cut
-        short = link._varint(cut) + _EVERY_KIND[:cut]
+        short = packets.varint(cut) + _EVERY_KIND[:cut]
         try:
-            found, end = link._properties(short, 0, len(short))
+            found, end = packets.properties(short, 0, len(short))
         except (LinkError, IndexError):
             continue
         assert end == len(short) and len(found) < len(whole)
         assert all(whole[key] == value for key, value in found.items() if key != 0x26)
     with pytest.raises(LinkError, match="unknown property 0x7f"):
-        link._properties(b"\x02\x7f\x00", 0, 3)
+        packets.properties(b"\x02\x7f\x00", 0, 3)
 
 
 def test_a_packet_split_anywhere_waits_for_its_end() -> None:
-    packet = bytes([0x32]) + link._varint(300) + bytes(300)  # a two-byte remaining length
+    packet = bytes([0x32]) + packets.varint(300) + bytes(300)  # a two-byte remaining length
     stream = bytearray(packet + b"\xd0\x00")  # and a PINGRESP after it
     for size in range(len(packet)):
-        assert link._frame(stream, 0, size) is None
-    assert link._frame(stream, 0, len(packet)) == (3, len(packet))
-    assert link._frame(stream, len(packet), len(stream)) == (len(packet) + 2, len(stream))
+        assert packets.frame(stream, 0, size) is None
+    assert packets.frame(stream, 0, len(packet)) == (3, len(packet))
+    assert packets.frame(stream, len(packet), len(stream)) == (len(packet) + 2, len(stream))
     with pytest.raises(LinkError, match="at most"):
-        link._frame(bytearray(b"\x30" + link._varint(link.MAX_PACKET + 1)), 0, 5)
+        packets.frame(bytearray(b"\x30" + packets.varint(packets.MAX_PACKET + 1)), 0, 5)
     with pytest.raises(LinkError, match="four bytes"):
-        link._frame(bytearray(b"\x30\xff\xff\xff\xff\x01"), 0, 6)
+        packets.frame(bytearray(b"\x30\xff\xff\xff\xff\x01"), 0, 6)
 
 
 def _paho(url: str, name: str) -> mqtt.Client:

@@ -226,13 +226,17 @@ def test_the_running_rule_judges_a_failed_attempt_by_the_probe(caplog: pytest.Lo
         busy.close()
 
     # Only a connection that held resets the backoff; one that died within seconds does not.
+    # Each connection after a loss is said once, at info: the first one is not.
     flapping = rule(busy.url)
     waits.clear()
-    for held in (1.0, 1.0, 11.0):
-        flapping.connected()
-        now[0] += held
-        asyncio.run(flapping.after("session taken over"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="m2mpay.agents.reach"):
+        for held in (1.0, 1.0, 11.0):
+            flapping.connected()
+            now[0] += held
+            asyncio.run(flapping.after("session taken over"))
     assert 0.1 <= waits[0] <= 0.3 and 0.2 <= waits[1] <= 0.6 and 0.1 <= waits[2] <= 0.3, waits
+    assert [m for m in caplog.messages if "restored" in m] == ["agent: broker connection restored"] * 2
 
 
 def test_backoff_is_jittered_doubling_and_capped() -> None:

@@ -135,8 +135,10 @@ def test_a_running_bank_whose_certificate_is_revoked_stops_with_one_line(running
     assert _last_line(running.bank_log) == (
         f"m2mpay: bank: the broker at 127.0.0.1:{running.port} "
         + BROKER_REFUSED.format(login=running.pki, name="bank", why="certificate revoked"))
-    # The vendor's certificate is still good: it reconnected (a second restart is a second lost
-    # connection, logged only for one that was up) and a missing bank is no reason to stop.
+    # The vendor's certificate is still good: it reconnects (a second restart is then a second
+    # lost connection, logged only for one that was up) and a missing bank is no reason to stop.
+    wait_until(lambda: "broker connection restored" in running.vendor_log.read_text(), timeout=30,
+               what="the vendor connected again")
     running.restart_broker()
     wait_until(lambda: running.vendor_log.read_text().count("broker connection lost") == 2, timeout=30,
                what="the vendor connected again, and losing that connection")
