@@ -14,7 +14,7 @@ from .mqtt import TransportError
 
 __all__ = ["CONNACK", "CONNECT", "CORRELATION", "DISCONNECT", "MAXIMUM_PACKET", "MAX_PACKET", "PINGREQ",
            "PINGRESP", "PUBACK", "PUBLISH", "RECEIVE_MAXIMUM", "RESPONSE_TOPIC", "SUBACK", "SUBSCRIBE",
-           "Incoming", "LinkError", "frame", "incoming", "packet", "properties", "text", "varint"]
+           "Incoming", "LinkError", "connect", "frame", "incoming", "packet", "properties", "text", "varint"]
 
 MAX_PACKET = 1 << 20
 """Largest packet the broker may send us (a withdrawal of 64 coins is ~17 kB)."""
@@ -62,6 +62,14 @@ def text(value: str) -> bytes:
 
 def packet(kind: int, body: bytes) -> bytes:
     return bytes((kind,)) + varint(len(body)) + body
+
+
+def connect(client_id: str, keepalive: int, props: bytes = b"") -> bytes:
+    """CONNECT, MQTT v5: clean start, the client id as username too (a certificate login's name
+    replaces both at the broker), ``props`` its properties already encoded (without their length)."""
+    body = (text("MQTT") + bytes((5, 0x82)) + keepalive.to_bytes(2, "big") + varint(len(props)) + props
+            + text(client_id) + text(client_id))
+    return packet(CONNECT, body)
 
 
 def _read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:

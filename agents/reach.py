@@ -36,12 +36,11 @@ import os
 import random
 import socket
 import ssl
-import struct
 import time
 from collections.abc import Awaitable, Callable
 
 from .mqtt import TlsLogin, TransportError, broker_address
-from .mqtt_packets import CONNECT, packet, text
+from .mqtt_packets import connect
 
 __all__ = ["Backoff", "BrokerRefused", "Reconnect", "probe_login", "wait_for_broker"]
 
@@ -63,12 +62,6 @@ class BrokerRefused(TransportError):
 
 class _Transient(Exception):
     """Worth trying again."""
-
-
-def _connect_packet(client_id: str) -> bytes:
-    """MQTT v5 CONNECT: clean start, a username (the certificate's name replaces it), no properties."""
-    body = text("MQTT") + bytes([5, 0x82]) + struct.pack("!H", 10) + b"\x00" + text(client_id) + text(client_id)
-    return packet(CONNECT, body)
 
 
 _CONNACK_MAX = 65536
@@ -126,7 +119,7 @@ def probe_login(url: str, tls: TlsLogin | None, client_id: str, timeout: float =
                 context.load_cert_chain(str(tls.cert), str(tls.key))
                 sock = context.wrap_socket(raw, server_hostname=host)
                 _await_verdict(sock, timeout)
-            sock.sendall(_connect_packet(name))
+            sock.sendall(connect(name, keepalive=10))
             deadline = time.monotonic() + timeout
             kind, length = _read_exactly(sock, 1, deadline)[0], 0
             for shift in range(0, 28, 7):  # the remaining length, a variable byte integer

@@ -31,9 +31,9 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from ..mqtt import TlsLogin, broker_address
-from ..mqtt_packets import (CONNACK, CONNECT, DISCONNECT, MAX_PACKET, MAXIMUM_PACKET, PINGREQ, PINGRESP,
+from ..mqtt_packets import (CONNACK, DISCONNECT, MAX_PACKET, MAXIMUM_PACKET, PINGREQ, PINGRESP,
                       PUBACK, PUBLISH, RECEIVE_MAXIMUM, SUBACK, SUBSCRIBE, Incoming, LinkError,
-                      frame, incoming, packet, properties, text, varint)
+                      connect, frame, incoming, packet, properties, text, varint)
 
 __all__ = ["MAX_PACKET", "Incoming", "Link", "LinkError", "open_link"]
 
@@ -285,11 +285,8 @@ class Link(asyncio.Protocol):
 
     # the connection's life ----------------------------------------------------------------------
 
-    async def _handshake(self, client_id: str, username: str, keepalive: int, timeout: float) -> None:
-        properties = varint(5) + bytes((MAXIMUM_PACKET,)) + MAX_PACKET.to_bytes(4, "big")
-        body = (text("MQTT") + bytes((5, 0x82)) + keepalive.to_bytes(2, "big") + properties + text(client_id)
-                + text(username))
-        self._out.append(packet(CONNECT, body))
+    async def _handshake(self, client_id: str, keepalive: int, timeout: float) -> None:
+        self._out.append(connect(client_id, keepalive, bytes((MAXIMUM_PACKET,)) + MAX_PACKET.to_bytes(4, "big")))
         self.flush()
         try:
             reason, found = await asyncio.wait_for(self._connack, timeout)
@@ -347,7 +344,7 @@ async def open_link(url: str, client_id: str, tls: TlsLogin | None = None, *, ke
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # ~90 ms → ~0.7 ms per round trip
         name = client_id if tls is None else tls.name  # a certificate login is its certificate's name
-        await link._handshake(name, name, keepalive, timeout)  # noqa: SLF001 - the link's own module
+        await link._handshake(name, keepalive, timeout)  # noqa: SLF001 - the link's own module
         pinger = asyncio.create_task(link.keep_alive(keepalive), name="mqtt-keepalive")
         try:
             yield link

@@ -53,16 +53,16 @@ class BankService:
         def run(step: Atomic[Any]) -> Any:
             return self.store.run(step.fn, defer_sync=defer_sync, rows=step.rows)
 
-        reply = await drive(self.pipeline.handle(op, data, int(self.clock())), run)
-        if self.metrics is not None:
-            self.metrics.observe(op, reply.result, time.perf_counter() - start)
-        return reply
+        return self._observed(op, await drive(self.pipeline.handle(op, data, int(self.clock())), run), start)
 
     def reply_now(self, op: str, data: bytes) -> Reply:
         """:meth:`reply` with ``defer_sync``, in one go on SQLite (:attr:`Store.runs_inline`):
         no task, no turn of the event loop, for a request that never waits."""
         start = time.perf_counter()
-        reply = drive_sync(self.pipeline.handle(op, data, int(self.clock())), lambda step: self.store.run_now(step.fn))
+        steps = self.pipeline.handle(op, data, int(self.clock()))
+        return self._observed(op, drive_sync(steps, lambda step: self.store.run_now(step.fn)), start)
+
+    def _observed(self, op: str, reply: Reply, start: float) -> Reply:
         if self.metrics is not None:
             self.metrics.observe(op, reply.result, time.perf_counter() - start)
         return reply

@@ -78,7 +78,7 @@ class SqliteEngine:
             self._conn.execute("PRAGMA synchronous=NORMAL")  # durability: see durable()
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA wal_autocheckpoint=0")  # ours run off the event loop
-            self._conn.execute("PRAGMA temp_store=MEMORY")
+            self._conn.execute("PRAGMA temp_store=MEMORY")  # a savepoint's journal: in memory, not a file
         except (OSError, sqlite3.Error) as exc:
             raise StoreError("cannot open the bank database (sqlite)") from exc
         self._lock = threading.Lock()  # one transaction at a time on the one connection

@@ -161,20 +161,68 @@ async def test_answer_goes_only_to_signer_reply_topic(served: Served, raw_device
 
 
 @pytest.mark.network
+async def test_requests_at_every_qos_and_with_a_pile_of_properties_are_answered(served: Served,
+                                                                                raw_device: RawDevice) -> None:
+    """The bank's own MQTT client reads what a device may legally send: QoS 0, 1 and 2 (the
+    subscription delivers at most 1), hundreds of user properties, a content type, an expiry,
+    an empty Correlation Data. Each signed request is answered on its signer's topic."""
+    world = served.world
+    user = world.user("alice")
+    to_alice = wire.response_topic(world.bank, "alice")
+    raw_device.subscribe(to_alice)
+    info, public = world.keys.keyring.keysets[world.keyset], world.keys.keyring.rsa_keys[world.keyset]
+    sent = []
+    for qos in (0, 1, 2):
+        pending = wallet.prepare_withdrawal("alice", info, public, 1)
+        signed = user.sign(pending.request, "withdraw")
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props.ResponseTopic, props.CorrelationData = to_alice, b"" if qos == 2 else bytes([qos])
+        props.UserProperty = [(f"k{i}", "v" * 50) for i in range(300)]
+        props.ContentType, props.MessageExpiryInterval, props.PayloadFormatIndicator = "application/cbor", 30, 0
+        raw_device.client.publish(wire.request_prefix(world.bank) + "withdraw", signed, qos=qos,
+                                  properties=props).wait_for_publish(5)
+        sent.append(signed)
+    assert await _eventually(lambda: len(raw_device.received.get(to_alice, [])) == 3, seconds=5)
+    answers = raw_device.received[to_alice]
+    for signed in sent:  # each answer opens against its own request, whatever order they came in
+        assert any(_opens(world, answer, signed) for answer in answers)
+    assert not served.task.done()
+
+
+def _opens(world: BankWorld, answer: bytes, request: bytes) -> bool:
+    try:
+        world.open(answer, "withdraw", WithdrawAnswer, request=request)
+    except RemoteProtocolError:
+        return False
+    return True
+
+
+@pytest.mark.network
 async def test_no_single_request_ends_serve_loop(served: Served, raw_device: RawDevice,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever answering one request raises costs that request only."""
-    genuine = BankService.reply
+    genuine, genuine_now = BankService.reply, BankService.reply_now
+    raised: list[str] = []
+
+    def boom(op: str, data: bytes) -> None:
+        if data == b"boom":
+            raised.append(op)
+            raise RuntimeError("a bug reached by one request")
 
     async def faulty(self: BankService, op: str, data: bytes, *, defer_sync: bool = False) -> Reply:
-        if data == b"boom":
-            raise RuntimeError("a bug reached by one request")
+        boom(op, data)
         return await genuine(self, op, data, defer_sync=defer_sync)
 
+    def faulty_now(self: BankService, op: str, data: bytes) -> Reply:  # SQLite answers without a task
+        boom(op, data)
+        return genuine_now(self, op, data)
+
     monkeypatch.setattr(BankService, "reply", faulty)
+    monkeypatch.setattr(BankService, "reply_now", faulty_now)
     raw_device.request("status", b"boom", wire.response_topic(served.world.bank, served.client.client_id))
     (coin,) = await served.world.withdraw(served.world.user("alice"))
     assert coin.remaining == 100 and not served.task.done()
+    assert raised == ["status"]  # the bug was reached, and the bank served on
 
 
 async def test_retried_block_gets_stored_answer_after_window(world: BankWorld) -> None:
