@@ -179,6 +179,8 @@ class Wire:
         self._closed = self.broken = True
         if not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
+            if self._ready is not None and not self._ready.done():  # whoever reads finds out
+                self._ready.set_exception(errors.OperationalError("the connection was closed"))
         self._pg.finish()  # PostgreSQL sees the socket close and ends the session
 
 

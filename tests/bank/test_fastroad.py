@@ -1,0 +1,268 @@
+"""PostgreSQL's fast road shares a transaction among the requests that arrive together: what a
+sibling must never see, cause or suffer."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from m2mpay.agents.bank.postgresql import PgEngine
+from m2mpay.agents.bank.store import Rows, Store, Tx
+from m2mpay.protocol.envelope import StoredAnswer
+from m2mpay.protocol.rules.bank import BlockStatus, CoinRecord
+
+
+def _coin(tip: bytes, position: int = 100) -> CoinRecord:
+    return CoinRecord(tip=tip, keyset="k1", n=100, token_value=1, position=position, last=tip, status=BlockStatus.OPEN,
+                      session=b"s" * 16, vendor="meter", account="alice", start=100, deadline=2_000_000_000,
+                      credited=0)
+
+
+def _store(url: str, connections: int) -> Store:
+    store = Store(url, connections=connections)
+    if not store.run_sync(lambda tx: tx.all("SELECT id FROM keysets")):
+        store.run_sync(lambda tx: tx.execute("INSERT INTO keysets (id, info) VALUES (?, ?)", ("k1", b"\xa0")))
+    return store
+
+
+@pytest.fixture
+def store_of_one(pg_database: str) -> Iterator[Store]:
+    """One connection: whatever waits for it goes in the next group."""
+    store = _store(pg_database, 1)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _road(store: Store) -> object:
+    engine = store.engine
+    assert isinstance(engine, PgEngine)
+    return engine.fast
+
+
+def _insert(tip: bytes, seen: list[CoinRecord | None] | None = None, position: int = 100) -> Callable[[Tx], None]:
+    def fn(tx: Tx) -> None:
+        found = tx.coin(tip)
+        if seen is not None:
+            seen.append(found)
+        if found is None:
+            tx.put_coin(_coin(tip, position), new=True)
+            tx.put_answer("meter", tip[:16], StoredAnswer(b"d" * 32, tip), 1)
+    return fn
+
+
+def _count(store: Store, table: str) -> int:
+    return int(store.run_sync(lambda tx: tx.all(f"SELECT count(*) FROM {table}"))[0][0])  # noqa: S608 - a literal
+
+
+@pytest.mark.asyncio
+async def test_requests_that_arrive_together_share_transactions_and_all_commit(pg_database: str) -> None:
+    store = _store(pg_database, 2)
+    try:
+        road = _road(store)
+        tips = [os.urandom(32) for _ in range(40)]
+        await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
+                               for tip in tips))
+        assert _count(store, "coins") == 40 and _count(store, "answers") == 40
+        assert road.requests == 40  # type: ignore[attr-defined]  # none decided twice
+        assert road.groups <= 12  # type: ignore[attr-defined]  # 40 requests, 2 connections
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_for_one_coin_never_share_a_group_so_none_is_lost(pg_database: str) -> None:
+    """Were two requests for one coin in one group, both would read the coin as it was before
+    the group, and one of two debits would vanish."""
+    store = _store(pg_database, 3)
+    try:
+        tip = os.urandom(32)
+        store.run_sync(lambda tx: tx.put_coin(_coin(tip, position=100), new=True))
+
+        def step(tx: Tx) -> None:
+            coin = tx.coin(tip)
+            assert coin is not None
+            tx.put_coin(dataclasses.replace(coin, position=coin.position - 1), new=False)
+
+        others = [os.urandom(32) for _ in range(30)]
+        work = [store.run(step, rows=Rows(coin=tip)) for _ in range(30)]
+        work += [store.run(_insert(other), rows=Rows(coin=other, answer=("meter", other[:16]))) for other in others]
+        random.Random(7).shuffle(work)
+        await asyncio.gather(*work)
+        coin = store.run_sync(lambda tx: tx.coin(tip))
+        assert coin is not None and coin.position == 70
+        assert _road(store).groups < _road(store).requests  # type: ignore[attr-defined]
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_requests_for_one_stored_answer_never_share_a_group(pg_database: str) -> None:
+    """Two requests with one request id and two coins: the second must find the first's answer."""
+    store = _store(pg_database, 2)
+    try:
+        seen: list[StoredAnswer | None] = []
+
+        def claim(tip: bytes) -> Callable[[Tx], None]:
+            def fn(tx: Tx) -> None:
+                tx.coin(tip)
+                answer = tx.answer("meter", b"k" * 16)
+                seen.append(answer)
+                if answer is None:
+                    tx.put_coin(_coin(tip), new=True)
+                    tx.put_answer("meter", b"k" * 16, StoredAnswer(b"d" * 32, tip), 1)
+            return fn
+
+        tips = [os.urandom(32) for _ in range(12)]
+        await asyncio.gather(*(store.run(claim(tip), rows=Rows(coin=tip, answer=("meter", b"k" * 16)))
+                               for tip in tips))
+        assert seen.count(None) == 1 and len(seen) == 12  # no loser had to be retried
+        assert _count(store, "coins") == 1
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_failing_request_fails_alone_and_its_siblings_commit(store_of_one: Store) -> None:
+    """A change the database refuses (a position beyond its column) fails its own request; the
+    others of its transaction, rolled back with it, are done again and committed."""
+    tips = [os.urandom(32) for _ in range(9)]
+    bad = tips[5]
+    work = [store_of_one.run(_insert(tip, position=2**31 if tip == bad else 100),
+                             rows=Rows(coin=tip, answer=("meter", tip[:16]))) for tip in tips]
+    outcomes = await asyncio.gather(*work, return_exceptions=True)
+    assert isinstance(outcomes[5], psycopg.errors.NumericValueOutOfRange)
+    assert all(o is None for i, o in enumerate(outcomes) if i != 5)
+    assert _count(store_of_one, "coins") == 8 and store_of_one.run_sync(lambda tx: tx.coin(bad)) is None
+    road = _road(store_of_one)
+    assert road.requests > 9  # type: ignore[attr-defined]  # the siblings were decided again
+    assert not road._busy_tips and not road._queue  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_a_race_lost_in_a_group_is_retried_and_its_siblings_commit(store_of_one: Store,
+                                                                          pg_database: str) -> None:
+    """Another connection inserts one of the group's new coins and commits while the group waits
+    on it: that request is done again and finds the coin; the others are committed once."""
+    tips = [os.urandom(32) for _ in range(6)]
+    contested = tips[3]
+    seen: list[CoinRecord | None] = []
+    await store_of_one.run(_insert(os.urandom(32)), rows=Rows(coin=os.urandom(32)))  # connects
+    with psycopg.connect(pg_database, autocommit=True) as other, psycopg.connect(pg_database, autocommit=True) as watch:
+        other.execute("BEGIN")
+        other.execute("INSERT INTO coins (tip, keyset, n, token_value, position, last, status, session, vendor,"
+                      " account, start, deadline, credited) SELECT %s, keyset, n, token_value, 42, last, status,"
+                      " session, vendor, account, start, deadline, credited FROM coins LIMIT 1", (contested,))
+        work = [asyncio.ensure_future(store_of_one.run(_insert(tip, seen if tip == contested else None),
+                                                       rows=Rows(coin=tip, answer=("meter", tip[:16]))))
+                for tip in tips]
+        deadline = time.monotonic() + 10
+        while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND wait_event_type = 'Lock'").fetchone()[0] == 0:  # type: ignore[index]
+            assert time.monotonic() < deadline, "the group never waited for the other's insert"
+            await asyncio.sleep(0.01)
+        other.execute("COMMIT")
+        assert await asyncio.wait_for(asyncio.gather(*work), 10) == [None] * 6
+    assert seen[0] is None and seen[-1] is not None and seen[-1].position == 42
+    assert _count(store_of_one, "coins") == 7 and _count(store_of_one, "answers") == 6  # the winner's has none
+
+
+@pytest.mark.asyncio
+async def test_two_bank_processes_on_shared_coins_never_deadlock(pg_database: str,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Groups lock their coins in the order of their tips: two engines (as two bank processes)
+    stepping the same eight coins in random orders never wait for each other in a cycle, which
+    PostgreSQL would break only after its deadlock_timeout (a second)."""
+    caplog.set_level(logging.DEBUG, logger="m2mpay.agents.bank.fastroad")
+    first, second = _store(pg_database, 3), _store(pg_database, 3)
+    try:
+        tips = [os.urandom(32) for _ in range(8)]
+        first.run_sync(lambda tx: [tx.put_coin(_coin(tip, position=1000), new=True) for tip in tips])
+
+        def step(tip: bytes) -> Callable[[Tx], None]:
+            def fn(tx: Tx) -> None:
+                coin = tx.coin(tip)
+                assert coin is not None
+                tx.put_coin(dataclasses.replace(coin, position=coin.position - 1), new=False)
+            return fn
+
+        chooser = random.Random(11)
+        work = [(first, second)[i % 2].run(step(tip), rows=Rows(coin=tip))
+                for i, tip in enumerate(chooser.choice(tips) for _ in range(400))]
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*work), 60)
+        elapsed = time.monotonic() - started
+        positions = first.run_sync(lambda tx: [tx.coin(tip) for tip in tips])
+        assert sum(1000 - c.position for c in positions if c is not None) == 400
+        assert "DeadlockDetected" not in caplog.text, f"deadlocks in {elapsed:.1f} s"
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.asyncio
+async def test_connections_killed_mid_group_lose_nothing_and_the_road_recovers(pg_database: str) -> None:
+    """The server ends the sessions (a restart) while a group waits for a lock: the requests
+    whose COMMIT had not gone out are done again on new connections; any other gets an error;
+    nothing stays busy, and whatever was answered is in the database."""
+    store = _store(pg_database, 2)
+    try:
+        road = _road(store)
+        held = os.urandom(32)
+        store.run_sync(lambda tx: tx.put_coin(_coin(held), new=True))
+        tips = [os.urandom(32) for _ in range(40)] + [held]
+        with psycopg.connect(pg_database, autocommit=True) as holder, \
+                psycopg.connect(pg_database, autocommit=True) as admin:
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM coins WHERE tip = %s FOR UPDATE", (held,))
+            work = [asyncio.ensure_future(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16]))))
+                    for tip in tips]
+            deadline = time.monotonic() + 10
+            while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                " AND wait_event_type = 'Lock'").fetchone()[0] == 0:  # type: ignore[index]
+                assert time.monotonic() < deadline, "no group waited for the held coin"
+                await asyncio.sleep(0.01)
+            killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                   " WHERE datname = current_database() AND backend_type = 'client backend'"
+                                   " AND pid NOT IN (pg_backend_pid(), %s)", (holder.info.backend_pid,)).fetchone()
+            assert killed is not None and killed[0] >= 1
+            await asyncio.sleep(0.1)  # the group that waited is queued again, and waits again
+            assert not work[-1].done()
+            holder.execute("COMMIT")
+            outcomes = await asyncio.wait_for(asyncio.gather(*work, return_exceptions=True), 30)
+        assert outcomes[-1] is None  # done again on a new connection once the coin was free
+        assert all(o is None or isinstance(o, Exception) for o in outcomes)
+        assert not road._busy_tips and not road._busy_answers and not road._queue  # type: ignore[attr-defined]
+        for tip, outcome in zip(tips, outcomes, strict=True):
+            if outcome is None:  # answered: in the database
+                assert store.run_sync(lambda tx, t=tip: tx.coin(t)) is not None  # type: ignore[misc]
+        await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
+                               for tip in tips))
+        assert _count(store, "coins") == 41
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_server_restart_between_requests_costs_no_request_an_error(pg_database: str) -> None:
+    store = _store(pg_database, 2)
+    try:
+        tips = [os.urandom(32) for _ in range(8)]
+        await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip)) for tip in tips[:4]))
+        with psycopg.connect(pg_database, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip)) for tip in tips[4:]))  # fast road
+        assert _count(store, "coins") == 8  # and the general road's thread reconnected too
+    finally:
+        store.close()
