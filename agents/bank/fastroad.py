@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 GROUP = 8
 """Requests in one transaction at most: beyond ~8 the server's saving flattens and each
 request waits for more rules than its own."""
-SPREAD = 4
+SPREAD = 8
 """Requests waiting before another connection is put to work while one is busy: fewer
 connections, each with bigger groups, cost the server less per request than many with one."""
 RETRIES = 8
@@ -240,20 +240,14 @@ class FastRoad:
 
     async def _run(self, wire: Wire, group: list[_Item], held: list[_Item], committing: list[_Item]) -> list[_Item]:
         """Read a started group's rows, decide, book and commit; the next group, started, or none."""
-        from psycopg import errors
+        from .pgwire import Skipped  # psycopg is optional: only a PostgreSQL store gets here
 
         locking = _locking(group)
-        if locking:
-            await wire.receive()  # BEGIN
-        rows: list[tuple[Any, ...] | BaseException] = []
-        for _ in group:
-            try:
-                rows.append((await wire.receive())[0][0])
-            except errors.Error as exc:
-                if wire.broken:
-                    raise
-                rows.append(exc)
-        failed = next((r for r in rows if isinstance(r, BaseException)), None)
+        outcomes = await wire.receive_each()
+        if locking and isinstance(begun := outcomes.pop(0), BaseException):
+            raise begun  # the connection is at fault, not a request: the group goes to another
+        rows = [o[0] if isinstance(o, list) else o for o in outcomes]
+        failed = next((r for r in rows if isinstance(r, BaseException) and not isinstance(r, Skipped)), None)
         if failed is not None and locking:  # the transaction is failed: none of it can be kept
             wire.send((b"ROLLBACK", ()))
             await wire.flush()
@@ -262,11 +256,13 @@ class FastRoad:
             self._end(group, [_Decided(i, error=r) if r is failed else _Decided(i, again=True)
                               for i, r in zip(group, rows, strict=True)])
             return []
-        decided = [_decide(item, row, locking) for item, row in zip(group, rows, strict=True)]
+        # A read skipped after a sibling's failed one (reads alone have no transaction) goes again.
+        decided = [_Decided(item, again=True) if isinstance(row, Skipped) else _decide(item, row)
+                   for item, row in zip(group, rows, strict=True)]
         books = [(d, d.book) for d in decided if d.book is not None]
-        for _, book in books:
-            wire.send((_BOOK, book.params()))
-        if locking:
+        if books:
+            wire.send(*((_BOOK, book.params()) for _, book in books))
+        if locking:  # a segment of its own: it ends the transaction even when a book failed
             wire.send((b"COMMIT", ()))
         nxt = self._take() if not self._closed else []
         held.extend(nxt)
@@ -276,20 +272,16 @@ class FastRoad:
         if locking or nxt:
             await wire.flush()
             self.round_trips += 1
-        failure: BaseException | None = None
-        for d, _ in books:
-            try:
-                await wire.receive()
-            except errors.Error as exc:
-                if wire.broken:
-                    raise
-                if failure is None:  # the first; the others only say the transaction had failed
-                    failure, d.error, d.book = exc, exc, None
+        if books:
+            booked = await wire.receive_each()
+            failure = next((o for o in booked if isinstance(o, BaseException)), None)
+            if failure is not None:  # the first; the rest were not run, and all is rolled back
+                for (d, _), outcome in zip(books, booked, strict=True):
+                    d.again = outcome is not failure
+                    if outcome is failure:
+                        d.error, d.book = failure, None
         if locking:
             await wire.receive()  # COMMIT: durable (a ROLLBACK, if a book failed)
-        if failure is not None:
-            for d, _ in books:
-                d.again = d.error is None
         committing.clear()
         self._end(group, decided)
         return nxt
@@ -389,15 +381,15 @@ def _locking(group: Sequence[_Item]) -> bool:
 
 
 def _start(wire: Wire, group: Sequence[_Item]) -> None:
-    """A group's first half: ``BEGIN`` if it locks a coin, then each request's read, each a segment."""
-    if _locking(group):
-        wire.send((b"BEGIN", ()))
-    for item in group:
-        command: Command = (_ROWS, item.fetch)
-        wire.send(command)
+    """A group's first half, one segment: ``BEGIN`` if it locks a coin, then each request's read.
+
+    libpq writes a segment as soon as it is ended, so each segment is one write, and one wake-up
+    of the server: a group's reads, and its books, go in one each."""
+    begin: tuple[Command, ...] = ((b"BEGIN", ()),) if _locking(group) else ()
+    wire.send(*begin, *((_ROWS, item.fetch) for item in group))
 
 
-def _decide(item: _Item, row: tuple[Any, ...] | BaseException, locking: bool) -> _Decided:
+def _decide(item: _Item, row: tuple[Any, ...] | BaseException) -> _Decided:
     from .postgresql import NotFetched
 
     if isinstance(row, BaseException):

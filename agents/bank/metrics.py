@@ -3,7 +3,10 @@
 - ``m2mpay_bank_requests_total{op, result}``: requests answered, ``result`` = ``ok`` or the code;
 - ``m2mpay_bank_request_seconds{op}``: a latency histogram per operation;
 - ``m2mpay_bank_open_blocks``: coins blocked right now;
-- ``m2mpay_bank_journal_total{kind}``: minor units moved, by journal kind.
+- ``m2mpay_bank_journal_total{kind}``: minor units moved, by journal kind;
+- on PostgreSQL, ``m2mpay_bank_db_requests_total`` and ``m2mpay_bank_db_transactions_total``:
+  the requests of the fast road and the transactions that carried them (their ratio is how many
+  requests share a commit; see :mod:`~m2mpay.agents.bank.fastroad`).
 
 The HTTP side is deliberately tiny: one GET, bounded reads, a timeout, nothing else served.
 """
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator
 from m2mpay.protocol.errors import ErrorCode
 from m2mpay.protocol.messages import OPS
 
-from .postgresql import is_lock_timeout
+from .postgresql import PgEngine, is_lock_timeout
 from .store import Store
 
 __all__ = ["BankMetrics", "JournalTotals", "serve_metrics"]
@@ -48,7 +51,7 @@ class BankMetrics:
         self.buckets[op][bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sums[op] += seconds
 
-    def render(self, open_blocks: int, journal: dict[str, int]) -> str:
+    def render(self, open_blocks: int, journal: dict[str, int], grouped: tuple[int, int] | None = None) -> str:
         lines = ["# TYPE m2mpay_bank_requests_total counter"]
         for (op, result), count in sorted(self.requests.items()):
             lines.append(f'm2mpay_bank_requests_total{{op="{op}",result="{result}"}} {count}')
@@ -65,6 +68,10 @@ class BankMetrics:
                   "# TYPE m2mpay_bank_journal_total counter"]
         for kind, amount in sorted(journal.items()):
             lines.append(f'm2mpay_bank_journal_total{{kind="{kind}"}} {amount}')
+        if grouped is not None:
+            lines += ["# TYPE m2mpay_bank_db_requests_total counter", f"m2mpay_bank_db_requests_total {grouped[0]}",
+                      "# TYPE m2mpay_bank_db_transactions_total counter",
+                      f"m2mpay_bank_db_transactions_total {grouped[1]}"]
         return "\n".join(lines) + "\n"
 
 
@@ -107,8 +114,10 @@ class JournalTotals:
         return dict(self.totals)
 
 
-async def _snapshot(store: Store, journal: JournalTotals) -> tuple[int, dict[str, int]]:
-    return await store.run(lambda tx: tx.open_blocks()), await journal.read(store)
+async def _snapshot(store: Store, journal: JournalTotals) -> tuple[int, dict[str, int], tuple[int, int] | None]:
+    engine = store.engine
+    grouped = (engine.fast.requests, engine.fast.groups) if isinstance(engine, PgEngine) else None
+    return await store.run(lambda tx: tx.open_blocks()), await journal.read(store), grouped
 
 
 @contextlib.asynccontextmanager

@@ -7,10 +7,12 @@ each statement queued, even in a pipeline): more than the server spends on it. T
 parameters and results of known types. So they go through psycopg's libpq wrapper
 (:mod:`psycopg.pq`, its documented low-level layer).
 
-Commands go in *segments*, each ended by a Sync (:meth:`Wire.send`); several segments can go in
-one write (:meth:`Wire.flush`) and are read back in order (:meth:`Wire.receive`), so one request
-can end its transaction and the next one start in a single round trip. An error skips the rest
-of its own segment only. Parameters go as text, except ``bytea`` as binary; results come back
+Commands go in *segments*, each ended by a Sync (:meth:`Wire.send`), and are read back in order
+(:meth:`Wire.receive`, or :meth:`Wire.receive_each` for each command's own outcome). libpq
+writes a segment out as soon as it is ended (``PQpipelineSync`` flushes), so a segment is one
+write, and one wake-up of the server: commands sent together belong in one segment. An error
+skips the rest of its own segment only; the commands it skipped say so (:class:`Skipped`).
+Parameters go as text, except ``bytea`` as binary; results come back
 binary and are decoded by their column's type. An error result raises psycopg's class for its
 SQLSTATE, so a lost race is a ``UniqueViolation`` on either road. A connection whose results
 were left unread (cancelled, or the socket failed) is :attr:`Wire.broken` and is never used again.
@@ -25,7 +27,7 @@ from typing import Any
 
 from psycopg import errors, pq
 
-__all__ = ["Command", "Wire"]
+__all__ = ["Command", "Skipped", "Wire"]
 
 BYTEA, TEXT, INT4, INT8, BOOL = 17, 25, 23, 20, 16
 INT8_ARRAY, TEXT_ARRAY, BYTEA_ARRAY = 1016, 1009, 1001
@@ -34,6 +36,10 @@ Command = tuple[bytes, Sequence[Any]]
 """A prepared statement's name and its parameters, or ``(b"BEGIN", ())`` and the like."""
 
 _PLAIN = {b"BEGIN", b"COMMIT", b"ROLLBACK"}
+
+
+class Skipped(errors.Error):
+    """A command not run because an earlier one of its segment failed (libpq's pipeline abort)."""
 
 
 class Wire:
@@ -109,7 +115,7 @@ class Wire:
         self._segments.append(len(commands))
 
     async def flush(self) -> None:
-        """Write whatever :meth:`send` queued: one network write for every segment queued."""
+        """Write whatever of the segments sent libpq could not write at once (a full socket buffer)."""
         try:
             while self._pg.flush() == 1:  # a full socket buffer: rare, these are small
                 await self._writable()
@@ -119,39 +125,46 @@ class Wire:
 
     async def receive(self) -> list[list[tuple[Any, ...]]]:
         """The rows of each command of the oldest segment not yet read; its first error raised."""
+        outcomes = await self.receive_each()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes  # type: ignore[return-value]  # no exception among them: all rows
+
+    async def receive_each(self) -> list[list[tuple[Any, ...]] | BaseException]:
+        """Each command's rows, or its error, in the oldest segment not yet read.
+
+        A command after a failed one in its segment is not run: its outcome is :class:`Skipped`.
+        Only a failure of the connection itself is raised (and leaves the wire broken).
+        """
         expected = self._segments[0]
-        rows: list[list[tuple[Any, ...]]] = []
-        failure: BaseException | None = None
-        current: list[tuple[Any, ...]] = []
+        outcomes: list[list[tuple[Any, ...]] | BaseException] = []
+        current: list[tuple[Any, ...]] | BaseException = []
         try:
             while True:
                 while not self._pg.is_busy():
                     result = self._pg.get_result()
                     if result is None:  # the end of one command's results
-                        rows.append(current)
+                        outcomes.append(current)
                         current = []
                         continue
                     status = result.status
                     if status == pq.ExecStatus.PIPELINE_SYNC:
                         self._segments.popleft()
-                        if len(rows) != expected:
-                            raise errors.InternalError(f"{len(rows)} results for {expected} commands")
-                        if failure is not None:
-                            raise failure
-                        return rows
-                    if status == pq.ExecStatus.FATAL_ERROR and failure is None:
-                        failure = _error(result)
-                    elif status == pq.ExecStatus.TUPLES_OK:
+                        if len(outcomes) != expected:
+                            raise errors.InternalError(f"{len(outcomes)} results for {expected} commands")
+                        return outcomes
+                    if status == pq.ExecStatus.FATAL_ERROR:
+                        current = _error(result)
+                    elif status == pq.ExecStatus.PIPELINE_ABORTED:
+                        current = Skipped("not run: an earlier command of its segment failed")
+                    elif status == pq.ExecStatus.TUPLES_OK and isinstance(current, list):
                         current.extend(_decode(result))
                 self._ready = self._loop.create_future()
                 try:
                     await self._ready  # _readable has consumed what arrived
                 finally:
                     self._ready = None
-        except errors.Error as exc:
-            if exc is not failure:  # an error of the server's, read in full, leaves the wire usable
-                self.broken = True
-            raise
         except BaseException:  # cancelled or the connection failed: results are left unread
             self.broken = True
             raise

@@ -185,6 +185,10 @@ async def test_prometheus_metrics(world: BankWorld, mosquitto: str) -> None:
         assert "m2mpay_bank_open_blocks 1" in text
         assert 'm2mpay_bank_journal_total{kind="withdraw"} 100' in text
         assert 'm2mpay_bank_request_seconds_count{op="block"} 2' in text
+        if world.store.dialect == "postgresql":  # the block took the fast road, in a transaction
+            assert "m2mpay_bank_db_requests_total 1" in text and "m2mpay_bank_db_transactions_total 1" in text
+        else:
+            assert "m2mpay_bank_db_" not in text
         assert (await scrape("/secret")).startswith("HTTP/1.1 404")
     finally:
         task.cancel()
