@@ -8,8 +8,8 @@ requests that say what they read (:meth:`PgEngine.fetched`) take another road, w
 and reads the stored answer and whether the vendor is revoked; the rules run on the event loop
 against those rows, collecting their writes; ``m2mpay_book(…)`` applies them (the coin, its
 journal rows, the stored answer). Requests that arrive while every connection is busy share a
-transaction, up to eight of them: two round trips, one ``COMMIT`` and one WAL flush for them
-all. The two functions come from migration 4 and are prepared once per connection
+transaction, up to sixteen of them: two round trips, one ``COMMIT`` and one WAL flush for
+them all. The two functions come from migration 4 and are prepared once per connection
 (:mod:`m2mpay.agents.bank.pgwire` drives the connections).
 
 A read that was not fetched up front cannot be answered on this road: the request gets
