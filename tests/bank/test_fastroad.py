@@ -134,18 +134,23 @@ async def test_requests_for_one_stored_answer_never_share_a_group(pg_database: s
 @pytest.mark.asyncio
 async def test_a_failing_request_fails_alone_and_its_siblings_commit(store_of_one: Store) -> None:
     """A change the database refuses (a position beyond its column) fails its own request; the
-    others of its transaction, rolled back with it, are done again and committed."""
-    tips = [os.urandom(32) for _ in range(9)]
+    others of its transaction, rolled back with it, and the next transaction's, sent behind it
+    and so never run, are done again and committed."""
+    tips = [os.urandom(32) for _ in range(24)]  # 16 to a transaction: a second one sent behind
     bad = tips[5]
     work = [store_of_one.run(_insert(tip, position=2**31 if tip == bad else 100),
                              rows=Rows(coin=tip, answer=("meter", tip[:16]))) for tip in tips]
     outcomes = await asyncio.gather(*work, return_exceptions=True)
     assert isinstance(outcomes[5], psycopg.errors.NumericValueOutOfRange)
     assert all(o is None for i, o in enumerate(outcomes) if i != 5)
-    assert _count(store_of_one, "coins") == 8 and store_of_one.run_sync(lambda tx: tx.coin(bad)) is None
+    assert _count(store_of_one, "coins") == 23 and store_of_one.run_sync(lambda tx: tx.coin(bad)) is None
     road = _road(store_of_one)
-    assert road.requests > 9  # type: ignore[attr-defined]  # the siblings were decided again
+    assert road.requests > 24  # type: ignore[attr-defined]  # the siblings were decided again
     assert not road._busy_tips and not road._queue  # type: ignore[attr-defined]
+    # The connection is whole: the next transaction on it commits.
+    tip = os.urandom(32)
+    await store_of_one.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
+    assert _count(store_of_one, "coins") == 24
 
 
 @pytest.mark.asyncio

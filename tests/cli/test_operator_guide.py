@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,9 +128,15 @@ def test_operator_guide_broker_block_on_a_debian_layout(debian_root: Path) -> No
     assert _connects(pki, "meter-1", port).returncode != 0
     assert _connects(pki, "alice", port).returncode == 0
     assert _connects(pki, "meter-2", port).returncode == 0
-    log = (root / "var" / "log" / "mosquitto" / "mosquitto.log").read_text()
-    errors = [line.split(": ", 1)[1] for line in log.splitlines()  # the readiness check's bare TCP connect: EOF
-              if "Error" in line and "unexpected eof while reading" not in line]
+    expected = 2
+    deadline = time.monotonic() + 10
+    while True:  # the broker logs a refused handshake after the client has seen the refusal
+        log = (root / "var" / "log" / "mosquitto" / "mosquitto.log").read_text()
+        errors = [line.split(": ", 1)[1] for line in log.splitlines()  # the readiness check's bare TCP connect: EOF
+                  if "Error" in line and "unexpected eof while reading" not in line]
+        if len(errors) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert errors == ["OpenSSL Error[0]: error:0A0000C7:SSL routines::peer did not return a certificate",  # no login
                       "OpenSSL Error[0]: error:0A000086:SSL routines::certificate verify failed"], log  # revoked
 
