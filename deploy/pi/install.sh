@@ -12,7 +12,8 @@
 #  3. /etc/m2mpay (0755): the role's example configuration (0644) and environment file (0600),
 #     never overwriting yours; secrets stay 0600 root and reach the services as credentials;
 #  4. bank: /var/lib/private 0700 (systemd refuses it otherwise), a bank in its state directory if
-#     there is none, the broker's PKI in /etc/m2mpay/pki, Mosquitto configured by the drop-in
+#     there is none, the broker's PKI in /etc/m2mpay/pki (the bank's logins copied to
+#     /etc/m2mpay/bank-tls, without the CA's key, on every run), Mosquitto configured by the drop-in
 #     /etc/mosquitto/conf.d/m2mpay.conf (TLS with client certificates, CRL, ACL; written once, then
 #     yours), and m2mpay-bank, which runs admin commands so that the bank's files stay the bank's;
 #  5. the hardened systemd unit, enabled (started with --start).
@@ -207,6 +208,16 @@ if [ "$role" = bank ]; then
   run chgrp mosquitto "$pki" "$pki/broker.key"
   run chmod 0750 "$pki"
   run chmod 0640 "$pki/broker.key"
+  # The bank's broker logins, apart from the CA's key: what m2mpay-bank.service is handed. Copied
+  # again on every run, so a worker's certificate added to the PKI (bank-2 ...) reaches it too.
+  run install -d -m 0700 "$etc/bank-tls"
+  if [ "$dry" = 1 ]; then
+    printf '+ install -m 0600 %s/{ca.crt,bank.crt,bank.key,bank-N.crt,bank-N.key} %s/\n' "$pki" "$etc/bank-tls"
+  else
+    for f in "$pki/ca.crt" "$pki"/bank.crt "$pki"/bank.key "$pki"/bank-[0-9]*.crt "$pki"/bank-[0-9]*.key; do
+      if [ -e "$f" ]; then run install -m 0600 "$f" "$etc/bank-tls/${f##*/}"; fi
+    done
+  fi
 
   main=$mosquitto/mosquitto.conf dropin=$mosquitto/conf.d/m2mpay.conf
   if [ -f "$main" ]; then

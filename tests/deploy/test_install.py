@@ -189,6 +189,34 @@ def test_finding9_bank_role_tls_only_dropin(deployment: Deployment, broker: obje
     assert {p: p.read_bytes() for p in before} == before
 
 
+def test_bank_unit_is_handed_each_workers_login_and_never_the_ca_key(deployment: Deployment, broker: object,
+                                                                     wheelhouse: Path,
+                                                                     services: dict[str, Service]) -> None:
+    """The unit took its certificates from the PKI's directory one by one: ``bank`` only, so
+    ``M2MPAY_BANK_WORKERS=2`` stopped it (exit 2, bank-2 missing). It is now handed a directory of
+    the bank's logins alone, which the installer fills from the PKI on every run."""
+    host = deployment.host
+    tls = host.path("/etc/m2mpay/bank-tls")
+    assert (mode(tls), tls.stat().st_uid) == (0o700, 0)
+    assert sorted(p.name for p in tls.iterdir()) == ["bank.crt", "bank.key", "ca.crt"]
+    assert {mode(p) for p in tls.iterdir()} == {0o600}
+    unit = host.path("/etc/systemd/system/m2mpay-bank.service").read_text()
+    assert "/etc/m2mpay/pki" not in unit  # the PKI's directory holds the CA's key
+    run(deployment.m2mpay, "broker", "pki", "add-client", "bank-2", "--role", "bank", "--dir", deployment.pki)
+    wheel = next(host.path("/opt/m2mpay/dist").glob("m2mpay-*.whl"))
+    install(host.root, "bank", "--wheel", wheel, "--wheelhouse", wheelhouse)
+    assert sorted(p.name for p in tls.iterdir()) == ["bank-2.crt", "bank-2.key", "bank.crt", "bank.key", "ca.crt"]
+    env = host.path("/etc/m2mpay/bank.env")
+    before = env.read_text()
+    env.write_text(re.sub(r"(?m)^M2MPAY_BANK_WORKERS=.*$", "M2MPAY_BANK_WORKERS=2", before))
+    try:
+        bank = services["bank"]
+        with bank.running() as process:
+            wait_logged(bank, process, "serving on mqtts://")  # past the check of every worker's login
+    finally:
+        env.write_text(before)
+
+
 def _mosquitto_gid() -> int:
     import grp
 
