@@ -154,6 +154,28 @@ async def test_a_failing_request_fails_alone_and_its_siblings_commit(store_of_on
 
 
 @pytest.mark.asyncio
+async def test_a_request_stuck_on_a_lock_holds_no_other_back(pg_database: str) -> None:
+    """Another transaction holds a coin: the request for it waits, and one that arrives behind it
+    for another coin is not kept waiting for the stuck transaction's connection."""
+    store = _store(pg_database, 2)
+    try:
+        held, free = os.urandom(32), os.urandom(32)
+        store.run_sync(lambda tx: tx.put_coin(_coin(held), new=True))
+        with psycopg.connect(pg_database, autocommit=True) as holder:
+            holder.execute("BEGIN")
+            holder.execute("SELECT 1 FROM coins WHERE tip = %s FOR UPDATE", (held,))
+            stuck = asyncio.ensure_future(store.run(_insert(held), rows=Rows(coin=held)))
+            await asyncio.sleep(0.1)
+            await asyncio.wait_for(store.run(_insert(free), rows=Rows(coin=free)), 5)
+            assert not stuck.done()
+            holder.execute("COMMIT")
+        await asyncio.wait_for(stuck, 5)
+        assert _count(store, "coins") == 2
+    finally:
+        store.close()
+
+
+@pytest.mark.asyncio
 async def test_a_race_lost_in_a_group_is_retried_and_its_siblings_commit(store_of_one: Store,
                                                                           pg_database: str) -> None:
     """Another connection inserts one of the group's new coins and commits while the group waits
