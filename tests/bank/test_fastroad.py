@@ -10,6 +10,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -33,14 +34,20 @@ def _store(url: str, connections: int) -> Store:
     return store
 
 
-@pytest.fixture
-def store_of_one(pg_database: str) -> Iterator[Store]:
-    """One connection: whatever waits for it goes in the next group."""
-    store = _store(pg_database, 1)
+@contextmanager
+def _opened(url: str, connections: int) -> Iterator[Store]:
+    store = _store(url, connections)
     try:
         yield store
     finally:
         store.close()
+
+
+@pytest.fixture
+def store_of_one(pg_database: str) -> Iterator[Store]:
+    """One connection: whatever waits for it goes in the next group."""
+    with _opened(pg_database, 1) as store:
+        yield store
 
 
 def _road(store: Store) -> object:
@@ -66,8 +73,7 @@ def _count(store: Store, table: str) -> int:
 
 @pytest.mark.asyncio
 async def test_requests_that_arrive_together_share_transactions_and_all_commit(pg_database: str) -> None:
-    store = _store(pg_database, 2)
-    try:
+    with _opened(pg_database, 2) as store:
         road = _road(store)
         tips = [os.urandom(32) for _ in range(40)]
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
@@ -75,16 +81,13 @@ async def test_requests_that_arrive_together_share_transactions_and_all_commit(p
         assert _count(store, "coins") == 40 and _count(store, "answers") == 40
         assert road.requests == 40  # type: ignore[attr-defined]  # none decided twice
         assert road.groups <= 12  # type: ignore[attr-defined]  # 40 requests, 2 connections
-    finally:
-        store.close()
 
 
 @pytest.mark.asyncio
 async def test_requests_for_one_coin_never_share_a_group_so_none_is_lost(pg_database: str) -> None:
     """Were two requests for one coin in one group, both would read the coin as it was before
     the group, and one of two debits would vanish."""
-    store = _store(pg_database, 3)
-    try:
+    with _opened(pg_database, 3) as store:
         tip = os.urandom(32)
         store.run_sync(lambda tx: tx.put_coin(_coin(tip, position=100), new=True))
 
@@ -101,15 +104,12 @@ async def test_requests_for_one_coin_never_share_a_group_so_none_is_lost(pg_data
         coin = store.run_sync(lambda tx: tx.coin(tip))
         assert coin is not None and coin.position == 70
         assert _road(store).groups < _road(store).requests  # type: ignore[attr-defined]
-    finally:
-        store.close()
 
 
 @pytest.mark.asyncio
 async def test_requests_for_one_stored_answer_never_share_a_group(pg_database: str) -> None:
     """Two requests with one request id and two coins: the second must find the first's answer."""
-    store = _store(pg_database, 2)
-    try:
+    with _opened(pg_database, 2) as store:
         seen: list[StoredAnswer | None] = []
 
         def claim(tip: bytes) -> Callable[[Tx], None]:
@@ -127,8 +127,6 @@ async def test_requests_for_one_stored_answer_never_share_a_group(pg_database: s
                                for tip in tips))
         assert seen.count(None) == 1 and len(seen) == 12  # no loser had to be retried
         assert _count(store, "coins") == 1
-    finally:
-        store.close()
 
 
 @pytest.mark.asyncio
@@ -157,8 +155,7 @@ async def test_a_failing_request_fails_alone_and_its_siblings_commit(store_of_on
 async def test_a_request_stuck_on_a_lock_holds_no_other_back(pg_database: str) -> None:
     """Another transaction holds a coin: the request for it waits, and one that arrives behind it
     for another coin is not kept waiting for the stuck transaction's connection."""
-    store = _store(pg_database, 2)
-    try:
+    with _opened(pg_database, 2) as store:
         held, free = os.urandom(32), os.urandom(32)
         store.run_sync(lambda tx: tx.put_coin(_coin(held), new=True))
         with psycopg.connect(pg_database, autocommit=True) as holder:
@@ -171,8 +168,6 @@ async def test_a_request_stuck_on_a_lock_holds_no_other_back(pg_database: str) -
             holder.execute("COMMIT")
         await asyncio.wait_for(stuck, 5)
         assert _count(store, "coins") == 2
-    finally:
-        store.close()
 
 
 @pytest.mark.asyncio
@@ -213,7 +208,8 @@ async def test_two_bank_processes_on_shared_coins_never_deadlock(pg_database: st
     first, second = _store(pg_database, 3), _store(pg_database, 3)
     try:
         tips = [os.urandom(32) for _ in range(8)]
-        first.run_sync(lambda tx: [tx.put_coin(_coin(tip, position=1000), new=True) for tip in tips])
+        for tip in tips:
+            first.run_sync(lambda tx, t=tip: tx.put_coin(_coin(t, position=1000), new=True))  # type: ignore[misc]
 
         def step(tip: bytes) -> Callable[[Tx], None]:
             def fn(tx: Tx) -> None:
@@ -241,8 +237,7 @@ async def test_connections_killed_mid_group_lose_nothing_and_the_road_recovers(p
     """The server ends the sessions (a restart) while a group waits for a lock: the requests
     whose COMMIT had not gone out are done again on new connections; any other gets an error;
     nothing stays busy, and whatever was answered is in the database."""
-    store = _store(pg_database, 2)
-    try:
+    with _opened(pg_database, 2) as store:
         road = _road(store)
         held = os.urandom(32)
         store.run_sync(lambda tx: tx.put_coin(_coin(held), new=True))
@@ -275,14 +270,11 @@ async def test_connections_killed_mid_group_lose_nothing_and_the_road_recovers(p
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
                                for tip in tips))
         assert _count(store, "coins") == 41
-    finally:
-        store.close()
 
 
 @pytest.mark.asyncio
 async def test_a_server_restart_between_requests_costs_no_request_an_error(pg_database: str) -> None:
-    store = _store(pg_database, 2)
-    try:
+    with _opened(pg_database, 2) as store:
         tips = [os.urandom(32) for _ in range(8)]
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip)) for tip in tips[:4]))
         with psycopg.connect(pg_database, autocommit=True) as admin:
@@ -291,5 +283,3 @@ async def test_a_server_restart_between_requests_costs_no_request_an_error(pg_da
         await asyncio.sleep(0.05)
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip)) for tip in tips[4:]))  # fast road
         assert _count(store, "coins") == 8  # and the general road's thread reconnected too
-    finally:
-        store.close()
