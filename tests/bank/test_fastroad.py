@@ -67,6 +67,15 @@ def _insert(tip: bytes, seen: list[CoinRecord | None] | None = None, position: i
     return fn
 
 
+async def _until_waiting_for_a_lock(watch: psycopg.Connection[tuple[object, ...]], failure: str) -> None:
+    """Until a statement of this database waits for a lock (within 10 s, else ``failure``)."""
+    deadline = time.monotonic() + 10
+    while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'").fetchone() == (0,):
+        assert time.monotonic() < deadline, failure
+        await asyncio.sleep(0.01)
+
+
 def _count(store: Store, table: str) -> int:
     return int(store.run_sync(lambda tx: tx.all(f"SELECT count(*) FROM {table}"))[0][0])  # noqa: S608 - a literal
 
@@ -187,11 +196,7 @@ async def test_a_race_lost_in_a_group_is_retried_and_its_siblings_commit(store_o
         work = [asyncio.ensure_future(store_of_one.run(_insert(tip, seen if tip == contested else None),
                                                        rows=Rows(coin=tip, answer=("meter", tip[:16]))))
                 for tip in tips]
-        deadline = time.monotonic() + 10
-        while watch.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                            " AND wait_event_type = 'Lock'").fetchone()[0] == 0:  # type: ignore[index]
-            assert time.monotonic() < deadline, "the group never waited for the other's insert"
-            await asyncio.sleep(0.01)
+        await _until_waiting_for_a_lock(watch, "the group never waited for the other's insert")
         other.execute("COMMIT")
         assert await asyncio.wait_for(asyncio.gather(*work), 10) == [None] * 6
     assert seen[0] is None and seen[-1] is not None and seen[-1].position == 42
@@ -248,11 +253,7 @@ async def test_connections_killed_mid_group_lose_nothing_and_the_road_recovers(p
             holder.execute("SELECT 1 FROM coins WHERE tip = %s FOR UPDATE", (held,))
             work = [asyncio.ensure_future(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16]))))
                     for tip in tips]
-            deadline = time.monotonic() + 10
-            while admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                " AND wait_event_type = 'Lock'").fetchone()[0] == 0:  # type: ignore[index]
-                assert time.monotonic() < deadline, "no group waited for the held coin"
-                await asyncio.sleep(0.01)
+            await _until_waiting_for_a_lock(admin, "no group waited for the held coin")
             killed = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                                    " WHERE datname = current_database() AND backend_type = 'client backend'"
                                    " AND pid NOT IN (pg_backend_pid(), %s)", (holder.info.backend_pid,)).fetchone()
