@@ -30,8 +30,9 @@ def _serve(data: Path, broker: str) -> subprocess.Popen[bytes]:
                              "--broker", broker], stderr=subprocess.DEVNULL)
 
 
-async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int, bank_id: str) -> dict[str, int]:
-    world = BankWorld.create(tmp_path, None, bank=bank_id)
+async def _crash_run(mosquitto: str, tmp_path: Path, spends: int, kills: int, bank_id: str,
+                     db: str | None = None) -> dict[str, int]:
+    world = BankWorld.create(tmp_path, db, bank=bank_id)
     keys, store, clock = world.keys, world.store, world.clock
     user, vendors = world.user("payer", deposit=100 * spends), [world.vendor(f"v{i}") for i in range(4)]
     bank = [_serve(tmp_path / "bank", mosquitto)]
@@ -111,5 +112,25 @@ async def test_bank_killed_three_times_during_spends(mosquitto: str, tmp_path: P
 async def test_bank_killed_twenty_times_during_spends(mosquitto: str, tmp_path: Path, bank_id: str) -> None:
     result = await _crash_run(mosquitto, tmp_path, spends=4000, kills=20, bank_id=bank_id)
     print("bank crashes:", result)
+    assert result["restarts"] == 20
+    assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
+
+
+@pytest.mark.asyncio
+async def test_bank_on_postgresql_killed_three_times_during_spends(mosquitto: str, pg_database: str,
+                                                                   tmp_path: Path, bank_id: str) -> None:
+    """On PostgreSQL requests share transactions: a kill lands with several in one, some with their
+    COMMIT sent and unanswered. Each is answered once the bank is back, and credited once."""
+    result = await _crash_run(mosquitto, tmp_path, spends=1200, kills=3, bank_id=bank_id, db=pg_database)
+    assert result["restarts"] == 3 and result["spends"] > 0
+    assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
+
+
+@pytest.mark.heavy
+@pytest.mark.asyncio
+async def test_bank_on_postgresql_killed_twenty_times_during_spends(mosquitto: str, pg_database: str,
+                                                                    tmp_path: Path, bank_id: str) -> None:
+    result = await _crash_run(mosquitto, tmp_path, spends=4000, kills=20, bank_id=bank_id, db=pg_database)
+    print("bank crashes, postgresql:", result)
     assert result["restarts"] == 20
     assert result["credited_answers"] == result["credited_books"] == 4 * result["spends"]
