@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ if TYPE_CHECKING:
     from .pgwire import Command, Wire
     from .postgresql import Book, Fetch
 
-__all__ = ["GROUP", "FastRoad"]
+__all__ = ["BOOK", "GROUP", "ROWS", "FastRoad"]
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,9 @@ STALLED = 0.02
 for a lock that another transaction holds): they go to another connection."""
 RETRIES = 8
 
-_ROWS = b"m2mpay_rows"
-_BOOK = b"m2mpay_book"
+ROWS = b"m2mpay_rows"
+BOOK = b"m2mpay_book"
+"""The names of the two statements prepared on each connection (migration 4's functions)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -152,6 +152,8 @@ class FastRoad:
     def _dispatch(self) -> None:
         """Give waiting requests to idle connections, opening more up to the limit."""
         while self._queue and not self._closed:
+            if len(self._queue) < SPREAD and self._moving():
+                return  # a busy connection takes these with its next write: bigger groups, fewer commits
             wire: Wire | None = None
             while self._idle and wire is None:
                 wire = self._idle.pop()
@@ -160,10 +162,6 @@ class FastRoad:
                     wire = None
             if wire is None and self._opened >= self._size:
                 return
-            if len(self._queue) < SPREAD and self._moving():
-                if wire is not None:
-                    self._idle.append(wire)
-                return  # a busy connection takes these with its next write: bigger groups, fewer commits
             group = self._take()
             if not group:
                 if wire is not None:
@@ -176,12 +174,14 @@ class FastRoad:
     def _moving(self) -> bool:
         """Whether a busy connection started its group within :data:`STALLED` (then it will take
         what waits soon); if so, look again once that is no longer true."""
-        now = time.monotonic()
+        if self._loop is None:
+            return False
+        now = self._loop.time()
         recent = [t for t in self._started.values() if now - t < STALLED]
         if not recent:
             return False
-        if self._recheck is None and self._loop is not None:
-            self._recheck = self._loop.call_at(self._loop.time() + STALLED - (now - max(recent)), self._look_again)
+        if self._recheck is None:
+            self._recheck = self._loop.call_at(max(recent) + STALLED, self._look_again)
         return True
 
     def _look_again(self) -> None:
@@ -228,25 +228,22 @@ class FastRoad:
             if wire is None:
                 wire = await self._connect(self._url)
                 self._wires.add(wire)
-            _start(wire, group)
-            self._started[wire] = time.monotonic()
+            self._start(wire, group)
             await wire.flush()
             self.round_trips += 1
             while group:
                 group = await self._run(wire, group, held, committing)
                 held[:] = group
         except BaseException as exc:
-            if wire is not None:
-                self._started.pop(wire, None)
             if wire is None:
                 self._opened -= 1
             else:
                 self._discard(wire)
             if isinstance(exc, Exception) and wire is not None and not self._closed:
                 self._free(held)
-                lost = [i for i in held if any(i is c for c in committing)]
+                lost = [i for i in held if i in committing]  # items compare by identity
                 for item in held:
-                    if not any(item is c for c in lost):
+                    if item not in lost:
                         if item.attempt < RETRIES - 1:
                             item.attempt += 1
                             self._queue.appendleft(item)
@@ -260,12 +257,13 @@ class FastRoad:
             if not isinstance(exc, Exception):
                 raise
         else:
-            self._started.pop(wire, None)
             if wire.idle:
                 self._idle.append(wire)
             else:
                 self._discard(wire)
         finally:
+            if wire is not None:
+                self._started.pop(wire, None)
             self._dispatch()
 
     async def _run(self, wire: Wire, group: list[_Item], held: list[_Item], committing: list[_Item]) -> list[_Item]:
@@ -291,14 +289,13 @@ class FastRoad:
                    for item, row in zip(group, rows, strict=True)]
         books = [(d, d.book) for d in decided if d.book is not None]
         if books:
-            wire.send(*((_BOOK, book.params()) for _, book in books))
+            wire.send(*((BOOK, book.params()) for _, book in books))
         if locking:  # a segment of its own: it ends the transaction even when a book failed
             wire.send((b"COMMIT", ()))
         nxt = self._take() if not self._closed else []
         held.extend(nxt)
         if nxt:
-            _start(wire, nxt)
-            self._started[wire] = time.monotonic()
+            self._start(wire, nxt)
         committing[:] = [d.item for d, _ in books]
         if locking or nxt:
             await wire.flush()
@@ -316,6 +313,15 @@ class FastRoad:
         committing.clear()
         self._end(group, decided)
         return nxt
+
+    def _start(self, wire: Wire, group: Sequence[_Item]) -> None:
+        """A group's first half, one segment: ``BEGIN`` if it locks a coin, then each request's read.
+
+        libpq writes a segment as soon as it is ended, so each segment is one write, and one
+        wake-up of the server: a group's reads, and its books, go in one each."""
+        begin: tuple[Command, ...] = ((b"BEGIN", ()),) if _locking(group) else ()
+        wire.send(*begin, *((ROWS, item.fetch) for item in group))
+        self._started[wire] = asyncio.get_running_loop().time()
 
     def _end(self, group: list[_Item], decided: list[_Decided]) -> None:
         """Free the group's coins and answers; give each request its outcome, or another try.
@@ -414,15 +420,6 @@ class FastRoad:
 
 def _locking(group: Sequence[_Item]) -> bool:
     return any(item.fetch[0] is not None for item in group)
-
-
-def _start(wire: Wire, group: Sequence[_Item]) -> None:
-    """A group's first half, one segment: ``BEGIN`` if it locks a coin, then each request's read.
-
-    libpq writes a segment as soon as it is ended, so each segment is one write, and one wake-up
-    of the server: a group's reads, and its books, go in one each."""
-    begin: tuple[Command, ...] = ((b"BEGIN", ()),) if _locking(group) else ()
-    wire.send(*begin, *((_ROWS, item.fetch) for item in group))
 
 
 def _decide(item: _Item, row: tuple[Any, ...] | BaseException) -> _Decided:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .fastroad import FastRoad
+from .fastroad import BOOK, ROWS, FastRoad
 
 if TYPE_CHECKING:  # psycopg is optional: imported only where a PostgreSQL store connects
     from .pgwire import Wire
@@ -49,19 +49,16 @@ _DURABLE = ("SELECT current_setting('synchronous_commit'), CASE WHEN current_set
 for the WAL flush even where the server's default says they need not (``local`` and the remote
 levels are at least that already, and are kept)."""
 
-# The fast road's two statements, prepared on each of its connections (see agents.bank.pgwire).
-_ROWS = b"m2mpay_rows"
-_BOOK = b"m2mpay_book"
-
 
 def _statements() -> dict[bytes, tuple[str, tuple[int, ...]]]:
+    """The fast road's two statements, prepared on each of its connections (see agents.bank.pgwire)."""
     from .pgwire import BOOL, BYTEA, BYTEA_ARRAY, INT4, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY
 
     book = (BOOL, BYTEA, TEXT, INT4, INT8, INT4, BYTEA, TEXT, BYTEA, TEXT, TEXT, INT4, INT8, INT4,
             INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, BYTEA_ARRAY,
             TEXT, BYTEA, BYTEA, BYTEA, INT8)
-    return {_ROWS: ("SELECT * FROM m2mpay_rows($1, $2, $3, $4)", (BYTEA, TEXT, BYTEA, TEXT)),
-            _BOOK: ("SELECT FROM m2mpay_book(" + ", ".join(f"${i + 1}" for i in range(len(book))) + ")", book)}
+    return {ROWS: ("SELECT * FROM m2mpay_rows($1, $2, $3, $4)", (BYTEA, TEXT, BYTEA, TEXT)),
+            BOOK: ("SELECT FROM m2mpay_book(" + ", ".join(f"${i + 1}" for i in range(len(book))) + ")", book)}
 
 
 class NotFetched(Exception):  # a signal between the store's two roads, not an error
@@ -113,7 +110,6 @@ class PgEngine:
 
     def __init__(self, url: str, connections: int) -> None:
         self._url = url
-        self._size = connections
         self._threads = ThreadPoolExecutor(max_workers=connections, thread_name_prefix="bank-db")
         self._local = threading.local()
         self._sync_conns: list[Any] = []
@@ -196,8 +192,7 @@ class PgEngine:
         must not change anything. Raises :class:`NotFetched` (nothing done) when ``decide``
         needs the general road.
         """
-        self._pool()
-        result: T = await self.fast.fetched(fetch, decide)
+        result: T = await self.fast.fetched(fetch, decide)  # it refuses once the store is closed
         return result
 
     @property

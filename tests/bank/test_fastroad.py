@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
+from m2mpay.agents.bank.fastroad import FastRoad
 from m2mpay.agents.bank.postgresql import PgEngine
 from m2mpay.agents.bank.store import Rows, Store, Tx
 from m2mpay.protocol.envelope import StoredAnswer
@@ -50,7 +51,7 @@ def store_of_one(pg_database: str) -> Iterator[Store]:
         yield store
 
 
-def _road(store: Store) -> object:
+def _road(store: Store) -> FastRoad:
     engine = store.engine
     assert isinstance(engine, PgEngine)
     return engine.fast
@@ -88,8 +89,8 @@ async def test_requests_that_arrive_together_share_transactions_and_all_commit(p
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
                                for tip in tips))
         assert _count(store, "coins") == 40 and _count(store, "answers") == 40
-        assert road.requests == 40  # type: ignore[attr-defined]  # none decided twice
-        assert road.groups <= 12  # type: ignore[attr-defined]  # 40 requests, 2 connections
+        assert road.requests == 40  # none decided twice
+        assert road.groups <= 12  # 40 requests, 2 connections
 
 
 @pytest.mark.asyncio
@@ -112,7 +113,7 @@ async def test_requests_for_one_coin_never_share_a_group_so_none_is_lost(pg_data
         await asyncio.gather(*work)
         coin = store.run_sync(lambda tx: tx.coin(tip))
         assert coin is not None and coin.position == 70
-        assert _road(store).groups < _road(store).requests  # type: ignore[attr-defined]
+        assert _road(store).groups < _road(store).requests
 
 
 @pytest.mark.asyncio
@@ -152,8 +153,8 @@ async def test_a_failing_request_fails_alone_and_its_siblings_commit(store_of_on
     assert all(o is None for i, o in enumerate(outcomes) if i != 5)
     assert _count(store_of_one, "coins") == 23 and store_of_one.run_sync(lambda tx: tx.coin(bad)) is None
     road = _road(store_of_one)
-    assert road.requests > 24  # type: ignore[attr-defined]  # the siblings were decided again
-    assert not road._busy_tips and not road._queue  # type: ignore[attr-defined]
+    assert road.requests > 24  # the siblings were decided again
+    assert not road._busy_tips and not road._queue
     # The connection is whole: the next transaction on it commits.
     tip = os.urandom(32)
     await store_of_one.run(_insert(tip), rows=Rows(coin=tip, answer=("meter", tip[:16])))
@@ -264,7 +265,7 @@ async def test_connections_killed_mid_group_lose_nothing_and_the_road_recovers(p
             outcomes = await asyncio.wait_for(asyncio.gather(*work, return_exceptions=True), 30)
         assert outcomes[-1] is None  # done again on a new connection once the coin was free
         assert all(o is None or isinstance(o, Exception) for o in outcomes)
-        assert not road._busy_tips and not road._busy_answers and not road._queue  # type: ignore[attr-defined]
+        assert not road._busy_tips and not road._busy_answers and not road._queue
         for tip, outcome in zip(tips, outcomes, strict=True):
             if outcome is None:  # answered: in the database
                 assert store.run_sync(lambda tx, t=tip: tx.coin(t)) is not None  # type: ignore[misc]
