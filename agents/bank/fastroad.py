@@ -7,7 +7,8 @@ reach the road in one turn of the event loop, or wait while every connection is 
 *grouped*: one connection takes up to :data:`GROUP` of them into one transaction, in two round
 trips for them all:
 
-1. ``BEGIN`` and each request's ``m2mpay_rows(tip, signer, req_id, vendor)``, pipelined;
+1. ``BEGIN``, the locks of the group's stored answers, and each request's
+   ``m2mpay_rows(tip, signer, req_id, vendor)``, pipelined;
 2. each request's rules, on the event loop, against its rows; writes are only collected;
 3. each request's ``m2mpay_book(…)`` and the ``COMMIT``, with the next group's first half behind
    them: one round trip.
@@ -25,10 +26,13 @@ What a group must not do, and how it is kept from it:
 - *See a sibling's change*: the rules of each request read the rows as they were before the group.
   So a group never holds two requests for one coin or for one stored answer, and a request whose
   coin or answer is in a group in flight waits for that group to end (:meth:`FastRoad._take`).
-- *Deadlock*: a group locks its coins, and inserts its coins, in the order of their tips, so two
-  groups on two connections never wait for each other in a cycle. (Two bank processes could still
-  be made to by one signer reusing two request ids across two coins at once: PostgreSQL then ends
-  one group after ``deadlock_timeout`` and its requests are retried, as after any lost race.)
+- *Deadlock*: a group first takes a transaction's advisory lock for each of its stored answers
+  (``signer``, ``req_id``), in one order, then locks its coins, and inserts its coins, in the
+  order of their tips; so two groups on two connections, or in two bank processes, never wait for
+  each other in a cycle. Without the answers' locks a signer reusing two request ids across four
+  coins, sent to two processes at once, made two groups insert the same two answers in opposite
+  orders: a deadlock PostgreSQL breaks only after ``deadlock_timeout``, with both groups' coins
+  locked meanwhile.
 - *Fail for another's fault*: each statement is a segment of its own, so the failing request is
   known. It gets its error (or is retried, if it lost a race); the others of its group whose
   changes were rolled back with it are decided again in a later group, at no cost to their retries.
@@ -41,6 +45,7 @@ was not fetched gets :class:`~m2mpay.agents.bank.postgresql.NotFetched` and goes
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,7 +56,7 @@ if TYPE_CHECKING:
     from .pgwire import Command, Wire
     from .postgresql import Book, Fetch
 
-__all__ = ["BOOK", "GROUP", "ROWS", "FastRoad"]
+__all__ = ["ANSWERS", "BOOK", "GROUP", "ROWS", "FastRoad"]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +72,11 @@ STALLED = 0.02
 for a lock that another transaction holds): they go to another connection."""
 RETRIES = 8
 
+ANSWERS = b"m2mpay_answers"
 ROWS = b"m2mpay_rows"
 BOOK = b"m2mpay_book"
-"""The names of the two statements prepared on each connection (migration 4's functions)."""
+"""The names of the statements prepared on each connection: the answers' advisory locks, and
+migration 4's two functions."""
 
 
 @dataclass(eq=False, slots=True)
@@ -272,8 +279,9 @@ class FastRoad:
 
         locking = _locking(group)
         outcomes = await wire.receive_each()
-        if locking and isinstance(begun := outcomes.pop(0), BaseException):
-            raise begun  # the connection is at fault, not a request: the group goes to another
+        for _ in range(_opening(group)):
+            if isinstance(begun := outcomes.pop(0), BaseException):
+                raise begun  # the connection is at fault, not a request: the group goes to another
         rows = [o[0] if isinstance(o, list) else o for o in outcomes]
         failed = next((r for r in rows if isinstance(r, BaseException) and not isinstance(r, Skipped)), None)
         if failed is not None and locking:  # the transaction is failed: none of it can be kept
@@ -315,11 +323,16 @@ class FastRoad:
         return nxt
 
     def _start(self, wire: Wire, group: Sequence[_Item]) -> None:
-        """A group's first half, one segment: ``BEGIN`` if it locks a coin, then each request's read.
+        """A group's first half, one segment: ``BEGIN`` and its answers' locks if it locks a coin,
+        then each request's read.
 
         libpq writes a segment as soon as it is ended, so each segment is one write, and one
         wake-up of the server: a group's reads, and its books, go in one each."""
-        begin: tuple[Command, ...] = ((b"BEGIN", ()),) if _locking(group) else ()
+        begin: list[Command] = []
+        if _locking(group):
+            begin.append((b"BEGIN", ()))
+            if keys := _answer_locks(group):
+                begin.append((ANSWERS, (keys,)))
         wire.send(*begin, *((ROWS, item.fetch) for item in group))
         self._started[wire] = asyncio.get_running_loop().time()
 
@@ -420,6 +433,22 @@ class FastRoad:
 
 def _locking(group: Sequence[_Item]) -> bool:
     return any(item.fetch[0] is not None for item in group)
+
+
+def _answer_locks(group: Sequence[_Item]) -> list[int]:
+    """The advisory lock of each stored answer the group may insert, sorted: every group takes
+    them in one order. Keys are 64 bits of a hash: two answers sharing one only wait for each other."""
+    keys = {int.from_bytes(hashlib.blake2b(key[0].encode() + b"\0" + (key[1] or b""), digest_size=8).digest(),
+                           "big", signed=True)
+            for item in group if (key := item.answer_key) is not None}
+    return sorted(keys)
+
+
+def _opening(group: Sequence[_Item]) -> int:
+    """The commands of a group's first segment before its reads (see :meth:`FastRoad._start`)."""
+    if not _locking(group):
+        return 0
+    return 2 if any(item.answer_key is not None for item in group) else 1
 
 
 def _decide(item: _Item, row: tuple[Any, ...] | BaseException) -> _Decided:

@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .fastroad import BOOK, ROWS, FastRoad
+from .fastroad import ANSWERS, BOOK, ROWS, FastRoad
 
 if TYPE_CHECKING:  # psycopg is optional: imported only where a PostgreSQL store connects
     from .pgwire import Wire
@@ -51,13 +51,15 @@ levels are at least that already, and are kept)."""
 
 
 def _statements() -> dict[bytes, tuple[str, tuple[int, ...]]]:
-    """The fast road's two statements, prepared on each of its connections (see agents.bank.pgwire)."""
+    """The fast road's three statements, prepared on each of its connections (see agents.bank.pgwire)."""
     from .pgwire import BOOL, BYTEA, BYTEA_ARRAY, INT4, INT8, INT8_ARRAY, TEXT, TEXT_ARRAY
 
     book = (BOOL, BYTEA, TEXT, INT4, INT8, INT4, BYTEA, TEXT, BYTEA, TEXT, TEXT, INT4, INT8, INT4,
             INT8_ARRAY, TEXT_ARRAY, TEXT_ARRAY, INT8_ARRAY, TEXT_ARRAY, BYTEA_ARRAY,
             TEXT, BYTEA, BYTEA, BYTEA, INT8)
-    return {ROWS: ("SELECT * FROM m2mpay_rows($1, $2, $3, $4)", (BYTEA, TEXT, BYTEA, TEXT)),
+    # The advisory locks are taken in the order of the array, which the fast road sorts.
+    return {ANSWERS: ("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", (INT8_ARRAY,)),
+            ROWS: ("SELECT * FROM m2mpay_rows($1, $2, $3, $4)", (BYTEA, TEXT, BYTEA, TEXT)),
             BOOK: ("SELECT FROM m2mpay_book(" + ", ".join(f"${i + 1}" for i in range(len(book))) + ")", book)}
 
 

@@ -285,3 +285,43 @@ async def test_a_server_restart_between_requests_costs_no_request_an_error(pg_da
         await asyncio.sleep(0.05)
         await asyncio.gather(*(store.run(_insert(tip), rows=Rows(coin=tip)) for tip in tips[4:]))  # fast road
         assert _count(store, "coins") == 8  # and the general road's thread reconnected too
+
+
+@pytest.mark.asyncio
+async def test_a_signer_reusing_request_ids_across_coins_and_processes_causes_no_deadlock(
+        pg_database: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A device with a valid certificate sends, to two bank processes at once, two requests under
+    each of two request ids, for four coins, so that each process's group would insert the two
+    stored answers in the opposite order (its coins' order). PostgreSQL would break each such
+    cycle only after its deadlock_timeout, with the coins of both groups locked meanwhile: a
+    stall a second long for every pair the device sends. Groups take their answers' locks
+    first, in one order, so the second group waits for the first and then finds its answers."""
+    caplog.set_level(logging.DEBUG, logger="m2mpay.agents.bank.fastroad")
+    first, second = _store(pg_database, 1), _store(pg_database, 1)
+    stored: list[StoredAnswer | None] = []
+
+    def claim(tip: bytes, req_id: bytes) -> Callable[[Tx], None]:
+        def fn(tx: Tx) -> None:
+            tx.coin(tip)
+            answer = tx.answer("mallory", req_id)
+            stored.append(answer)
+            if answer is None:
+                tx.put_coin(_coin(tip), new=True)
+                tx.put_answer("mallory", req_id, StoredAnswer(b"d" * 32, tip), 1)
+        return fn
+
+    try:
+        started = time.monotonic()
+        for _ in range(60):  # without the answers' locks, 20 rounds missed a deadlock in 1 run of 4; 60 in 0 of 3
+            k1, k2 = os.urandom(16), os.urandom(16)
+            low, high = (lambda: b"\x01" + os.urandom(31)), (lambda: b"\x02" + os.urandom(31))
+            pairs = [(first, low(), k1), (first, high(), k2), (second, low(), k2), (second, high(), k1)]
+            await asyncio.wait_for(asyncio.gather(*(
+                store.run(claim(tip, key), rows=Rows(coin=tip, answer=("mallory", key)))
+                for store, tip, key in pairs)), 30)
+        elapsed = time.monotonic() - started
+        assert "DeadlockDetected" not in caplog.text, f"deadlocks in {elapsed:.1f} s"
+        assert _count(first, "answers") == 120  # one per request id
+    finally:
+        first.close()
+        second.close()
