@@ -9,6 +9,7 @@ one per message: withdrawals, on the benchmarked path, run it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,25 @@ def signed_keysets(tx: Ledger, blinded: Sequence[bytes]) -> set[tuple[bytes, str
     return found
 
 
+MESSAGE_LOCKS = 0x6D326D70
+"""The first key of the advisory locks of blinded messages (PostgreSQL's two-key form, a space of
+its own: the fast road's locks of stored answers take the one-key form)."""
+
+
 def signed_among(tx: Ledger, blinded: Sequence[bytes]) -> frozenset[bytes]:
-    """Those of ``blinded`` that a withdrawal or an exchange had signed before (for any keyset)."""
+    """Those of ``blinded`` that a withdrawal or an exchange had signed before (for any keyset).
+
+    For a transaction that then records those it signs: each message's lock is taken first, to
+    its end. A withdrawal and an exchange record a message in different tables, under different
+    row locks (the account's, the coin's); without it each could find a message unsigned before
+    the other's commit, and both sign it. On SQLite one transaction writes at a time already.
+    """
+    sql = _sql(tx)
+    if sql.dialect == "postgresql" and blinded:
+        keys = sorted({int.from_bytes(hashlib.blake2b(m, digest_size=4).digest(), "big", signed=True)
+                       for m in blinded})  # one order in every transaction: no cycle among them
+        sql.one("SELECT count(pg_advisory_xact_lock(?, k)) FROM unnest(CAST(? AS int4[])) AS k",
+                (MESSAGE_LOCKS, keys))
     return frozenset(message for message, _ in signed_keysets(tx, blinded))
 
 

@@ -437,7 +437,8 @@ def _locking(group: Sequence[_Item]) -> bool:
 
 def _answer_locks(group: Sequence[_Item]) -> list[int]:
     """The advisory lock of each stored answer the group may insert, sorted: every group takes
-    them in one order. Keys are 64 bits of a hash: two answers sharing one only wait for each other."""
+    them in one order. Keys are 64 bits of a hash, in the one-key form (blinded messages' locks
+    take the two-key form, a space of their own): two answers sharing one only wait for each other."""
     keys = {int.from_bytes(hashlib.blake2b(key[0].encode() + b"\0" + (key[1] or b""), digest_size=8).digest(),
                            "big", signed=True)
             for item in group if (key := item.answer_key) is not None}

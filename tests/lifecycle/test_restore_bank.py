@@ -4,6 +4,7 @@ signed before (``replay``), so a restored wallet replaying a counter never pays 
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -14,7 +15,7 @@ from m2mpay.agents.mqtt import BankClient
 from m2mpay.protocol import cbor, cose, envelope
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages import MAX_WITHDRAW_BATCH, WithdrawAnswer, WithdrawRequest
-from m2mpay.protocol.messages.exchange import MAX_RESTORE, Output, RestoreAnswer
+from m2mpay.protocol.messages.exchange import MAX_RESTORE, ExchangeAnswer, Output, RestoreAnswer
 from m2mpay.protocol.rules import wallet
 from tests.bank_world import BankWorld
 
@@ -231,3 +232,32 @@ async def test_restore_over_the_broker(online: tuple[BankWorld, BankClient]) -> 
     answer = envelope.open_answer(await client.request("restore", data), world.keys.answer_key.public_key(),
                                   world.bank, "restore", RestoreAnswer, request=data)
     assert answer.found == tuple(range(MAX_WITHDRAW_BATCH)) and answer.blind_sigs == issued.blind_sigs
+
+
+async def test_a_withdrawal_and_an_exchange_racing_for_one_message_never_both_sign_it(world: BankWorld) -> None:
+    """A restored wallet replaying a counter sends, at once, a withdrawal and an exchange whose
+    change holds the same blinded message. They lock different rows (the account, the coin) and
+    record the message in different tables: each, looking before the other's commit, would find
+    it unsigned, and the message would be paid for twice and give one coin. One of the two is
+    ``replay`` (or, a race lost, retried into it), every time."""
+    with exchanging(world) as keyset:
+        user = world.user("alice")
+        coins = await withdraw(world, user, keyset, 12)
+        for wc in coins:
+            pending = prepare(world, wc)
+            slot = next(o for o in pending.request.change if world.keys.keyring.keysets[o.keyset].value == 64)
+            bought = WithdrawRequest(account="alice", keyset=slot.keyset, blinded=(slot.blinded,),
+                                     req_id=os.urandom(16))
+            signed = user.sign(bought, "withdraw")
+            by_withdrawal, by_exchange = await asyncio.gather(world.send("withdraw", signed), send(world, pending.data))
+            outcomes = sorted([_outcome(world, "withdraw", WithdrawAnswer, by_withdrawal, signed),
+                               _outcome(world, "exchange", ExchangeAnswer, by_exchange, pending.data)])
+            assert outcomes == ["REPLAY", "signed"], outcomes
+
+
+def _outcome(world: BankWorld, op: str, kind: type[WithdrawAnswer | ExchangeAnswer], raw: bytes, request: bytes) -> str:
+    try:
+        envelope.open_answer(raw, world.keys.answer_key.public_key(), world.bank, op, kind, request=request)
+    except envelope.Refusal as refusal:
+        return refusal.code.name
+    return "signed"
