@@ -125,6 +125,7 @@ class BankRun:
     echo_cpu: dict[str, float]  # the same for the echo's requests
     stock_echo_cpu: dict[str, float]
     busy: float  # the machine's busy share during the bank's waves
+    queued: dict[str, float]  # ms per bank request each process group waited for a core
     locks: dict[str, Any] | None  # PostgreSQL: lock waits seen during the bank's waves
 
 
@@ -265,7 +266,7 @@ async def bank_rate(url: str, db_url: str, spends: int, in_flight: int, workers:
         return BankRun(statistics.median(bank_rates), statistics.median(echo_rates), statistics.median(stock_rates),
                        withdraw_rate, bank_cpu.per_request(requests), echo_cpu.per_request(requests),
                        stock_cpu.per_request(requests), bank_cpu.utilisation,
-                       None if locks is None else locks.summary())
+                       bank_cpu.queued_per_request(requests), None if locks is None else locks.summary())
     finally:
         if locks is not None:
             locks.close()
@@ -359,6 +360,7 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
             if run.cpu:
                 print(f"{'':10} CPU ms per request: {_shares(run.cpu)}; machine busy {run.busy:.0%}"
                       f" (echo: {_shares(run.echo_cpu)}; stock echo: {_shares(run.stock_echo_cpu)})")
+                print(f"{'':10} waiting for a core, ms per request: {_shares(run.queued)}")
             if run.locks is not None:
                 doing = ", ".join(f"{k} {share:.0%}" for k, share in list(run.locks["doing"].items())[:4])
                 print(f"{'':10} PostgreSQL: {run.locks['active_per_sample']:.1f} statements running per sample, "
@@ -373,7 +375,7 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
                 "stock_ratio": rate / stock, "spends_per_s": rate / 2,
                 "withdraw_coins_per_s": run.withdraw_rate, "cpu_ms_per_request": run.cpu,
                 "echo_cpu_ms_per_request": run.echo_cpu, "stock_echo_cpu_ms_per_request": run.stock_echo_cpu,
-                "machine_busy": run.busy, "locks": run.locks}
+                "machine_busy": run.busy, "queued_ms_per_request": run.queued, "locks": run.locks}
         lapses = {}
         for db in ("sqlite", "postgresql") if pg is not None else ("sqlite",):
             db_url = str(Path(tempfile.mkdtemp()) / "bank.sqlite3") if db == "sqlite" else pg_database(pg or "")

@@ -168,15 +168,17 @@ def cpu_table(results: dict[str, Any]) -> Table | None:
     if not rows:
         return None
     groups = ("bank", "postgres", "broker", "load", "other")
-    table = Table(title="CPU per request, ms (the echo's in brackets), and the machine's busy share")
-    for column in ("figure", *groups, "busy", "lock waits"):
+    table = Table(title="CPU per request, ms (the echo's in brackets), the machine's busy share, and the ms per "
+                        "request the bank's processes were ready to run but waited for a core")
+    for column in ("figure", *groups, "busy", "bank waited", "lock waits"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for _, r in rows:
         cpu, echo = r["cpu_ms_per_request"], r.get("echo_cpu_ms_per_request", {})
         cells = [f"{cpu.get(g, 0):.2f} ({echo.get('echo' if g == 'bank' else g, 0):.2f})" for g in groups]
         locks = r.get("locks")
         table.add_row(f"{r['db']}, {r['workers']} proc, {r['in_flight']} in flight", *cells,
-                      f"{r.get('machine_busy', 0):.0%}", "" if not locks else f"{locks['lock_wait_share']:.1%}")
+                      f"{r.get('machine_busy', 0):.0%}", f"{r.get('queued_ms_per_request', {}).get('bank', 0):.2f}",
+                      "" if not locks else f"{locks['lock_wait_share']:.1%}")
     return table
 
 

@@ -4,7 +4,10 @@ A ratio says how far a figure is from its baseline, not what stops it. On a mach
 cores serve the bank, its database, the broker and the load generator at once, the question is
 which of them spends the CPU of one request. :class:`CpuMeter` adds up each group's user and
 system time (``/proc/<pid>/stat``) and the whole machine's busy and idle time (``/proc/stat``)
-over the intervals it is told about. Elsewhere than Linux it measures nothing and says so.
+over the intervals it is told about; and how long each group's threads were ready to run but
+waited for a core (the second field of ``/proc/<pid>/task/<tid>/schedstat``): where the cores,
+not the work, are the limit, that is where the time goes. Elsewhere than Linux it measures
+nothing and says so.
 
 PostgreSQL's group is every ``postgres`` process on the machine: the bench's own backends and
 whatever else the server does meanwhile (its WAL writer, other databases), which is what the
@@ -33,6 +36,16 @@ def _ticks(pid: int) -> int:
     except (OSError, IndexError):
         return 0
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the file)
+
+
+def _queued(pid: int) -> int:
+    """Nanoseconds the threads of ``pid`` spent ready to run, waiting for a core; 0 once gone."""
+    total = 0
+    with contextlib.suppress(OSError):  # the process ended meanwhile
+        for task in (_PROC / str(pid) / "task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a thread ended meanwhile
+                total += int((task / "schedstat").read_text().split()[1])
+    return total
 
 
 def _machine() -> tuple[int, int]:
@@ -73,17 +86,19 @@ class CpuMeter:
 
     groups: Mapping[str, Callable[[], Iterable[int]]]
     seconds: dict[str, float] = field(default_factory=dict)
+    queued: dict[str, float] = field(default_factory=dict)
+    """Seconds each group was ready to run and waited for a core."""
     busy: float = 0.0
     idle: float = 0.0
     wall: float = 0.0
-    _mark: tuple[dict[str, dict[int, int]], tuple[int, int], float] | None = None
+    _mark: tuple[dict[str, dict[int, tuple[int, int]]], tuple[int, int], float] | None = None
 
     @property
     def available(self) -> bool:
         return (_PROC / "stat").exists()
 
-    def _read(self) -> dict[str, dict[int, int]]:
-        return {name: {pid: _ticks(pid) for pid in pids()} for name, pids in self.groups.items()}
+    def _read(self) -> dict[str, dict[int, tuple[int, int]]]:
+        return {name: {pid: (_ticks(pid), _queued(pid)) for pid in pids()} for name, pids in self.groups.items()}
 
     def start(self) -> None:
         if self.available:
@@ -98,8 +113,10 @@ class CpuMeter:
         for name, pids in after.items():
             # Processes that started during the interval count from zero; those that ended
             # are lost (the groups measured here live through it).
-            spent = sum(ticks - before[name].get(pid, 0) for pid, ticks in pids.items())
+            spent = sum(ticks - before[name].get(pid, (0, 0))[0] for pid, (ticks, _) in pids.items())
             self.seconds[name] = self.seconds.get(name, 0.0) + spent / _TICK
+            waited = sum(ns - before[name].get(pid, (0, 0))[1] for pid, (_, ns) in pids.items())
+            self.queued[name] = self.queued.get(name, 0.0) + waited / 1e9
         self.busy += (busy1 - busy0) / _TICK
         self.idle += (idle1 - idle0) / _TICK
         self.wall += time.perf_counter() - wall0
@@ -111,6 +128,12 @@ class CpuMeter:
         shares = {name: 1000 * s / requests for name, s in self.seconds.items()}
         shares["other"] = max(0.0, 1000 * self.busy / requests - sum(shares.values()))
         return shares
+
+    def queued_per_request(self, requests: int) -> dict[str, float]:
+        """Milliseconds per request each group waited for a core (ready to run, not running)."""
+        if not requests:
+            return {}
+        return {name: 1000 * s / requests for name, s in self.queued.items()}
 
     @property
     def utilisation(self) -> float:

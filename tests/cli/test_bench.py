@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
 
 from m2mpay.agents.bench.cli import GOALS, cpu_table, summary
+from m2mpay.agents.bench.cpu import CpuMeter
 
 from tests.commands import m2mpay
 
@@ -64,6 +69,7 @@ def test_postgresql_rows_are_judged_on_one_process_and_on_scaling() -> None:
                 "stock_ratio": rate / 1000, "spends_per_s": rate / 2,
                 "withdraw_coins_per_s": 900.0, "cpu_ms_per_request": {"bank": 0.7, "postgres": 0.3, "other": 0.1},
                 "echo_cpu_ms_per_request": {"echo": 0.3}, "machine_busy": 0.98,
+                "queued_ms_per_request": {"bank": 0.25 * workers, "load": 0.1},
                 "locks": {"samples": 10, "active_per_sample": 2.0, "lock_wait_share": 0.0}}
 
     results = {"machine": {"cores": 2, "cpu": "test", "python": "3"},
@@ -78,3 +84,27 @@ def test_postgresql_rows_are_judged_on_one_process_and_on_scaling() -> None:
     console.print(cpu_table(results))
     cpu = console.export_text()
     assert "0.70 (0.30)" in cpu and "0.0%" in cpu
+    waited = [line for line in cpu.splitlines() if "2 proc" in line]
+    assert len(waited) == 1 and "0.50" in waited[0]  # the bank's wait for a core, 2 processes
+
+
+def test_the_cpu_meter_sees_processes_wait_for_a_core_only_when_there_are_too_few() -> None:
+    """More spinning processes than cores: each waits for a core part of the time, and the meter
+    says so; a sleeping process uses no CPU and waits for none."""
+    cores = os.cpu_count() or 1
+    spin = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(cores + 1)]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    try:
+        time.sleep(0.3)  # all started
+        meter = CpuMeter({"spin": lambda: [p.pid for p in spinners], "sleep": lambda: [sleeper.pid]})
+        meter.start()
+        time.sleep(1.0)
+        meter.stop()
+    finally:
+        for p in (*spinners, sleeper):
+            p.kill()
+            p.wait()
+    # cores + 1 spinners share the cores: together they waited about a core's worth of the second.
+    assert meter.queued["spin"] > 0.3 and meter.seconds["spin"] > 0.5 * cores
+    assert meter.queued["sleep"] < 0.01 and meter.seconds["sleep"] < 0.05
