@@ -31,7 +31,7 @@ from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages.exchange import ExchangeAnswer, ExchangeProof, ExchangeRequest, exchange_sealing_info
 from m2mpay.protocol.rules.exchange import ExchangeOutcome, StoredExchange, apply_exchange, stored_answer
 
-from .exchange_rows import ExchangeRow, exchange_row, fill_exchange, put_exchange, signed_among
+from .exchange_rows import ExchangeRow, exchange_row, fill_exchange, lock_messages, put_exchange, signed_among
 from .ledger import Atomic, Ledger, Steps
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ def _first(ctx: Context, call: Call[ExchangeRequest]) -> Steps[bytes]:
 
     def decide(tx: Ledger) -> bytes:
         record = tx.coin(tip)  # lock first: a concurrent twin, block or settlement waits here
+        # A coin the bank never saw has no row to lock: a twin in another process waits on the messages.
+        lock_messages(tx, [o.blinded for o in request.outputs + request.change])
         again = _stored(exchange_row(tx, tip), data, request.req_id)
         if again is not None:
             return again

@@ -20,7 +20,7 @@ from .ledger import Ledger
 from .tx import Tx
 
 __all__ = ["SIGNED_TABLES", "ExchangeRow", "OutputRow", "exchange_outputs", "exchange_row", "exchanges",
-           "fill_exchange", "put_exchange", "put_withdrawn", "signed_among", "signed_keysets"]
+           "fill_exchange", "lock_messages", "put_exchange", "put_withdrawn", "signed_among", "signed_keysets"]
 
 SIGNED_TABLES = ("withdrawn_messages", "signed_messages")
 """Where the bank records every blinded message it signed: by withdrawals, by exchanges."""
@@ -89,13 +89,15 @@ MESSAGE_LOCKS = 0x6D326D70
 its own: the fast road's locks of stored answers take the one-key form)."""
 
 
-def signed_among(tx: Ledger, blinded: Sequence[bytes]) -> frozenset[bytes]:
-    """Those of ``blinded`` that a withdrawal or an exchange had signed before (for any keyset).
+def lock_messages(tx: Ledger, blinded: Sequence[bytes]) -> None:
+    """Hold each of ``blinded``'s lock to the end of the transaction (PostgreSQL), before reading
+    anything that a concurrent request for the same messages writes.
 
-    For a transaction that then records those it signs: each message's lock is taken first, to
-    its end. A withdrawal and an exchange record a message in different tables, under different
-    row locks (the account's, the coin's); without it each could find a message unsigned before
-    the other's commit, and both sign it. On SQLite one transaction writes at a time already.
+    A withdrawal and an exchange record a message in different tables, under different row locks
+    (the account's, the coin's); without these locks each could find a message unsigned before
+    the other's commit, and both sign it. Taken before the handler looks for its own stored
+    request, so that a twin in another bank process waits here and then finds that, not the
+    messages it signed. On SQLite one transaction writes at a time already.
     """
     sql = _sql(tx)
     if sql.dialect == "postgresql" and blinded:
@@ -103,6 +105,11 @@ def signed_among(tx: Ledger, blinded: Sequence[bytes]) -> frozenset[bytes]:
                        for m in blinded})  # one order in every transaction: no cycle among them
         sql.one("SELECT count(pg_advisory_xact_lock(?, k)) FROM unnest(CAST(? AS int4[])) AS k",
                 (MESSAGE_LOCKS, keys))
+
+
+def signed_among(tx: Ledger, blinded: Sequence[bytes]) -> frozenset[bytes]:
+    """Those of ``blinded`` that a withdrawal or an exchange had signed before (for any keyset);
+    a transaction that then records those it signs holds their locks (:func:`lock_messages`)."""
     return frozenset(message for message, _ in signed_keysets(tx, blinded))
 
 

@@ -37,8 +37,9 @@ What a group must not do, and how it is kept from it:
   known. It gets its error (or is retried, if it lost a race); the others of its group whose
   changes were rolled back with it are decided again in a later group, at no cost to their retries.
 
-A read that changes nothing (the stored-answer lookup before a block's checks) takes no lock; a
-group of reads alone is one round trip, with no ``BEGIN``. A request whose rules need a row that
+A group of reads that change nothing (the stored-answer lookup before a block's checks) takes no
+lock and is one round trip, with no ``BEGIN``; such a read in a group that locks a coin has its
+answer's lock taken with the others. A request whose rules need a row that
 was not fetched gets :class:`~m2mpay.agents.bank.postgresql.NotFetched` and goes the general road.
 """
 
@@ -436,9 +437,10 @@ def _locking(group: Sequence[_Item]) -> bool:
 
 
 def _answer_locks(group: Sequence[_Item]) -> list[int]:
-    """The advisory lock of each stored answer the group may insert, sorted: every group takes
-    them in one order. Keys are 64 bits of a hash, in the one-key form (blinded messages' locks
-    take the two-key form, a space of their own): two answers sharing one only wait for each other."""
+    """The advisory lock of each stored answer the group reads (and so may insert), sorted:
+    every group takes them in one order. Keys are 64 bits of a hash, in the one-key form (blinded
+    messages' locks take the two-key form, a space of their own): two answers sharing one only
+    wait for each other."""
     keys = {int.from_bytes(hashlib.blake2b(key[0].encode() + b"\0" + (key[1] or b""), digest_size=8).digest(),
                            "big", signed=True)
             for item in group if (key := item.answer_key) is not None}

@@ -24,7 +24,7 @@ from m2mpay.protocol.messages import WithdrawAnswer, WithdrawRequest
 from m2mpay.protocol.rules import bank as rules
 from m2mpay.protocol.rules.phases import Use, require
 
-from .exchange_rows import put_withdrawn, signed_among
+from .exchange_rows import lock_messages, put_withdrawn, signed_among
 from .ledger import Atomic, Ledger, Steps, remembered
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def withdraw(ctx: Context, call: Call[WithdrawRequest]) -> Steps[bytes]:
     def reserve(tx: Ledger) -> tuple[bytes | None, int, RemoteProtocolError | None]:
         """The answer already stored; or ``None`` and the balance to report; or the refusal."""
         account = tx.account(signer, lock=True)  # lock first: a concurrent twin waits here
+        lock_messages(tx, request.blinded)  # and an exchange with one of these messages
         again = remembered(tx, signer, request.req_id, digest)
         if again:
             return again, 0, None

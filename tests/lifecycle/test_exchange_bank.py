@@ -10,6 +10,8 @@ import os
 import pytest
 
 from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.keys import load_bank
+from m2mpay.agents.bank.service import BankService
 from m2mpay.protocol import cbor, envelope, sealing
 from m2mpay.protocol.errors import ErrorCode
 from m2mpay.protocol.messages import BlockAnswer
@@ -170,3 +172,23 @@ async def test_one_exchange_of_a_coin_at_a_time(world: BankWorld) -> None:
         assert answer_of(world, reply.answer, pending.data).position == 100
         assert await _refused(world, rival.data) is ErrorCode.COIN_SPENT  # the first one won
         assert await send(world, pending.data) == reply.answer
+
+
+async def test_one_exchange_sent_to_two_bank_processes_at_once_gets_one_answer_in_both(world: BankWorld) -> None:
+    """A device's retry, or the broker's redelivery, reaches a second bank process while the first
+    decides: the second must answer with the first's exchange, never refuse it as a replay of its
+    own messages (``replay`` is final: the wallet would drop the exchange it wrote ahead while the
+    bank has spent the coin)."""
+    with exchanging(world) as keyset:
+        other = BankService(world.keys, load_bank(world.directory / "bank", world.clock.now, connections=4)[1],
+                            clock=world.clock)  # a second process: its own store and its own state
+        try:
+            coins = await withdraw(world, world.user("alice"), keyset, 12)
+            for wc in coins:
+                pending = prepare(world, wc)
+                first, second = await asyncio.gather(send(world, pending.data),
+                                                     other.handle("exchange", pending.data))
+                assert first == second
+                assert answer_of(world, first, pending.data).position == 100
+        finally:
+            other.store.close()
