@@ -360,7 +360,8 @@ async def run(spends: int, pg: str | None, *, quick: bool = False,
             if run.cpu:
                 print(f"{'':10} CPU ms per request: {_shares(run.cpu)}; machine busy {run.busy:.0%}"
                       f" (echo: {_shares(run.echo_cpu)}; stock echo: {_shares(run.stock_echo_cpu)})")
-                print(f"{'':10} waiting for a core, ms per request: {_shares(run.queued)}")
+                print(f"{'':10} waiting for a core, ms per request: "
+                      + (_shares(run.queued) if run.queued else "not measured (no schedstat in /proc)"))
             if run.locks is not None:
                 doing = ", ".join(f"{k} {share:.0%}" for k, share in list(run.locks["doing"].items())[:4])
                 print(f"{'':10} PostgreSQL: {run.locks['active_per_sample']:.1f} statements running per sample, "

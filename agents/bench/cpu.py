@@ -38,14 +38,14 @@ def _ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of the file)
 
 
-def _queued(pid: int) -> int:
-    """Nanoseconds the threads of ``pid`` spent ready to run, waiting for a core; 0 once gone."""
-    total = 0
+def _queued(pid: int) -> dict[int, int]:
+    """Nanoseconds each thread of ``pid`` spent ready to run, waiting for a core, by thread id."""
+    waits: dict[int, int] = {}
     with contextlib.suppress(OSError):  # the process ended meanwhile
         for task in (_PROC / str(pid) / "task").iterdir():
             with contextlib.suppress(OSError, IndexError, ValueError):  # a thread ended meanwhile
-                total += int((task / "schedstat").read_text().split()[1])
-    return total
+                waits[int(task.name)] = int((task / "schedstat").read_text().split()[1])
+    return waits
 
 
 def _machine() -> tuple[int, int]:
@@ -91,13 +91,18 @@ class CpuMeter:
     busy: float = 0.0
     idle: float = 0.0
     wall: float = 0.0
-    _mark: tuple[dict[str, dict[int, tuple[int, int]]], tuple[int, int], float] | None = None
+    _mark: tuple[dict[str, dict[int, tuple[int, dict[int, int]]]], tuple[int, int], float] | None = None
 
     @property
     def available(self) -> bool:
         return (_PROC / "stat").exists()
 
-    def _read(self) -> dict[str, dict[int, tuple[int, int]]]:
+    @property
+    def waits_available(self) -> bool:
+        """Whether the kernel keeps run-queue times (``schedstat``); else :attr:`queued` stays empty."""
+        return (_PROC / "self" / "schedstat").exists()
+
+    def _read(self) -> dict[str, dict[int, tuple[int, dict[int, int]]]]:
         return {name: {pid: (_ticks(pid), _queued(pid)) for pid in pids()} for name, pids in self.groups.items()}
 
     def start(self) -> None:
@@ -113,10 +118,12 @@ class CpuMeter:
         for name, pids in after.items():
             # Processes that started during the interval count from zero; those that ended
             # are lost (the groups measured here live through it).
-            spent = sum(ticks - before[name].get(pid, (0, 0))[0] for pid, (ticks, _) in pids.items())
+            spent = sum(ticks - before[name].get(pid, (0, {}))[0] for pid, (ticks, _) in pids.items())
             self.seconds[name] = self.seconds.get(name, 0.0) + spent / _TICK
-            waited = sum(ns - before[name].get(pid, (0, 0))[1] for pid, (_, ns) in pids.items())
-            self.queued[name] = self.queued.get(name, 0.0) + waited / 1e9
+            if self.waits_available:  # threads that ended meanwhile are lost, as processes are
+                waited = sum(ns - before[name].get(pid, (0, {}))[1].get(tid, 0)
+                             for pid, (_, threads) in pids.items() for tid, ns in threads.items())
+                self.queued[name] = self.queued.get(name, 0.0) + waited / 1e9
         self.busy += (busy1 - busy0) / _TICK
         self.idle += (idle1 - idle0) / _TICK
         self.wall += time.perf_counter() - wall0
