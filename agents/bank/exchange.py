@@ -19,25 +19,50 @@ work between them, outside any lock:
 
 Every refusal comes before any signing and changes nothing; refusals are not stored. A block or
 settlement of the same coin takes the same row lock, so exactly one of them wins.
+
+The chain check costs up to ``n`` hashes (~30 ms at 2^16) and anyone who saw a coin can send
+exchanges of it with guessed tokens, naming nobody to refuse: each bank process spends at most
+:data:`EXCHANGE_HASHES_PER_SECOND` on them (:class:`HashBudget`, the coin's ``n`` charged once the
+seal has opened and the coin's signature verified, so a forgery costs it nothing); past it an
+exchange is refused with ``unavailable`` (not final) before its chain is checked.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from m2mpay.protocol import sealing
+from m2mpay.protocol import blindrsa, sealing
 from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages.exchange import ExchangeAnswer, ExchangeProof, ExchangeRequest, exchange_sealing_info
 from m2mpay.protocol.rules.exchange import ExchangeOutcome, StoredExchange, apply_exchange, stored_answer
+from m2mpay.protocol.rules.keyring import COIN_VARIANT
 
+from .budget import Budget
 from .exchange_rows import ExchangeRow, exchange_row, fill_exchange, lock_messages, put_exchange, signed_among
 from .ledger import Atomic, Ledger, Steps
 
 if TYPE_CHECKING:
     from .operations import Call, Context
 
-__all__ = ["exchange"]
+__all__ = ["EXCHANGE_HASHES_PER_SECOND", "EXCHANGE_HASH_BURST", "HashBudget", "exchange"]
+
+EXCHANGE_HASHES_PER_SECOND = 1 << 18
+"""Hashes a bank process spends on exchanges' chain checks per second, at most: ~0.12 s of one
+core on the machine of docs/BENCHMARKS.md (~2 M SHA-256 of 32 bytes a second in Python), four
+exchanges of 2^16-token coins, 2,600 of 100-token ones."""
+
+EXCHANGE_HASH_BURST = 1 << 20
+"""Hashes a bank process may spend on exchanges at once, after a quiet spell: sixteen 2^16-token coins."""
+
+
+@dataclass
+class HashBudget(Budget):
+    """The exchanges' budget, in hashes (see :class:`~m2mpay.agents.bank.budget.Budget`)."""
+
+    rate: float = EXCHANGE_HASHES_PER_SECOND
+    burst: float = EXCHANGE_HASH_BURST
 
 
 def _stored(row: ExchangeRow | None, data: bytes, req_id: bytes) -> bytes | None:
@@ -78,6 +103,8 @@ def _first(ctx: Context, call: Call[ExchangeRequest]) -> Steps[bytes]:
         proof = ExchangeProof.decode(plain)
     except ProtocolError as exc:
         raise RemoteProtocolError("sealed proof does not open", ErrorCode.BAD_SIGNATURE) from exc
+    if not _afforded(ctx, request, now):
+        raise RemoteProtocolError("too many exchanges now, retry later", ErrorCode.UNAVAILABLE)
 
     def decide(tx: Ledger) -> bytes:
         record = tx.coin(tip)  # lock first: a concurrent twin, block or settlement waits here
@@ -98,6 +125,18 @@ def _first(ctx: Context, call: Call[ExchangeRequest]) -> Steps[bytes]:
     if answer:
         return answer
     return (yield from _finish(ctx, call))
+
+
+def _afforded(ctx: Context, request: ExchangeRequest, now: int) -> bool:
+    """Whether the budget holds the coin's chain check (``n`` hashes at most), now taken from it.
+
+    The coin's signature is checked again by the rules; here so that a forged coin, refused there
+    before any hashing, spends nothing of the budget the real coins need."""
+    info = ctx.keys.keyring.keysets.get(request.coin.keyset)
+    if info is None or not blindrsa.is_valid(ctx.keys.keyring.rsa_keys[info.id], request.coin.signed_input,
+                                             request.coin.sig, COIN_VARIANT):
+        return True  # refused by the rules, with no hashing
+    return ctx.exchange_budget.take(info.n, now)
 
 
 def _finish(ctx: Context, call: Call[ExchangeRequest]) -> Steps[bytes]:

@@ -39,7 +39,7 @@ from m2mpay.protocol.rules.requests import BlockWindow, verify_block
 
 from .keys import BankKeys
 from .ledger import Atomic, Ledger, Rows, SignerKind, Steps, remembered
-from .exchange import exchange
+from .exchange import HashBudget, exchange
 from .restore import SignatureBudget, restore
 from .revocation import refuse_revoked
 from .withdraw import withdraw
@@ -61,6 +61,8 @@ class Context:
     """Tips of the coins this process is exchanging now: one exchange per coin at a time."""
     restore_budget: SignatureBudget = field(default_factory=SignatureBudget, init=False)
     """Blind signatures this process may still spend on restores (anonymous, ~1 ms of RSA each)."""
+    exchange_budget: HashBudget = field(default_factory=HashBudget, init=False)
+    """Hashes this process may still spend on exchanges' chain checks (anonymous, up to ``n`` each)."""
     answer_key: cose.SigningKey = field(init=False)
     """The bank's answer key, prepared once: every request's answer is signed with it."""
 

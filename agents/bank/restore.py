@@ -22,12 +22,13 @@ any signing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from m2mpay.protocol.errors import ErrorCode, RemoteProtocolError
 from m2mpay.protocol.messages.exchange import RestoreAnswer, RestoreRequest
 
+from .budget import Budget
 from .exchange_rows import signed_keysets
 from .ledger import Atomic, Steps
 
@@ -47,32 +48,11 @@ so a wallet restoring several keysets is not held back by the rate."""
 
 
 @dataclass
-class SignatureBudget:
-    """A token bucket of signatures: ``rate`` a second, at most ``burst`` saved up.
-
-    Time is the bank's clock in whole seconds (the requests' ``now``); a clock that steps back
-    refills nothing.
-    """
+class SignatureBudget(Budget):
+    """The restores' budget, in signatures (see :class:`~m2mpay.agents.bank.budget.Budget`)."""
 
     rate: float = RESTORE_SIGNATURES_PER_SECOND
     burst: float = RESTORE_BURST
-    tokens: float = field(init=False)
-    """Signatures left now: the bucket starts full."""
-    last: int | None = field(default=None, init=False)
-    """When it was last refilled (``None``: never used)."""
-
-    def __post_init__(self) -> None:
-        self.tokens = self.burst
-
-    def take(self, count: int, now: int) -> bool:
-        """Spend ``count`` signatures at ``now`` if the budget holds them; whether it did."""
-        if self.last is not None and now > self.last:
-            self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now if self.last is None else max(self.last, now)
-        if count > self.tokens:
-            return False
-        self.tokens -= count
-        return True
 
 
 def restore(ctx: Context, call: Call[RestoreRequest]) -> Steps[bytes]:

@@ -10,6 +10,7 @@ import os
 import pytest
 
 from m2mpay.agents.bank import admin
+from m2mpay.agents.bank.exchange import HashBudget
 from m2mpay.agents.bank.keys import load_bank
 from m2mpay.agents.bank.service import BankService
 from m2mpay.protocol import cbor, envelope, sealing
@@ -192,3 +193,35 @@ async def test_one_exchange_sent_to_two_bank_processes_at_once_gets_one_answer_i
                 assert answer_of(world, first, pending.data).position == 100
         finally:
             other.store.close()
+
+
+async def test_exchanges_with_wrong_tokens_spend_at_most_the_hash_budget(world: BankWorld) -> None:
+    """Anyone who saw a coin (a vendor it paid) can send exchanges of it with guessed tokens, each
+    costing the bank up to ``n`` hashes (~30 ms at 2^16) and naming nobody to refuse. Each bank
+    process spends at most a budget of hashes a second on exchanges: past it an exchange is refused
+    with ``unavailable`` (not final) before its chain is checked. A request that fails the cheaper
+    checks first (the coin's signature) costs the budget nothing."""
+    with exchanging(world) as keyset:
+        coins = await withdraw(world, world.user("alice"), keyset, 2)
+        n = world.keys.keyring.keysets[keyset].n
+        context = world.service.pipeline.context
+        context.exchange_budget = HashBudget(rate=n, burst=2 * n)  # two coins' chains, one a second
+        pending = prepare(world, coins[0])
+        guess = sealing.seal(ExchangeProof(tip=coins[0].coin.tip, token=os.urandom(32),
+                                           outputs=pending.request.digest, req_id=pending.request.req_id).encode(),
+                             world.keys.keyring.sealing_key, exchange_sealing_info(world.bank))
+        guessed = with_change(pending, sealed=guess)
+        forged = with_change(pending, coin=dataclasses.replace(pending.request.coin, sig=os.urandom(256)))
+        before = books(world, coins[0].coin.tip)
+        for _ in range(5):
+            assert await _refused(world, forged) is ErrorCode.BAD_SIGNATURE  # free: no chain checked
+        assert await _refused(world, guessed) is ErrorCode.CHAIN_MISMATCH
+        assert await _refused(world, guessed) is ErrorCode.CHAIN_MISMATCH
+        with pytest.raises(envelope.Refusal) as refusal:
+            answer_of(world, await send(world, guessed), guessed)
+        assert refusal.value.code is ErrorCode.UNAVAILABLE and not refusal.value.final
+        # The coin's owner waits too, as long as the budget is spent; then it is served.
+        assert await _refused(world, pending.data) is ErrorCode.UNAVAILABLE
+        assert books(world, coins[0].coin.tip) == before
+        world.clock.now += 1
+        assert answer_of(world, await send(world, pending.data), pending.data).position == n
