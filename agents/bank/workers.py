@@ -49,9 +49,15 @@ def check_logins(directory: Path, count: int, first: int = 1) -> None:
         for suffix in (".crt", ".key"):
             if not (directory / f"{name}{suffix}").is_file():
                 missing = name if suffix == ".crt" else f"{name}.key"
+                issue = f"m2mpay broker pki add-client {name} --role bank --dir"
+                if (directory / "ca.key").is_file():  # the PKI itself: issued right here
+                    hint = f"{issue} {directory}"
+                else:  # a copy of the logins (the systemd unit's): the CA's key is elsewhere
+                    hint = (f"issue it where the broker's PKI is kept: {issue} PKI; then copy {name}.crt and "
+                            f"{name}.key here, or, for the systemd unit, run deploy/pi/install.sh again: "
+                            "docs/OPERATOR.md")
                 raise ValueError(f"{command} needs certificates {', '.join(names)} in {directory}: "
-                                 f"{missing} missing (m2mpay broker pki add-client {name} --role bank "
-                                 f"--dir {directory})")
+                                 f"{missing} missing ({hint})")
 
 
 async def _keep_running(argv: Sequence[str], index: int) -> None:

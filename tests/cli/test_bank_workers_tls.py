@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,25 @@ def test_two_workers_stay_connected_over_tls_and_both_answer(tmp_path: Path) -> 
             bank.send_signal(signal.SIGTERM)
             bank.wait(20)
     assert "connection lost" not in (tmp_path / "bank.log").read_text()
+
+
+def test_a_missing_worker_certificate_in_a_copy_of_the_logins_points_to_the_pki(tmp_path: Path) -> None:
+    """Deployed, the bank is handed copies of its logins (the systemd unit: /etc/m2mpay/bank-tls,
+    linked into its state directory), never the PKI with the CA's key: a certificate cannot be
+    issued there, so the line says where it can and where the copy goes."""
+    pki, logins, data = tmp_path / "pki", tmp_path / "logins", tmp_path / "bank"
+    make_pki(pki, (), bank_workers=1)
+    logins.mkdir()
+    for name in ("ca.crt", "bank.crt", "bank.key"):
+        shutil.copy(pki / name, logins / name)
+    assert m2mpay("bank", "init", "--data", data, "--bank", BANK).returncode == 0
+    result = m2mpay("bank", "serve", "--data", data, "--broker", "mqtts://localhost:1", "--workers", "2",
+                    "--tls", logins)
+    assert result.returncode == 2
+    assert result.stderr == (f"m2mpay: bank: --workers 2 needs certificates bank, bank-2 in {logins}: bank-2 "
+                             "missing (issue it where the broker's PKI is kept: m2mpay broker pki add-client bank-2 "
+                             "--role bank --dir PKI; then copy bank-2.crt and bank-2.key here, or, for the systemd "
+                             "unit, run deploy/pi/install.sh again: docs/OPERATOR.md)\n")
 
 
 def test_each_worker_has_its_own_login_on_every_machine() -> None:
