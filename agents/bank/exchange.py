@@ -33,11 +33,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from m2mpay.protocol import blindrsa, sealing
+from m2mpay.protocol import sealing
 from m2mpay.protocol.errors import ErrorCode, ProtocolError, RemoteProtocolError
 from m2mpay.protocol.messages.exchange import ExchangeAnswer, ExchangeProof, ExchangeRequest, exchange_sealing_info
 from m2mpay.protocol.rules.exchange import ExchangeOutcome, StoredExchange, apply_exchange, stored_answer
-from m2mpay.protocol.rules.keyring import COIN_VARIANT
 
 from .budget import Budget
 from .exchange_rows import ExchangeRow, exchange_row, fill_exchange, lock_messages, put_exchange, signed_among
@@ -133,8 +132,7 @@ def _afforded(ctx: Context, request: ExchangeRequest, now: int) -> bool:
     The coin's signature is checked again by the rules; here so that a forged coin, refused there
     before any hashing, spends nothing of the budget the real coins need."""
     info = ctx.keys.keyring.keysets.get(request.coin.keyset)
-    if info is None or not blindrsa.is_valid(ctx.keys.keyring.rsa_keys[info.id], request.coin.signed_input,
-                                             request.coin.sig, COIN_VARIANT):
+    if info is None or not ctx.keys.keyring.signed(request.coin):
         return True  # refused by the rules, with no hashing
     return ctx.exchange_budget.take(info.n, now)
 

@@ -329,11 +329,10 @@ class FastRoad:
 
         libpq writes a segment as soon as it is ended, so each segment is one write, and one
         wake-up of the server: a group's reads, and its books, go in one each."""
-        begin: list[Command] = []
-        if _locking(group):
-            begin.append((b"BEGIN", ()))
-            if keys := _answer_locks(group):
-                begin.append((ANSWERS, (keys,)))
+        opening = _opening(group)  # the count _run reads back before the rows
+        begin: list[Command] = [(b"BEGIN", ())] if opening else []
+        if opening == 2:
+            begin.append((ANSWERS, (_answer_locks(group),)))
         wire.send(*begin, *((ROWS, item.fetch) for item in group))
         self._started[wire] = asyncio.get_running_loop().time()
 
@@ -448,7 +447,9 @@ def _answer_locks(group: Sequence[_Item]) -> list[int]:
 
 
 def _opening(group: Sequence[_Item]) -> int:
-    """The commands of a group's first segment before its reads (see :meth:`FastRoad._start`)."""
+    """The commands of a group's first segment before its reads: ``BEGIN`` if it locks a coin, and
+    then the answers' locks if it reads a stored answer (:meth:`FastRoad._start` sends them,
+    :meth:`FastRoad._run` reads them back by this count)."""
     if not _locking(group):
         return 0
     return 2 if any(item.answer_key is not None for item in group) else 1

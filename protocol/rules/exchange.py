@@ -22,7 +22,7 @@ import hmac
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .. import blindrsa, hashchain
+from .. import hashchain
 from ..errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from ..messages.coins import KeysetInfo
 from ..messages.exchange import (
@@ -34,7 +34,7 @@ from ..messages.exchange import (
     Output,
 )
 from .bank import BlockStatus, CoinRecord, Credit, apply_lapse
-from .keyring import COIN_VARIANT, Keyring
+from .keyring import Keyring
 from .phases import (
     ALLOWED,
     REDEEM_GRACE,
@@ -204,7 +204,7 @@ def apply_exchange(
         # One secret can end two chains at one tip (S and H^k(S)); the bank knows the tip under
         # the keyset that registered it, and values it by that keyset only.
         raise RemoteProtocolError("coin's tip is registered under another keyset")
-    if not blindrsa.is_valid(keyring.rsa_keys[info.id], coin.signed_input, coin.sig, COIN_VARIANT):
+    if not keyring.signed(coin):
         raise RemoteProtocolError("coin signature does not verify", ErrorCode.BAD_SIGNATURE)
     out_value = sum(_check_output(o, info.currency, keyring, phases, signed_before, now) for o in request.outputs)
     change_values = [_check_output(o, info.currency, keyring, phases, signed_before, now) for o in request.change]

@@ -120,10 +120,15 @@ class Keyring:
             return False
         return True
 
+    def signed(self, coin: Coin) -> bool:
+        """Whether ``coin`` carries the bank's signature under its keyset (``False``: not listed)."""
+        key = self.rsa_keys.get(coin.keyset)
+        return key is not None and blindrsa.is_valid(key, coin.signed_input, coin.sig, COIN_VARIANT)
+
     def verify_coin(self, coin: Coin, now: int) -> KeysetInfo:
         """Check that ``coin`` carries the bank's signature under a keyset spendable at ``now``."""
         info = self.keyset(coin.keyset)
         require(info, self.phases.get(info.id), now, Use.SPEND)
-        if not blindrsa.is_valid(self.rsa_keys[coin.keyset], coin.signed_input, coin.sig, COIN_VARIANT):
+        if not self.signed(coin):
             raise RemoteProtocolError("coin signature does not verify", ErrorCode.BAD_SIGNATURE)
         return info
